@@ -1,0 +1,36 @@
+"""A token-dispatcher mixin that hands the experts' outputs to the layer before the combine.
+
+Megatron picks the dispatcher class from ``moe_token_dispatcher_type`` inside ``MoELayer``, so the
+Default MoE layer rebuilds it as ``mixin + that class``. The mixin changes no tensor: it remembers
+what ``dispatch_postprocess`` returned (rows per local expert, each row's prob) and, on the expert
+rank, calls ``on_expert_output(out_RH, probs_R, tokens_per_expert)`` just before
+``combine_preprocess``, so the layer can launch its statistics all-reduce to overlap the combine.
+"""
+
+import functools
+
+
+class DefaultMoEDispatcherMixin:
+    """Mixin over a Megatron ``MoETokenDispatcher`` subclass; see the module docstring."""
+
+    on_expert_output = None
+
+    def dispatch_postprocess(self, hidden_states, probs):
+        dispatched, tokens_per_expert, permuted_probs = super().dispatch_postprocess(hidden_states, probs)
+        self._dm_rows = (tokens_per_expert, permuted_probs)
+        return dispatched, tokens_per_expert, permuted_probs
+
+    def combine_preprocess(self, hidden_states):
+        rows, self._dm_rows = getattr(self, "_dm_rows", None), None
+        if self.on_expert_output is not None and rows is not None:
+            tokens_per_expert, permuted_probs = rows
+            self.on_expert_output(hidden_states, permuted_probs, tokens_per_expert)
+        return super().combine_preprocess(hidden_states)
+
+
+@functools.cache
+def with_default_moe_mixin(dispatcher_cls: type) -> type:
+    """``DefaultMoE<Base>``: the mixin over ``dispatcher_cls`` (one class per base)."""
+    if issubclass(dispatcher_cls, DefaultMoEDispatcherMixin):
+        return dispatcher_cls
+    return type(f"DefaultMoE{dispatcher_cls.__name__}", (DefaultMoEDispatcherMixin, dispatcher_cls), {})

@@ -1,0 +1,197 @@
+"""``DefaultMoELayer``: Megatron's ``MoELayer`` plus EMA default vectors and the default term.
+
+Forward of one training micro-batch (``update="microbatch"``, the paper's setting):
+
+1. ``route``: the ``DefaultMoERouter`` leaves ``default_weights_TE`` (π where TopK probs are 0).
+2. Experts run as usual. On the expert rank the dispatcher mixin hands their output to
+   ``_on_expert_output``, which scatters per-expert ``[sum | count]`` into an fp32 ``[E, H+1]``
+   tensor and launches its all-reduce over all ranks of the pipeline stage (``tp_dp_cp``)
+   asynchronously, so it overlaps the combine.
+3. ``postprocess`` (token's home rank): wait, EMA-update ``default_vectors`` (update before use),
+   take a detached snapshot, add ``default_weights_TE @ snapshot`` to the combined output.
+
+Activation recompute runs the forward twice: first under ``no_grad`` (the update happens here and
+the snapshot is queued), then again with grad in backward (the queued snapshot is reused, nothing
+is updated or reduced), so both passes agree and the EMA moves once. In eval the vectors are
+frozen. With ``update="step"`` the forward only accumulates statistics (grad-enabled passes);
+``update_default_vectors`` reduces and applies them once per optimizer step.
+"""
+
+import collections
+import dataclasses
+import logging
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_default_moe import functional as F
+from megatron_default_moe.config import DefaultMoEConfig
+from megatron_default_moe.dispatcher import with_default_moe_mixin
+from megatron_default_moe.router import DefaultMoERouter
+
+logger = logging.getLogger(__name__)
+
+
+def _group_size(group) -> int:
+    if group is None or not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size(group)
+
+
+def _group_rank(group) -> int:
+    if group is None or not torch.distributed.is_initialized():
+        return 0
+    return torch.distributed.get_rank(group)
+
+
+def with_default_moe_router(submodules: MoESubmodules) -> MoESubmodules:
+    """``submodules`` with Megatron's stock ``TopKRouter`` replaced by ``DefaultMoERouter``."""
+    router = submodules.router
+    if router is TopKRouter:
+        return dataclasses.replace(submodules, router=DefaultMoERouter)
+    if isinstance(router, type) and issubclass(router, DefaultMoERouter):
+        return submodules
+    raise ValueError(
+        f"Default MoE needs MoESubmodules.router to be TopKRouter or DefaultMoERouter, got {router!r}"
+    )
+
+
+class DefaultMoELayer(MoELayer):
+    """Megatron ``MoELayer`` with Default MoE (arXiv 2504.12463); see the module docstring.
+
+    Built like ``MoELayer`` plus ``dm_config``. Owns ``default_vectors`` ``[num_moe_experts,
+    hidden_size]`` (fp32, persistent, identical on every rank).
+    """
+
+    def __init__(self, config, submodules=None, *args, dm_config: DefaultMoEConfig = None, **kwargs):
+        self.dm_config = dm_config if dm_config is not None else DefaultMoEConfig()
+        self.dm_config.validate(config)
+        super().__init__(config, with_default_moe_router(submodules), *args, **kwargs)
+        self.stats_group = self.router.tp_dp_cp_group
+        self.counts_rows = _group_rank(self.token_dispatcher.tp_group) == 0  # once per ETP group
+        self.token_dispatcher.__class__ = with_default_moe_mixin(type(self.token_dispatcher))
+        self.token_dispatcher.on_expert_output = self._on_expert_output
+
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        shape = (config.num_moe_experts, config.hidden_size)
+        self.register_buffer("default_vectors", torch.zeros(shape, dtype=torch.float32, device=device))
+        # Cumulative per-expert count of EMA updates skipped for NaN/Inf statistics.
+        self.register_buffer(
+            "nonfinite_skips",
+            torch.zeros(config.num_moe_experts, dtype=torch.long, device=device),
+            persistent=False,
+        )
+        self.experts_updated = None  # bool [E] of the last EMA update, for logging
+        self._phase = None
+        self._pending = None  # (work handle or None, stats_EH1) between experts and postprocess
+        self._recompute_snapshots = collections.deque()
+        self._step_stats_EH1 = None
+        self.track_metrics = False  # set by the logging hook: keep the norm ratio below
+        self.last_term_norm_ratio = None  # ‖default term‖ / ‖MoE output‖ of the last forward
+
+    # -- buffers -------------------------------------------------------------------------------
+    def _keep_fp32_on(self, device):
+        """Keep the table fp32 (``Float16Module`` casts float buffers) and beside the activations."""
+        for name in ("default_vectors", "nonfinite_skips"):
+            buf = getattr(self, name)
+            dtype = torch.float32 if name == "default_vectors" else torch.long
+            if buf.dtype != dtype or buf.device != device:
+                setattr(self, name, buf.to(device=device, dtype=dtype))
+
+    def _apply(self, fn, *args, **kwargs):
+        """Apply ``fn`` (``.cuda()``, ``.bfloat16()``, ...) but keep ``default_vectors`` fp32.
+
+        The fp32 values are kept aside, so a cast to bf16 and back loses no bits.
+        """
+        if "default_vectors" not in self._buffers:
+            return super()._apply(fn, *args, **kwargs)
+        fp32_EH = self.default_vectors
+        out = super()._apply(fn, *args, **kwargs)
+        self.default_vectors = fp32_EH.to(device=self.default_vectors.device)
+        self._keep_fp32_on(self.default_vectors.device)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "default_vectors"
+        if key in state_dict:
+            state_dict[key] = state_dict[key].to(torch.float32)
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- forward -------------------------------------------------------------------------------
+    def route(self, hidden_states, padding_mask=None):
+        """Route, and decide what this pass does with the default vectors."""
+        self._keep_fp32_on(hidden_states.device)
+        if not self.training:
+            self._phase = "eval"
+        elif self.dm_config.update == "step":
+            self._phase = "accumulate" if torch.is_grad_enabled() else "frozen"
+        elif torch.is_grad_enabled() and self._recompute_snapshots:
+            self._phase = "recompute"
+        else:
+            self._phase = "update"
+        return super().route(hidden_states, padding_mask)
+
+    def _on_expert_output(self, out_RH, probs_R, tokens_per_expert):
+        """Expert rank: per-expert statistics of this micro-batch, reduced or accumulated."""
+        if self._phase not in ("update", "accumulate"):
+            return
+        expert_ids_R = F.row_expert_ids_R(tokens_per_expert, self.local_expert_indices[0], out_RH.device)
+        stats_EH1 = F.expert_output_stats_EH1(
+            out_RH,
+            probs_R,
+            expert_ids_R,
+            self.config.num_moe_experts,
+            weighting=self.dm_config.ema_weighting,
+            count_rows=self.counts_rows,
+        )
+        if self._phase == "accumulate":
+            if self._step_stats_EH1 is None:
+                self._step_stats_EH1 = torch.zeros_like(stats_EH1)
+            self._step_stats_EH1 += stats_EH1
+            return
+        work = None
+        if _group_size(self.stats_group) > 1:
+            work = torch.distributed.all_reduce(stats_EH1, group=self.stats_group, async_op=True)
+        self._pending = (work, stats_EH1)
+
+    def apply_ema(self, stats_EH1: torch.Tensor) -> None:
+        """EMA step from statistics already reduced over the stage (identical on every rank)."""
+        with torch.no_grad():
+            updated_E, nonfinite_E = F.ema_update_(self.default_vectors, stats_EH1, self.dm_config.beta)
+        self.nonfinite_skips += nonfinite_E.long()
+        self.experts_updated = updated_E
+
+    def _snapshot_for_this_pass(self):
+        if self._phase == "recompute":
+            return self._recompute_snapshots.popleft()
+        if self._phase == "update":
+            if self._pending is None:
+                raise RuntimeError("Default MoE: the dispatcher never reported expert outputs")
+            (work, stats_EH1), self._pending = self._pending, None
+            if work is not None:
+                work.wait()
+            self.apply_ema(stats_EH1)
+        snapshot_EH = self.default_vectors.detach().clone()
+        if self._phase == "update" and not torch.is_grad_enabled():
+            self._recompute_snapshots.append(snapshot_EH)  # first pass of activation recompute
+        return snapshot_EH
+
+    def postprocess(self, output, shared_expert_output):
+        """Combined TopK output plus the default term, on the token's home rank."""
+        output = super().postprocess(output, shared_expert_output)
+        weights_TE, self.router.default_weights = self.router.default_weights, None
+        term_TH = F.default_term_TH(weights_TE, self._snapshot_for_this_pass())
+        term = term_TH.view(output.shape)
+        if self.track_metrics:
+            with torch.no_grad():
+                self.last_term_norm_ratio = term.norm() / output.float().norm().clamp_min(1e-30)
+        return F.add_default_term(output, term, self.dm_config.mode)
+
+    # -- step mode -----------------------------------------------------------------------------
+    def take_step_stats(self) -> torch.Tensor:
+        """This step's accumulated local statistics ``[E, H+1]`` (zeros if none), and reset."""
+        stats, self._step_stats_EH1 = self._step_stats_EH1, None
+        if stats is None:
+            stats = self.default_vectors.new_zeros(self.default_vectors.shape[0], self.default_vectors.shape[1] + 1)
+        return stats

@@ -1,0 +1,1 @@
+"""Test and demo support. Nothing here is imported by the package itself."""

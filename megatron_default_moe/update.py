@@ -1,0 +1,62 @@
+"""``update="step"``: one bucketed all-reduce and one EMA step per optimizer step.
+
+``update_default_vectors(model)`` is the plain entry point for custom training loops (call it once
+after the backward of the last micro-batch). ``wrap_finalize_model_grads(config)`` calls it from
+Megatron's ``config.finalize_model_grads_func``, which every Megatron schedule runs exactly once
+per optimizer step, after all backward passes.
+"""
+
+import functools
+
+import torch
+
+from megatron_default_moe.layer import DefaultMoELayer, _group_size
+
+
+def default_moe_layers(model):
+    """The ``DefaultMoELayer``s of a module or a list of model chunks, in module order."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, DefaultMoELayer)]
+
+
+def update_default_vectors(model) -> int:
+    """Reduce this step's statistics over each layer's stage group in one bucket and apply the EMA.
+
+    Collective over the ranks of the pipeline stage (every rank must call it). Layers in
+    ``microbatch`` mode are skipped. Returns the number of layers updated.
+    """
+    layers = [m for m in default_moe_layers(model) if m.dm_config.update == "step"]
+    by_group = {}
+    for layer in layers:
+        by_group.setdefault(layer.stats_group, []).append(layer)
+    for group, group_layers in by_group.items():
+        bucket_LEH1 = torch.stack([layer.take_step_stats() for layer in group_layers])
+        if _group_size(group) > 1:
+            torch.distributed.all_reduce(bucket_LEH1, group=group)
+        for layer, stats_EH1 in zip(group_layers, bucket_LEH1):
+            layer.apply_ema(stats_EH1)
+    return len(layers)
+
+
+def wrap_finalize_model_grads(config) -> None:
+    """Make ``config.finalize_model_grads_func`` also call ``update_default_vectors`` (idempotent).
+
+    Megatron's schedules call it as ``finalize_model_grads_func(model_chunks, ...)``.
+    """
+    inner = config.finalize_model_grads_func
+    if inner is None:
+        raise ValueError(
+            "Default MoE update='step' needs config.finalize_model_grads_func (Megatron installs "
+            "finalize_model_grads in training); call update_default_vectors(model) yourself otherwise"
+        )
+    if getattr(inner, "_default_moe_wrapped", False):
+        return
+
+    @functools.wraps(inner)
+    def finalize_and_update_default_vectors(model, *args, **kwargs):
+        out = inner(model, *args, **kwargs)
+        update_default_vectors(model)
+        return out
+
+    finalize_and_update_default_vectors._default_moe_wrapped = True
+    config.finalize_model_grads_func = finalize_and_update_default_vectors

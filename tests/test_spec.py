@@ -1,0 +1,73 @@
+"""Spec rewriting: every MoE mlp becomes Default MoE, nothing else changes."""
+
+import functools
+
+import pytest
+import torch
+from helpers import moe_config
+
+from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer, DefaultMoERouter, default_moe_spec
+from megatron_default_moe.spec import to_default_moe_spec
+
+pytestmark = pytest.mark.usefixtures("megatron_cpu")
+
+
+def block_spec(config):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="LayerNorm")
+
+
+def test_block_spec_rewrites_moe_layers_only_and_shares_one_config():
+    config = moe_config(num_layers=4, moe_layer_freq=[0, 1, 0, 1])
+    original = block_spec(config)
+    dm = DefaultMoEConfig(beta=0.95)
+    rewritten = to_default_moe_spec(original, dm)
+    kinds = []
+    for before, after in zip(original.layer_specs, rewritten.layer_specs):
+        mlp_before, mlp_after = before.submodules.mlp, after.submodules.mlp
+        if isinstance(mlp_after, functools.partial) and mlp_after.func is DefaultMoELayer:
+            kinds.append("moe")
+            assert mlp_after.keywords["dm_config"] is dm
+            assert mlp_after.keywords["submodules"].router is DefaultMoERouter
+            assert mlp_after.keywords["submodules"].experts is mlp_before.keywords["submodules"].experts
+        else:
+            kinds.append("dense")
+            assert mlp_after is mlp_before
+        assert after.submodules.self_attention is before.submodules.self_attention
+    assert kinds == ["dense", "moe", "dense", "moe"]
+    assert all(b.submodules.mlp.func.__name__ == "MoELayer" for b in original.layer_specs[1::2])
+
+
+def test_spec_hook_builds_a_gpt_model_with_default_moe_layers():
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    config = moe_config(num_layers=2, moe_layer_freq=[0, 1], transformer_impl="local")
+    config.default_moe = DefaultMoEConfig(beta=0.8)
+    spec = default_moe_spec(config)
+    model = GPTModel(config, spec, vocab_size=64, max_sequence_length=16)
+    mlps = [layer.mlp for layer in model.decoder.layers]
+    assert not isinstance(mlps[0], MoELayer)
+    assert isinstance(mlps[1], DefaultMoELayer) and mlps[1].dm_config.beta == 0.8
+    tokens = torch.randint(0, 64, (2, 8))
+    position_ids = torch.arange(8).expand(2, 8)
+    loss = model(tokens, position_ids, None, labels=tokens)
+    loss.sum().backward()
+    assert mlps[1].default_vectors.any()
+    assert model.decoder.layers[1].mlp.router.weight.grad is not None
+
+
+def test_layer_spec_and_moduled_spec_forms():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    layer_spec = get_gpt_layer_local_spec(num_experts=4)
+    rewritten = to_default_moe_spec(layer_spec)
+    assert rewritten.submodules.mlp.func is DefaultMoELayer
+    assert layer_spec.submodules.mlp.func is MoELayer  # the input is not mutated
+    old_style = ModuleSpec(module=MoELayer, submodules=layer_spec.submodules.mlp.keywords["submodules"])
+    new = to_default_moe_spec(old_style)
+    assert new.module is DefaultMoELayer and new.submodules.router is DefaultMoERouter
+    assert isinstance(new.params["dm_config"], DefaultMoEConfig)

@@ -16,6 +16,19 @@ _REJECTED = (
         "the default term weights are the full softmax over all experts; use 'softmax'",
     ),
     (
+        "moe_router_pre_softmax",
+        "--moe-router-pre-softmax",
+        lambda v: not v,
+        "the selected experts must be weighted by the same full softmax as the defaults "
+        "(paper setting); add --moe-router-pre-softmax",
+    ),
+    (
+        "moe_router_topk_scaling_factor",
+        "--moe-router-topk-scaling-factor",
+        lambda v: v not in (None, 1.0),
+        "scaled TopK probs no longer sum with the default weights to 1",
+    ),
+    (
         "moe_router_load_balancing_type",
         "--moe-router-load-balancing-type",
         lambda v: any(t in ("sinkhorn", "quantile_balancing") for t in _as_list(v)),

@@ -7,7 +7,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   PY=${PYTHON:-}
   if [ -z "$PY" ]; then
     for cand in python3.12 python3.13 python3; do
-      if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
+      if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
         PY=$(command -v "$cand"); break
       fi
     done

@@ -1,0 +1,238 @@
+"""Default-vector statistics and GPU telemetry in Megatron's TensorBoard / W&B logs.
+
+Megatron's ``training_log`` reports a fixed list of MoE metrics, so Default MoE logs its own,
+from a wrapper around ``config.finalize_model_grads_func`` (run once per optimizer step, on every
+rank, after all backward passes and after the ``update="step"`` EMA step):
+
+- ``default_moe_stats(model)``: pure; per layer (global layer number) the mean L2 norm of the
+  experts' default vectors, the mean pairwise cosine between the non-zero ones, the number of
+  experts the last EMA step updated, the cumulative non-finite skips, and
+  ‖default term‖ / ‖MoE output‖ of the last forward (layers with ``track_metrics``); plus the
+  mean over layers of each.
+- ``log_default_moe_metrics(model, iteration, ...)``: gathers the stats of all pipeline stages
+  and writes them, with ``gpu_telemetry()``, through the given writers.
+- ``install_training_hooks(model, log_interval)``: the ``finalize_model_grads_func`` wrappers.
+- ``gpu_telemetry()``: utilisation, memory and power of this rank's GPU through ``nvidia-ml-py``;
+  ``{}`` without an NVIDIA GPU or without the package.
+"""
+
+import functools
+
+import torch
+
+from megatron_default_moe.update import default_moe_layers, wrap_finalize_model_grads
+
+PREFIX = "default_moe"
+_NVML = {"ready": None}
+
+
+# -- default-vector statistics ---------------------------------------------------------------
+def _mean_pairwise_cosine(vectors_EH: torch.Tensor) -> float:
+    """Mean cosine over pairs of distinct non-zero vectors (0.0 with fewer than two)."""
+    norms_E = vectors_EH.norm(dim=1)
+    unit_NH = vectors_EH[norms_E > 0] / norms_E[norms_E > 0, None]
+    n = unit_NH.shape[0]
+    if n < 2:
+        return 0.0
+    cos_NN = unit_NH @ unit_NH.T
+    return float((cos_NN.sum() - cos_NN.diagonal().sum()) / (n * (n - 1)))
+
+
+def layer_stats(layer) -> dict:
+    """Statistics of one ``DefaultMoELayer`` as Python floats."""
+    with torch.no_grad():
+        vectors_EH = layer.default_vectors.detach().float()
+        stats = {
+            "vector_norm": float(vectors_EH.norm(dim=1).mean()),
+            "pairwise_cosine": _mean_pairwise_cosine(vectors_EH),
+            "experts_updated": float(layer.experts_updated.sum()) if layer.experts_updated is not None else 0.0,
+            "nonfinite_skips": float(layer.nonfinite_skips.sum()),
+        }
+        ratio = getattr(layer, "last_term_norm_ratio", None)
+        if ratio is not None:
+            stats["term_norm_ratio"] = float(ratio)
+    return stats
+
+
+def per_layer_stats(model) -> dict:
+    """``{layer number: layer_stats}`` for the Default MoE layers of ``model`` (or model chunks)."""
+    out = {}
+    for index, layer in enumerate(default_moe_layers(model)):
+        number = getattr(layer, "layer_number", None)
+        out[int(number) if number is not None else index + 1] = layer_stats(layer)
+    return out
+
+
+def flatten_stats(per_layer: dict) -> dict:
+    """``{"default_moe/<stat>/layer_<n>": v, "default_moe/<stat>/mean": mean over layers}``."""
+    metrics, by_stat = {}, {}
+    for number in sorted(per_layer):
+        for stat, value in per_layer[number].items():
+            metrics[f"{PREFIX}/{stat}/layer_{number}"] = value
+            by_stat.setdefault(stat, []).append(value)
+    for stat, values in by_stat.items():
+        metrics[f"{PREFIX}/{stat}/mean"] = sum(values) / len(values)
+    return metrics
+
+
+def default_moe_stats(model) -> dict:
+    """The metrics dict of this rank's Default MoE layers (pure: reads buffers, no collective)."""
+    return flatten_stats(per_layer_stats(model))
+
+
+# -- GPU telemetry ---------------------------------------------------------------------------
+def _nvml():
+    """The ``pynvml`` module, initialised once, or ``None`` (no package, no driver)."""
+    if _NVML["ready"] is None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _NVML["ready"] = pynvml
+        except Exception:  # ImportError, NVMLError (no driver / no GPU)
+            _NVML["ready"] = False
+    return _NVML["ready"] or None
+
+
+def gpu_telemetry(device=None) -> dict:
+    """``gpu/*`` utilisation (%), memory (GiB) and power (W) of a CUDA device; ``{}`` if unknown.
+
+    ``device`` defaults to the current CUDA device; it is mapped to NVML's index the way torch
+    maps it (``CUDA_VISIBLE_DEVICES`` aware). Fields the GPU does not report are left out.
+    """
+    if device is None:
+        if not torch.cuda.is_available():
+            return {}
+        device = torch.cuda.current_device()
+    nvml = _nvml()
+    if nvml is None:
+        return {}
+    try:
+        to_nvml = getattr(torch.cuda, "_get_nvml_device_index", None)
+        index = to_nvml(device) if to_nvml is not None and torch.cuda.is_available() else int(device)
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:
+        return {}
+    readings = {
+        "gpu/utilization_percent": lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+        "gpu/memory_bandwidth_utilization_percent": lambda: nvml.nvmlDeviceGetUtilizationRates(handle).memory,
+        "gpu/memory_used_gib": lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30,
+        "gpu/memory_total_gib": lambda: nvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30,
+        "gpu/power_w": lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+        "gpu/power_limit_w": lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
+    }
+    out = {}
+    for name, read in readings.items():
+        try:
+            out[name] = float(read())
+        except Exception:  # NVMLError_NotSupported and friends
+            pass
+    return out
+
+
+# -- writing ---------------------------------------------------------------------------------
+def _pipeline_group():
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            return parallel_state.get_pipeline_model_parallel_group()
+    except Exception:
+        pass
+    return None
+
+
+def gather_over_pipeline(per_layer: dict, group=None) -> dict:
+    """Merge the per-layer stats of all pipeline stages (collective over ``group``)."""
+    if group is None or not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) < 2:
+        return per_layer
+    gathered = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(gathered, per_layer, group=group)
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
+def megatron_writers():
+    """Megatron's ``(tensorboard writer, wandb writer)``; ``None`` where not set up."""
+    try:
+        from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+
+        return get_tensorboard_writer(), get_wandb_writer()
+    except Exception:
+        return None, None
+
+
+def write_metrics(metrics: dict, iteration: int, writer=None, wandb_writer=None) -> None:
+    if writer is not None:
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, iteration)
+    if wandb_writer is not None and metrics:
+        wandb_writer.log(metrics, iteration)
+
+
+def log_default_moe_metrics(model, iteration: int, writer=None, wandb_writer=None, pp_group="auto") -> dict:
+    """Gather the stats over pipeline stages, add GPU telemetry, write; returns the metrics.
+
+    Collective over the pipeline-parallel group when it has more than one rank.
+    """
+    group = _pipeline_group() if pp_group == "auto" else pp_group
+    metrics = flatten_stats(gather_over_pipeline(per_layer_stats(model), group))
+    metrics.update(gpu_telemetry())
+    write_metrics(metrics, iteration, writer, wandb_writer)
+    return metrics
+
+
+# -- hooks -----------------------------------------------------------------------------------
+def _megatron_iteration():
+    """The iteration Megatron's ``training_log`` will report for the step in progress."""
+    try:
+        from megatron.training.global_vars import get_args
+
+        return get_args().curr_iteration + 1
+    except Exception:
+        return None
+
+
+def install_training_hooks(model, log_interval: int | None = 100, config=None, writers=megatron_writers,
+                           iteration=_megatron_iteration) -> None:
+    """Wrap ``config.finalize_model_grads_func`` for Default MoE (idempotent).
+
+    Installs Megatron's ``finalize_model_grads`` if no hook is set yet (what ``train()`` would
+    do; it keeps a hook that is already set), adds the ``update="step"`` EMA step when a layer
+    uses it, and logs ``log_default_moe_metrics`` at iterations divisible by ``log_interval``
+    (``None`` or 0: no logging). ``writers()`` gives ``(tensorboard, wandb)``; ``iteration()``
+    the 1-based iteration of the running step (``None``: count calls).
+    """
+    from megatron.core.utils import get_model_config
+
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    config = config if config is not None else get_model_config(chunks[0])
+    if config.finalize_model_grads_func is None:
+        from megatron.core.distributed import finalize_model_grads
+
+        config.finalize_model_grads_func = finalize_model_grads
+    layers = default_moe_layers(chunks)
+    if any(layer.dm_config.update == "step" for layer in layers):
+        wrap_finalize_model_grads(config)
+    if not log_interval or getattr(config.finalize_model_grads_func, "_default_moe_metrics", False):
+        return
+    for layer in layers:
+        layer.track_metrics = True  # the first logged step may be the first step
+    inner = config.finalize_model_grads_func
+    calls = {"n": 0}
+
+    @functools.wraps(inner)
+    def finalize_and_log(model_chunks, *args, **kwargs):
+        out = inner(model_chunks, *args, **kwargs)
+        calls["n"] += 1
+        step = iteration() or calls["n"]
+        if step % log_interval == 0:
+            log_default_moe_metrics(model_chunks, step, *writers())
+        for layer in layers:
+            layer.track_metrics = (step + 1) % log_interval == 0
+        return out
+
+    finalize_and_log._default_moe_metrics = True
+    config.finalize_model_grads_func = finalize_and_log

@@ -14,6 +14,7 @@ from megatron_default_moe.router import DefaultMoERouter  # noqa: E402
 from megatron_default_moe.spec import default_moe_spec, to_default_moe_spec  # noqa: E402
 from megatron_default_moe.update import (  # noqa: E402
     default_moe_layers,
+    report_nonfinite_skips,
     update_default_vectors,
     wrap_finalize_model_grads,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "DefaultMoERouter",
     "default_moe_layers",
     "default_moe_spec",
+    "report_nonfinite_skips",
     "to_default_moe_spec",
     "update_default_vectors",
     "wrap_finalize_model_grads",

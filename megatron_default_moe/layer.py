@@ -26,6 +26,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_default_moe import functional as F
+from megatron_default_moe.checkpoint import fill_missing_default_vectors
 from megatron_default_moe.config import DefaultMoEConfig
 from megatron_default_moe.dispatcher import with_default_moe_mixin
 from megatron_default_moe.router import DefaultMoERouter
@@ -112,11 +113,14 @@ class DefaultMoELayer(MoELayer):
         self._keep_fp32_on(self.default_vectors.device)
         return out
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
+        """Load the table as fp32; a checkpoint without it (TopK) leaves zeros, said once."""
         key = prefix + "default_vectors"
         if key in state_dict:
             state_dict[key] = state_dict[key].to(torch.float32)
-        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        if key in missing_keys:
+            fill_missing_default_vectors(self, key, missing_keys)
 
     # -- forward -------------------------------------------------------------------------------
     def route(self, hidden_states, padding_mask=None):

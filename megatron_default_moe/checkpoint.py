@@ -1,0 +1,79 @@
+"""Default vectors in Megatron checkpoints.
+
+Saving needs no code: ``MegatronModule.sharded_state_dict`` exports the persistent fp32 buffer
+``default_vectors`` as one tensor replicated over the ranks of the stage (global ``[E, H]``, plus
+the layer axis a ``TransformerBlock`` prepends), so ``dist_checkpointing`` reshards it under any
+TP, EP, DP or PP change.
+
+A checkpoint without the table (a TopK run continued with Default MoE) loads with the table at
+zero, where a fresh Default MoE run starts, and one log line says so:
+
+* ``module.load_state_dict`` (any ``strict``): ``DefaultMoELayer._load_from_state_dict`` calls
+  ``fill_missing_default_vectors``.
+* ``dist_checkpointing.load``: with the default ``StrictHandling.ASSUME_OK_UNEXPECTED`` Megatron's
+  torch_dist loader raises on any requested key the checkpoint lacks, and a module's
+  ``sharded_state_dict`` cannot see the checkpoint. ``drop_absent_default_vectors`` removes those
+  requests first (Megatron-LM: ``--dist-ckpt-strictness log_unexpected`` does the same, with a
+  warning of its own).
+"""
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BUFFER = "default_vectors"
+
+_logged_for = None  # ``missing_keys`` list of the last load that logged: one line per load
+
+
+def fill_missing_default_vectors(layer, key: str, missing_keys: list) -> None:
+    """Zero the table a checkpoint lacks; take ``key`` out of ``missing_keys`` (strict loads pass).
+
+    Logs once per ``load_state_dict`` call (torch shares ``missing_keys`` across all modules of a
+    call), on the first rank of each pipeline stage.
+    """
+    global _logged_for
+    missing_keys.remove(key)
+    with torch.no_grad():
+        layer.default_vectors.zero_()
+    if missing_keys is _logged_for:
+        return
+    _logged_for = missing_keys
+    group = layer.stats_group
+    distributed = group is not None and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank(group) == 0:
+        logger.warning(
+            "Default MoE: the checkpoint has no default vectors (e.g. '%s'); every Default MoE "
+            "layer without them starts from zeros, like a fresh run (a TopK checkpoint?).",
+            key,
+        )
+
+
+def _is_default_vectors(sharded) -> bool:
+    key = getattr(sharded, "key", None)
+    return isinstance(key, str) and (key == BUFFER or key.endswith("." + BUFFER))
+
+
+def drop_absent_default_vectors(sharded_state_dict: dict, checkpoint_dir) -> dict:
+    """Remove the default-vector entries that ``checkpoint_dir`` lacks from ``sharded_state_dict``.
+
+    Then ``dist_checkpointing.load`` succeeds under its default strictness, and loading the
+    result into the model fills zeros (``fill_missing_default_vectors``). Works on nested dicts
+    (Megatron-LM puts the model under ``"model"``). Changes ``sharded_state_dict`` in place and
+    returns it.
+    """
+    from megatron.core import dist_checkpointing
+
+    present = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
+
+    def drop(node):
+        for name, value in list(node.items()):
+            if isinstance(value, dict):
+                drop(value)
+            elif _is_default_vectors(value) and value.key not in present:
+                del node[name]
+
+    drop(sharded_state_dict)
+    return sharded_state_dict

@@ -1,0 +1,89 @@
+"""A tiny Default MoE ``GPTModel`` on CPU for the reliability tests, and a plain training loop."""
+
+import torch
+
+VOCAB, SEQ, MICRO_BATCH = 64, 8, 2
+
+
+def gpt_config(**overrides):
+    """Two MoE layers, 4 experts top-2, fp32, paper routing (softmax over all experts)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        num_layers=2,
+        hidden_size=16,
+        num_attention_heads=4,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=24,
+        ffn_hidden_size=24,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_pre_softmax=True,
+        moe_router_score_function="softmax",
+        moe_aux_loss_coeff=0.0,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt(config, dm_config=None, seed=0, default_moe=True):
+    """``GPTModel`` from Megatron's local layer spec, in its Default MoE form unless told not to
+    (a stock TopK model: same parameters, for the same ``seed``)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_default_moe import to_default_moe_spec
+
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts)
+    if default_moe:
+        spec = to_default_moe_spec(spec, dm_config)
+    torch.manual_seed(seed)
+    return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ)
+
+
+def micro_batch(seed):
+    """``(tokens, position_ids, labels)`` of one micro-batch, fixed by ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=gen)
+    positions = torch.arange(SEQ).expand(MICRO_BATCH, SEQ)
+    return tokens, positions, torch.roll(tokens, -1, dims=1)
+
+
+def causal_mask():
+    """Explicit causal mask: Megatron's default one is built on ``device="cuda"``, and a recompute
+    pass runs inside ``Tensor.backward``, where the CPU shim's device mode is not active."""
+    return torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1).view(1, 1, SEQ, SEQ)
+
+
+def micro_batch_loss(model, batch):
+    tokens, positions, labels = batch
+    return model(tokens, positions, causal_mask(), labels=labels).float().mean()
+
+
+def train(model, optimizer, steps, first_step=0, micro_batches=2, on_step=None):
+    """Plain gradient-accumulation loop; returns the summed loss of every step (a list).
+
+    Calls ``update_default_vectors`` once per step (``update="step"`` layers need it; it is a
+    no-op for the others), where Megatron's finalize hook would.
+    """
+    from megatron_default_moe import update_default_vectors
+
+    losses = []
+    for step in range(first_step, first_step + steps):
+        optimizer.zero_grad()
+        total = 0.0
+        for mb in range(micro_batches):
+            loss = micro_batch_loss(model, micro_batch(1000 * step + mb)) / micro_batches
+            loss.backward()
+            total += loss.detach()
+        update_default_vectors(model)
+        if on_step is not None:
+            on_step(model)
+        optimizer.step()
+        losses.append(total)
+    return losses

@@ -86,7 +86,9 @@ def _cuda_graph_moe_scopes(config):
     if config.cuda_graph_impl == "full_iteration":
         return ["full_iteration"]
     modules = [getattr(m, "name", m) for m in _as_list(getattr(config, "cuda_graph_modules", []))]
-    return [m for m in modules if m != "attn"] or ["full layer"]
+    if not modules or modules == ["full"]:  # an empty list (Megatron's "full") is the whole layer
+        return ["full layer"]
+    return [m for m in modules if m != "attn"]
 
 
 @dataclass

@@ -1,0 +1,201 @@
+"""How close is each router gradient to the dense one? (the measurement of paper Fig. 4)
+
+For a model (or a single MoE layer) and a loss on one batch, ``router_gradient_cosines`` takes
+``d loss / d router.weight`` of each MoE layer under three routings of that layer:
+
+- ``topk``: stock TopK (a Default MoE layer with its default vectors set to zero is exactly TopK);
+- ``default``: Default MoE with the current default vectors (frozen while measuring);
+- ``dense``: every expert on every token, ``y_t = Σ_i π_{t,i} E_i(x_t)`` over all N experts. This
+  is Megatron's own layer with top-k raised to N (full-softmax probs, as in the paper's routing),
+  so it runs through the real dispatcher and expert parallelism.
+
+and returns the cosine similarity of ``topk`` and ``default`` to ``dense``, per layer. By default
+each layer is measured in isolation: only that layer's routing changes, every other layer runs as
+built (Default MoE layers with their default term, stock layers as TopK), so the numbers describe
+that layer's gradient estimator and not the forward drift of a whole model switched to dense
+(``isolate_layers=False`` switches all layers together: 3 passes instead of 2L + 1).
+
+Measurements run in eval mode (no aux losses, no EMA update, no dropout); the model's weights,
+``.grad`` and Megatron's ``main_grad`` buffers are left untouched (``torch.autograd.grad``).
+Gradients are summed over the router's replicas (``tp_dp_cp``), so every rank reports the same
+global numbers; call it on every rank.
+"""
+
+import contextlib
+import copy
+from typing import Callable, Dict, Optional
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_default_moe.layer import DefaultMoELayer
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two tensors seen as flat fp64 vectors (0.0 if either is zero)."""
+    a, b = a.detach().double().reshape(-1), b.detach().double().reshape(-1)
+    denom = a.norm() * b.norm()
+    return float(a @ b / denom) if denom > 0 else 0.0
+
+
+def moe_layers(model) -> list:
+    """The Megatron ``MoELayer``s (stock or Default MoE) of ``model``, in module order."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, MoELayer)]
+
+
+def _layer_key(layer, index: int) -> int:
+    return layer.layer_number if getattr(layer, "layer_number", None) is not None else index
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    modules = [m for chunk in chunks for m in chunk.modules()]
+    flags = [m.training for m in modules]
+    for m in modules:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.training = flag
+
+
+@contextlib.contextmanager
+def _topk_routing(layers):
+    """Default MoE layers with zero default vectors: the default term vanishes (exact TopK)."""
+    saved = [(layer, layer.default_vectors.clone()) for layer in layers if isinstance(layer, DefaultMoELayer)]
+    try:
+        for layer, _ in saved:
+            layer.default_vectors.zero_()
+        yield
+    finally:
+        for layer, vectors in saved:
+            layer.default_vectors.copy_(vectors)
+
+
+@contextlib.contextmanager
+def _dense_routing(layers):
+    """Top-k raised to the number of experts in ``layers`` only.
+
+    Megatron reads top-k from ``router.topk`` and from the dispatcher's config (``num_out_tokens``),
+    and all layers share one config object: the dispatcher of each dense layer gets its own copy.
+    """
+    saved = []  # (object, attribute, old value)
+    try:
+        for layer in layers:
+            n = layer.config.num_moe_experts
+            dispatcher = layer.token_dispatcher
+            changes = [(layer.router, "topk", n), (dispatcher, "config", copy.copy(dispatcher.config))]
+            if hasattr(dispatcher, "router_topk"):
+                changes.append((dispatcher, "router_topk", n))
+            for obj, attr, value in changes:
+                saved.append((obj, attr, getattr(obj, attr)))
+                setattr(obj, attr, value)
+            dispatcher.config.moe_router_topk = n
+        yield
+    finally:
+        for obj, attr, old in reversed(saved):
+            setattr(obj, attr, old)
+
+
+def router_gradients(model, loss_fn: Callable, dense=(), topk=()) -> Dict[int, torch.Tensor]:
+    """``{layer key: d loss / d router.weight}`` for every MoE layer of ``model``.
+
+    ``loss_fn(model)`` runs the forward and returns a scalar loss. The layers in ``dense`` run all
+    experts on every token, those in ``topk`` run as stock TopK, all others as built. Keys are
+    Megatron layer numbers (positions for layers without one).
+    """
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("router_gradients: the model has no MoELayer")
+    weights = [layer.router.weight for layer in layers]
+    with _eval_mode(model), _dense_routing(list(dense)), _topk_routing(list(topk)), torch.enable_grad():
+        loss = loss_fn(model)
+        grads = torch.autograd.grad(loss, weights, allow_unused=True)
+    out = {}
+    for i, (layer, weight, grad) in enumerate(zip(layers, weights, grads)):
+        grad = torch.zeros_like(weight) if grad is None else grad.detach().clone()
+        group = getattr(layer.router, "tp_dp_cp_group", None)
+        if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(grad, group=group)
+        out[_layer_key(layer, i)] = grad
+    return out
+
+
+def router_gradient_cosines(model, loss_fn: Callable, isolate_layers: bool = True) -> Dict[int, Dict[str, Optional[float]]]:
+    """``{layer: {"topk": cos(TopK, dense), "default": cos(Default MoE, dense) or None}}``.
+
+    ``default`` is ``None`` for stock ``MoELayer``s (no default vectors). See the module docstring
+    for ``isolate_layers``.
+    """
+    layers = moe_layers(model)
+    keys = [_layer_key(layer, i) for i, layer in enumerate(layers)]
+    is_default = [isinstance(layer, DefaultMoELayer) for layer in layers]
+    as_built = router_gradients(model, loss_fn)
+    if isolate_layers:
+        dense = {k: router_gradients(model, loss_fn, dense=[l])[k] for k, l in zip(keys, layers)}
+        topk = {
+            k: router_gradients(model, loss_fn, topk=[l])[k] if d else as_built[k]
+            for k, l, d in zip(keys, layers, is_default)
+        }
+    else:
+        dense = router_gradients(model, loss_fn, dense=layers)
+        topk = router_gradients(model, loss_fn, topk=layers) if any(is_default) else as_built
+    return {
+        k: {
+            "topk": cosine(topk[k], dense[k]),
+            "default": cosine(as_built[k], dense[k]) if d else None,
+        }
+        for k, d in zip(keys, is_default)
+    }
+
+
+def default_vector_stats(defaults_EH: torch.Tensor) -> Dict[str, float]:
+    """Norms of the default vectors and their mean pairwise cosine (over the non-zero ones)."""
+    d_EH = defaults_EH.detach().double()
+    norms_E = d_EH.norm(dim=-1)
+    nonzero_E = norms_E > 0
+    unit = d_EH[nonzero_E] / norms_E[nonzero_E].unsqueeze(-1)
+    n = unit.shape[0]
+    pairwise = ((unit @ unit.T).sum() - n) / (n * (n - 1)) if n > 1 else torch.tensor(float("nan"))
+    return {
+        "experts": int(d_EH.shape[0]),
+        "nonzero": int(nonzero_E.sum()),
+        "mean_norm": float(norms_E.mean()),
+        "min_norm": float(norms_E.min()),
+        "max_norm": float(norms_E.max()),
+        "mean_pairwise_cosine": float(pairwise),
+    }
+
+
+def plot_router_gradient_cosines(history, path: str, title: Optional[str] = None) -> None:
+    """Plot cosine-to-dense against training step, one panel per MoE layer.
+
+    ``history``: ``{run name: {step: router_gradient_cosines(...)}}``. Solid lines: the Default MoE
+    gradient; dashed: the TopK gradient of the same weights.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({layer for run in history.values() for cos in run.values() for layer in cos})
+    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.6), squeeze=False, sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, layer in zip(axes[0], layers):
+        for color, (name, run) in zip(colors, history.items()):
+            steps = sorted(s for s in run if layer in run[s])
+            for variant, style in (("topk", "--"), ("default", "-")):
+                values = [run[s][layer][variant] for s in steps]
+                if steps and all(v is not None for v in values):
+                    ax.plot(steps, values, style, marker=".", color=color, label=f"{name} model: {variant} grad")
+        ax.set_title(f"MoE layer {layer}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("cosine to dense router gradient")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title or "Router gradient vs dense gradient (paper Fig. 4)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -328,3 +328,34 @@ def test_entry_script_wiring_with_stub_checkout(tmp_path, monkeypatch, flag_on):
         assert model_cfg.transformer_layer_spec is None and not model_cfg.post_wrap_hooks
         assert not hasattr(model_cfg.transformer, "default_moe")
 
+
+
+def test_paper_flag_set_is_valid_for_megatron_and_default_moe(monkeypatch):
+    """examples/paper_8e_top1.sh: Megatron's own validation, then Default MoE's (all flags named)."""
+    from megatron.training.argument_utils import gpt_config_from_args
+    from megatron.training.arguments import parse_and_validate_args
+    from megatron.training.global_vars import unset_global_variables
+
+    script = os.path.join(ROOT, "examples", "paper_8e_top1.sh")
+    paper = subprocess.run(
+        ["bash", "-c", f'source "{script}" && printf "%s\\n" "${{PAPER_8E_TOP1_ARGS[@]}}"'],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.splitlines()  # fmt: skip
+    cpu_overrides = ["--transformer-impl", "local", "--no-rope-fusion", "--no-persist-layer-norm",
+                     "--no-gradient-accumulation-fusion", "--mock-data", "--tokenizer-type", "NullTokenizer",
+                     "--vocab-size", "32000"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt_default_moe.py", *paper, *cpu_overrides])
+    unset_global_variables()
+    try:
+        args = parse_and_validate_args(extra_args_provider=add_default_moe_args)
+        dm = default_moe_config_from_args(args)
+        model_cfg = configure_gpt_model_config(gpt_config_from_args(args), dm)  # validates
+    finally:
+        unset_global_variables()
+    assert dm == DefaultMoEConfig(beta=0.9, ema_weighting="uniform", update="microbatch", mode="forward")
+    tc = model_cfg.transformer
+    assert (tc.num_moe_experts, tc.moe_router_topk, tc.moe_router_pre_softmax) == (8, 1, True)
+    assert tc.moe_router_score_function == "softmax" and tc.moe_expert_capacity_factor is None
+    assert tc.moe_layer_freq == [0] + [1] * 15
+    assert "global_aux_loss" in str(tc.moe_router_load_balancing_type)
+    assert float(tc.moe_aux_loss_coeff if not isinstance(tc.moe_aux_loss_coeff, list) else tc.moe_aux_loss_coeff[0]) == 0.01

@@ -17,7 +17,7 @@ import pytest
 WORKER = os.path.join(os.path.dirname(__file__), "worker.py")
 LAYOUTS_BY_WORLD_SIZE = {
     2: ["ep2", "tp2sp", "etp2", "cp2", "pp2"],
-    4: ["ep4", "dp2xep2", "tp2sp-ep2", "tp2sp-ep2-etp2", "etp2-ep2", "cp2-ep2", "pp2-ep2"],
+    4: ["ep4", "dp2xep2", "tp2sp-ep2", "tp2sp-ep2-etp2", "etp2-ep2", "cp2-ep2", "pp2-ep2", "pp2-tp2sp"],
 }
 CHECKS_PER_LAYOUT = 4  # dispatchers (allgather, alltoall) x update modes (microbatch, step)
 

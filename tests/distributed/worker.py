@@ -57,6 +57,7 @@ LAYOUTS = {
     "cp2-ep2": dict(cp=2, ep=2),
     "pp2": dict(pp=2),
     "pp2-ep2": dict(pp=2, ep=2),
+    "pp2-tp2sp": dict(pp=2, tp=2, sp=True),
 }
 
 
@@ -269,14 +270,13 @@ def train(stage, sequence_parallel, on_step):
             out.clear()
         batches = [global_micro_batch(step, m) for m in range(MICRO_BATCHES)]
         data = iter([(my_tokens(x, sequence_parallel), my_tokens(g, sequence_parallel)) for x, g in batches])
-        x0 = my_tokens(batches[0][0], sequence_parallel)
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=data,
             model=[stage],
             num_microbatches=MICRO_BATCHES,
-            seq_length=x0.shape[0],
-            micro_batch_size=x0.shape[1],
+            seq_length=S,  # Megatron divides by CP (and TP with SP) for the pipeline messages
+            micro_batch_size=my_tokens(batches[0][0], sequence_parallel).shape[1],
         )
         grads = reduced_grads(stage)
         on_step(step, outputs, grads)
@@ -309,10 +309,47 @@ def save_reference(path):
 
 
 # -- checks ---------------------------------------------------------------------------------------
-def check_layout(name, ref, failures):
-    """Every dispatcher and update mode of one layout; appends failure messages to ``failures``."""
+def close(actual, expected):
+    return actual.shape == expected.shape and torch.allclose(actual, expected, RTOL, ATOL)
+
+
+def check_step(stage, expected, outputs, grads, sequence_parallel):
+    """Failure messages for one optimizer step of this rank (``expected``: the one-rank step)."""
     from megatron.core import parallel_state as ps
 
+    failures = []
+    # 1. bit-identical on every rank that holds the same layers (world all-gather, same stage)
+    mine_LEH = torch.stack([layer.default_vectors for layer in stage.layers])
+    everyone = [torch.empty_like(mine_LEH) for _ in range(torch.distributed.get_world_size())]
+    stages = [torch.empty(1, dtype=torch.long) for _ in everyone]
+    torch.distributed.all_gather(everyone, mine_LEH)
+    my_stage = ps.get_pipeline_model_parallel_rank()
+    torch.distributed.all_gather(stages, torch.tensor([my_stage]))
+    for other, (theirs_LEH, their_stage) in enumerate(zip(everyone, stages)):
+        if int(their_stage) == my_stage and not torch.equal(theirs_LEH, mine_LEH):
+            failures.append(f"default_vectors differ from rank {other}'s")
+    for j, (layer, layer_id) in enumerate(zip(stage.layers, stage_layer_ids())):
+        # 2. equal to the one-rank run over the whole global batch
+        want_EH = expected["defaults"][layer_id]
+        if not close(layer.default_vectors, want_EH):
+            err = (layer.default_vectors - want_EH).abs().max()
+            failures.append(f"layer {layer_id}: default_vectors off by {err:.3g}")
+        # 3. outputs on this rank's tokens
+        for m, out in enumerate(outputs[j]):
+            if not close(out, my_tokens(expected["outputs"][layer_id][m], sequence_parallel)):
+                failures.append(f"layer {layer_id} micro-batch {m}: output differs")
+        # 4. gradients, summed over the ranks that share each parameter
+        for pname, param in layer.named_parameters():
+            mname = master_name(layer, pname)
+            want = my_shard(layer, pname, param, expected["grads"][layer_id][mname])
+            if not close(grads[j][mname], want):
+                err = (grads[j][mname] - want).abs().max()
+                failures.append(f"layer {layer_id}: grad of {mname} off by {err:.3g}")
+    return failures
+
+
+def check_layout(name, ref):
+    """Every dispatcher and update mode of one layout; this rank's failure messages."""
     sizes = LAYOUTS[name]
     cpu.init_parallel(
         seed=0,
@@ -322,58 +359,27 @@ def check_layout(name, ref, failures):
         context_parallel_size=sizes.get("cp", 1),
         pipeline_model_parallel_size=sizes.get("pp", 1),
     )
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    pp_rank = ps.get_pipeline_model_parallel_rank()
-    sp = sizes.get("sp", False)
+    sp, failures = sizes.get("sp", False), []
     try:
         for dispatcher in DISPATCHERS:
             for update in UPDATES:
-                tag = f"{name}/{dispatcher}/{update}"
-                start = time.time()
+                tag, start = f"{name}/{dispatcher}/{update}", time.time()
                 stage = build_stage(dispatcher, update, sizes, ref["weights"])
-                layer_ids = stage_layer_ids()
-                n_before = len(failures)
-
-                def fail(msg):
-                    failures.append(f"rank {rank} {tag}: {msg}")
+                mine = []
 
                 def on_step(step, outputs, grads):
-                    expected = ref["runs"][update][step]
-                    # 1. bit-identical on every rank holding the same layers (same pipeline stage)
-                    mine_LEH = torch.stack([layer.default_vectors for layer in stage.layers])
-                    everyone = [torch.empty_like(mine_LEH) for _ in range(world)]
-                    stages = [torch.empty(1, dtype=torch.long) for _ in range(world)]
-                    torch.distributed.all_gather(everyone, mine_LEH)
-                    torch.distributed.all_gather(stages, torch.tensor([pp_rank]))
-                    for other, (theirs, their_stage) in enumerate(zip(everyone, stages)):
-                        if int(their_stage) == pp_rank and not torch.equal(theirs, mine_LEH):
-                            fail(f"step {step}: default_vectors differ from rank {other}")
-                    for j, layer_id in enumerate(layer_ids):
-                        layer = stage.layers[j]
-                        # 2. equal to the one-rank run over the whole global batch
-                        if not torch.allclose(layer.default_vectors, expected["defaults"][layer_id], RTOL, ATOL):
-                            err = (layer.default_vectors - expected["defaults"][layer_id]).abs().max()
-                            fail(f"step {step} layer {layer_id}: default_vectors off by {err:.3g}")
-                        # 3. outputs on this rank's tokens
-                        for m, out in enumerate(outputs[j]):
-                            want = my_tokens(expected["outputs"][layer_id][m], sp)
-                            if out.shape != want.shape or not torch.allclose(out, want, RTOL, ATOL):
-                                fail(f"step {step} layer {layer_id} micro-batch {m}: output differs")
-                        # 4. gradients, summed over the ranks sharing each parameter
-                        for pname, param in layer.named_parameters():
-                            mname = master_name(layer, pname)
-                            want = my_shard(layer, pname, param, expected["grads"][layer_id][mname])
-                            if not torch.allclose(grads[j][mname], want, RTOL, ATOL):
-                                err = (grads[j][mname] - want).abs().max()
-                                fail(f"step {step} layer {layer_id}: grad of {mname} off by {err:.3g}")
+                    for msg in check_step(stage, ref["runs"][update][step], outputs, grads, sp):
+                        mine.append(f"rank {torch.distributed.get_rank()} {tag} step {step}: {msg}")
 
                 train(stage, sp, on_step)
-                # the layout's verdict, agreed by all ranks (every rank sees only its own checks)
-                bad = torch.tensor([len(failures) - n_before])
+                failures += mine
+                # the verdict of all ranks (each rank checks only its own share)
+                bad = torch.tensor([len(mine)])
                 torch.distributed.all_reduce(bad)
                 log(f"{'FAIL' if bad.item() else 'ok  '} {tag} ({time.time() - start:.1f}s)")
     finally:
         cpu.destroy_parallel()
+    return failures
 
 
 def main():
@@ -388,14 +394,13 @@ def main():
         return
     defer_async_all_reduce()
     ref = torch.load(args.reference, weights_only=False)
-    failures = []
-    for name in args.layouts:
-        check_layout(name, ref, failures)
-    for msg in failures[:20]:
+    failures = [msg for name in args.layouts for msg in check_layout(name, ref)]
+    for msg in failures[:8]:
         print("FAILED", msg, flush=True)
     bad = torch.tensor([len(failures)])
     torch.distributed.all_reduce(bad)
-    log(f"{'FAILED' if bad.item() else 'PASSED'}: {len(args.layouts)} layouts on {torch.distributed.get_world_size()} ranks")
+    world = torch.distributed.get_world_size()
+    log(f"{'FAILED' if bad.item() else 'PASSED'}: {len(args.layouts)} layouts on {world} ranks")
     torch.distributed.destroy_process_group()
     sys.exit(1 if bad.item() else 0)
 

@@ -146,3 +146,33 @@ def test_telemetry_silent_without_driver_or_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
     monkeypatch.setitem(metrics._NVML, "ready", None)
     assert metrics.gpu_telemetry(device=0) == {}
+
+
+GATHER_WORKER = r"""
+import torch
+from megatron_default_moe.metrics import flatten_stats, gather_over_pipeline
+
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+mine = {rank + 1: {"vector_norm": float(10 * (rank + 1))}}  # stage r holds layer r + 1
+merged = gather_over_pipeline(mine, group=torch.distributed.group.WORLD)
+assert merged == {1: {"vector_norm": 10.0}, 2: {"vector_norm": 20.0}}, merged
+assert flatten_stats(merged)["default_moe/vector_norm/mean"] == 15.0
+print("GATHER-OK", rank)
+"""
+
+
+@pytest.mark.distributed
+def test_pipeline_stages_are_gathered_for_the_logging_rank(tmp_path):
+    """Megatron's writers live on the last rank: the stats of every stage must reach it."""
+    import subprocess
+
+    worker = tmp_path / "gather_worker.py"
+    worker.write_text(GATHER_WORKER)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(worker)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.count("GATHER-OK") == 2, result.stdout[-2000:] + result.stderr[-2000:]

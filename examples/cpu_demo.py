@@ -24,7 +24,6 @@ What it does, all through Megatron-Core's own code paths:
 import argparse
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -378,26 +377,34 @@ def loss_table(steps, runs):
     rows = [head, "-" * len(head)]
     prev = 0
     for s in steps:
-        tr = [sum(r.train_loss[prev:s]) / max(1, s - prev) for r in runs] if s > 0 else [math.nan] * 2
         va = [r.valid_loss[s] for r in runs]
-        rows.append(f"{s:>5} | {tr[0]:>10.4f} {tr[1]:>13.4f} {tr[1] - tr[0]:>+7.4f} | "
-                    f"{va[0]:>10.4f} {va[1]:>13.4f} {va[1] - va[0]:>+7.4f}")
+        if s > prev:
+            tr = [sum(r.train_loss[prev:s]) / (s - prev) for r in runs]
+            train = f"{tr[0]:>10.4f} {tr[1]:>13.4f} {tr[1] - tr[0]:>+7.4f}"
+        else:
+            train = f"{'-':>10} {'-':>13} {'':>7}"
+        rows.append(f"{s:>5} | {train} | {va[0]:>10.4f} {va[1]:>13.4f} {va[1] - va[0]:>+7.4f}")
         prev = s
     return "\n".join(rows)
 
 
 def cosine_table(steps, runs):
+    """Per checkpoint and MoE layer: cosine to the dense router gradient of (TopK model, TopK
+    routing), (Default MoE model, TopK routing), (Default MoE model, its own gradient)."""
     topk, dm = runs
     layers = sorted(dm.cosines[steps[-1]])
-    head = f"{'step':>5} | " + " | ".join(
-        f"L{n}: TopK-model topk / DM-model topk  default" for n in layers)
-    rows = [head, "-" * len(head)]
+    head = f"{'step':>5} | " + " | ".join(f"{'layer ' + str(n):^23}" for n in layers)
+    sub = f"{'':>5} | " + " | ".join(f"{'T:topk':>7} {'D:topk':>7} {'D:dflt':>7}" for _ in layers)
+    rows = [head, sub, "-" * len(sub)]
     for s in steps:
-        cells = []
-        for n in layers:
-            a, b = topk.cosines[s][n], dm.cosines[s][n]
-            cells.append(f"{'':4}{a['topk']:>10.3f} / {b['topk']:>13.3f} {b['default']:>8.3f}")
+        cells = [f"{topk.cosines[s][n]['topk']:>7.3f} {dm.cosines[s][n]['topk']:>7.3f} "
+                 f"{dm.cosines[s][n]['default']:>7.3f}" for n in layers]
         rows.append(f"{s:>5} | " + " | ".join(cells))
+    later = [s for s in steps if s > 0] or steps
+    mean = [sum(c[s][n][v] for s in later for n in layers) / (len(later) * len(layers))
+            for c, v in ((topk.cosines, "topk"), (dm.cosines, "topk"), (dm.cosines, "default"))]
+    rows.append(f"{'mean':>5} | T:topk {mean[0]:.3f}, D:topk {mean[1]:.3f}, D:dflt {mean[2]:.3f} "
+                f"(checkpoints after step 0, all layers)")
     return "\n".join(rows)
 
 
@@ -446,6 +453,56 @@ def default_vector_report(run, batch):
     return rows
 
 
+def report(args, runs, checkpoints, dv_stats, train_time, total_time, device, world):
+    """Rank 0: the loss table, final losses, cosines, default-vector statistics, JSON and plots."""
+    topk, dm = runs
+    last = args.steps
+    tail = max(1, min(args.eval_interval, args.steps))
+    print("\nLoss (nats per byte; train = mean over the steps since the previous row):")
+    print(loss_table(checkpoints, runs))
+    print(f"\nFinal: valid loss TopK {topk.valid_loss[last]:.4f}, Default MoE {dm.valid_loss[last]:.4f} "
+          f"({dm.valid_loss[last] - topk.valid_loss[last]:+.4f}); train loss (mean of last {tail} steps) "
+          f"TopK {sum(topk.train_loss[-tail:]) / tail:.4f}, Default MoE {sum(dm.train_loss[-tail:]) / tail:.4f}")
+    if not args.no_diagnostics:
+        print("\nRouter gradient vs the dense one (that layer runs all experts on every token), cosine "
+              "similarity on one validation micro-batch per rank (paper Fig. 4).\nT:topk = TopK model; "
+              "D:topk = Default MoE model with TopK routing; D:dflt = Default MoE model's own gradient.")
+        print(cosine_table(checkpoints, runs))
+    print("\nDefault vectors after training (Default MoE model):")
+    print(f"{'layer':>5} {'mean |E_i|':>10} {'min |E_i|':>10} {'max |E_i|':>10} "
+          f"{'mean pairwise cos':>17} {'experts set':>11} {'|term|/|out|':>12}")
+    for s in dv_stats:
+        print(f"{s['layer']:>5} {s['mean_norm']:>10.4f} {s['min_norm']:>10.4f} {s['max_norm']:>10.4f} "
+              f"{s['mean_pairwise_cosine']:>17.3f} {s['nonzero']:>8}/{s['experts']:<2} {s['term_norm_ratio']:>12.3f}")
+    results = {
+        "args": vars(args),
+        "device": device.type,
+        "world_size": world,
+        "checkpoints": checkpoints,
+        "train_loss": {r.name: r.train_loss for r in runs},
+        "valid_loss": {r.name: [r.valid_loss[s] for s in checkpoints] for r in runs},
+        "router_grad_cosines": {
+            r.name: {str(s): {str(k): v for k, v in c.items()} for s, c in r.cosines.items()} for r in runs
+        },
+        "default_vectors": dv_stats,
+        "train_seconds": train_time,
+        "total_seconds": total_time,
+    }
+    with open(os.path.join(args.out, "cpu_demo_results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    written = ["cpu_demo_results.json"]
+    if not args.no_plot:
+        plot_losses(checkpoints, runs, os.path.join(args.out, "cpu_demo_loss.png"))
+        written.append("cpu_demo_loss.png")
+        if not args.no_diagnostics:
+            from megatron_default_moe.diagnostics import plot_router_gradient_cosines
+
+            path = os.path.join(args.out, "cpu_demo_router_grad_cosine.png")
+            plot_router_gradient_cosines({r.name: r.cosines for r in runs}, path)
+            written.append("cpu_demo_router_grad_cosine.png")
+    print(f"\nWrote {', '.join(written)} to {args.out}/. Training {train_time:.0f} s, total {total_time:.0f} s.")
+
+
 def quiet():
     """Keep the console to the demo's own output (import notices, deprecations)."""
     import warnings
@@ -466,22 +523,22 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     train, valid = load_data(args, device)
     runs = [Run("TopK", args, default_moe=False), Run("Default MoE", args, default_moe=True)]
-    # Same seed, same weights: check, then copy to be certain (default_vectors exist only in one).
-    runs[1].module.load_state_dict(runs[0].module.state_dict(), strict=False)
+    # Same seed, same weights; copy them to be certain (the default vectors exist only in one).
+    state = runs[0].module.state_dict()
+    state.update({k: v for k, v in runs[1].module.state_dict().items() if k.endswith("default_vectors")})
+    runs[1].module.load_state_dict(state)
+
+    from megatron.core import parallel_state
 
     world = torch.distributed.get_world_size()
-    log(f"Megatron-Core GPT MoE: {args.layers} layers (first dense: {bool(args.first_layer_dense)}), "
+    per_step = args.micro_batch * args.micro_batches * parallel_state.get_data_parallel_world_size()
+    log(f"Megatron-Core GPTModel MoE: {args.layers} layers (first dense: {bool(args.first_layer_dense)}), "
         f"hidden {args.hidden}, {args.experts} experts top-{args.topk}, "
-        f"{sum(p.numel() for p in runs[0].module.parameters())} params on rank 0; "
-        f"{world} ranks, EP={args.ep}, {device.type}; "
-        f"{args.micro_batch * args.micro_batches * world // 1} x {args.seq_len} byte tokens / step; "
+        f"{sum(p.numel() for p in runs[0].module.parameters())} parameters on rank 0; "
+        f"{world} ranks, EP={args.ep}, {device.type}; {per_step} x {args.seq_len} byte tokens per step; "
         f"Default MoE: beta={args.moe_default_ema_beta}, update={args.moe_default_update}, "
         f"weighting={args.moe_default_ema_weighting}, mode={args.moe_default_mode}")
 
-    per_step = args.micro_batch * args.micro_batches * torch.distributed.get_world_size()
-    from megatron.core import parallel_state
-
-    per_step = args.micro_batch * args.micro_batches * parallel_state.get_data_parallel_world_size()
     valid_batches = micro_batches(valid, 0, args.eval_iters, args, device)
     checkpoints = [s for s in range(0, args.steps + 1, args.eval_interval)]
     if checkpoints[-1] != args.steps:
@@ -510,49 +567,7 @@ def main():
 
     dv_stats = default_vector_report(runs[1], valid_batches[0])
     if is_rank0():
-        print("\nLoss (nats per byte; train = mean over the steps since the previous row):")
-        print(loss_table(checkpoints, runs))
-        final = {r.name: (r.train_loss[-1], r.valid_loss[args.steps]) for r in runs}
-        tail = max(1, args.eval_interval)
-        print(f"\nFinal: valid loss TopK {runs[0].valid_loss[args.steps]:.4f}, Default MoE "
-              f"{runs[1].valid_loss[args.steps]:.4f} ({runs[1].valid_loss[args.steps] - runs[0].valid_loss[args.steps]:+.4f}); "
-              f"train loss (mean of last {tail} steps) TopK {sum(runs[0].train_loss[-tail:]) / tail:.4f}, "
-              f"Default MoE {sum(runs[1].train_loss[-tail:]) / tail:.4f}")
-        if not args.no_diagnostics:
-            print("\nRouter-gradient cosine similarity to the dense gradient (all experts on every token), "
-                  "one validation micro-batch per rank, per MoE layer:")
-            print(cosine_table(checkpoints, runs))
-        print("\nDefault vectors after training (Default MoE model):")
-        print(f"{'layer':>5} {'mean |E_i|':>10} {'min |E_i|':>10} {'max |E_i|':>10} "
-              f"{'mean pairwise cos':>17} {'experts set':>11} {'|term|/|out|':>12}")
-        for s in dv_stats:
-            print(f"{s['layer']:>5} {s['mean_norm']:>10.4f} {s['min_norm']:>10.4f} {s['max_norm']:>10.4f} "
-                  f"{s['mean_pairwise_cosine']:>17.3f} {s['nonzero']:>8}/{s['experts']:<2} {s['term_norm_ratio']:>12.3f}")
-        results = {
-            "args": vars(args),
-            "device": device.type,
-            "world_size": world,
-            "checkpoints": checkpoints,
-            "train_loss": {r.name: r.train_loss for r in runs},
-            "valid_loss": {r.name: [r.valid_loss[s] for s in checkpoints] for r in runs},
-            "router_grad_cosines": {r.name: {str(s): {str(k): v for k, v in c.items()}
-                                             for s, c in r.cosines.items()} for r in runs},
-            "default_vectors": dv_stats,
-            "train_seconds": train_time,
-            "total_seconds": time.time() - t_start,
-            "final": final,
-        }
-        with open(os.path.join(args.out, "cpu_demo_results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        if not args.no_plot:
-            plot_losses(checkpoints, runs, os.path.join(args.out, "cpu_demo_loss.png"))
-            if not args.no_diagnostics:
-                from megatron_default_moe.diagnostics import plot_router_gradient_cosines
-
-                plot_router_gradient_cosines(
-                    {r.name: r.cosines for r in runs}, os.path.join(args.out, "cpu_demo_router_grad_cosine.png"))
-        print(f"\nWrote {args.out}/cpu_demo_loss.png, cpu_demo_router_grad_cosine.png, cpu_demo_results.json. "
-              f"Training {train_time:.0f} s, total {time.time() - t_start:.0f} s.")
+        report(args, runs, checkpoints, dv_stats, train_time, time.time() - t_start, device, world)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

@@ -18,7 +18,7 @@ import numpy
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 _SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -119,5 +119,19 @@ def build_gpt_datasets(
         create_attention_mask=False,
         path_to_cache=cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache"),
     )
+    _check_splits_have_documents(prefix, config, num_samples)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
     return builder.build()
+
+
+def _check_splits_have_documents(prefix, config, num_samples):
+    """Megatron loops forever drawing samples from a split without documents: fail clearly."""
+    documents = len(IndexedDataset(prefix).sequence_lengths)
+    for name, bounds, wanted in zip(("train", "valid", "test"), config.split_matrix, num_samples):
+        if bounds is None or not wanted:
+            continue
+        if int(round(bounds[1] * documents)) - int(round(bounds[0] * documents)) < 1:
+            raise ValueError(
+                f"{prefix}: the {name} split ({config.split}) of {documents} documents is empty; "
+                "use a larger corpus (--corpus-bytes) or another split"
+            )

@@ -1,0 +1,49 @@
+"""The overhead benchmark: its analytic communication model, and a smoke run at tiny shapes."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "benchmark_overhead.py")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_comm_bytes_is_one_fp32_table_per_layer():
+    bench = load_script()
+    payload, ring, a2a = bench.comm_bytes(experts=8, hidden=1024, topk=1, tokens=4096, ranks=8, layers=2)
+    assert payload == 2 * 8 * 1025 * 4
+    assert ring == pytest.approx(2 * 7 / 8 * payload)
+    assert a2a == pytest.approx(2 * 4 * 4096 * 1 * 1024 * 2 * 7 / 8)
+    assert bench.CONFIGS["32c4"] == (32, 704, 4) and bench.CONFIGS["8c1"] == (8, 2816, 1)
+
+
+def test_interleaved_medians_alternates_order():
+    bench = load_script()
+    calls = []
+    bench.interleaved_medians([lambda: calls.append("a"), lambda: calls.append("b")], iters=4, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+@pytest.mark.distributed
+def test_benchmark_smoke():
+    cmd = [sys.executable, SCRIPT, "--configs", "8c1,32c4", "--hidden", "64", "--tokens", "32",
+           "--iters", "2", "--warmup", "1", "--model-layers", "1", "--model-seq", "16", "--vocab", "64"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "machine:" in out and "Step time (forward + backward)" in out
+    for name in ("8c1", "32c4"):
+        assert f"\n{name:>6} |" in out.split("Step time")[1]
+    assert "Memory (Default MoE extra)" in out and "Communication per MoE layer" in out
+    assert "checkpoint has no default vectors" not in out + proc.stderr

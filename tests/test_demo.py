@@ -1,0 +1,80 @@
+"""The README's demo in a smoke configuration: torchrun, 2 ranks, EP=2, gloo, a few steps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq-len", "32", "--micro-batch", "2",
+        "--corpus-bytes", "1000000", "--eval-iters", "1"]
+
+
+def run_demo(out, *flags, timeout=180):
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "cpu_demo.py"), "--out", str(out), *TINY, *flags]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # Own session: on a timeout the launcher *and* its torchrun ranks are killed, not orphaned.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"demo timed out after {timeout} s\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
+
+
+@pytest.mark.distributed
+def test_demo_smoke(tmp_path):
+    stdout = run_demo(tmp_path, "--steps", "4", "--eval-interval", "2")
+    assert "Loss (nats per byte" in stdout
+    table = stdout[stdout.index("Loss (nats per byte"):]
+    assert all(f"\n{step:>5} |" in table for step in (0, 2, 4)), table
+    assert "Final: valid loss TopK" in stdout
+    assert "Router gradient vs the dense one" in stdout and "Default vectors after training" in stdout
+    for png in ("cpu_demo_loss.png", "cpu_demo_router_grad_cosine.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    results = json.loads((tmp_path / "cpu_demo_results.json").read_text())
+    assert results["world_size"] == 2 and results["args"]["ep"] == 2
+    assert results["checkpoints"] == [0, 2, 4]
+    topk, default = results["valid_loss"]["TopK"], results["valid_loss"]["Default MoE"]
+    assert topk[0] == pytest.approx(default[0], abs=1e-6)  # same seed, same weights, zero vectors
+    assert len(results["train_loss"]["TopK"]) == 4
+    layers = results["default_vectors"]
+    assert layers and all(layer["nonzero"] > 0 for layer in layers)  # the EMA ran on both ranks' stats
+    cos = results["router_grad_cosines"]["Default MoE"]["4"]
+    assert all(-1 <= c["topk"] <= 1 and -1 <= c["default"] <= 1 for c in cos.values())
+
+
+@pytest.mark.distributed
+def test_demo_step_update_mode(tmp_path):
+    stdout = run_demo(tmp_path, "--steps", "2", "--eval-interval", "2", "--no-plot", "--no-diagnostics",
+                      "--micro-batches", "2", "--moe-default-update", "step")
+    assert "update=step" in stdout and "Final: valid loss TopK" in stdout
+    results = json.loads((tmp_path / "cpu_demo_results.json").read_text())
+    assert all(layer["nonzero"] > 0 for layer in results["default_vectors"])
+
+
+def test_byte_corpus_through_megatron_datasets(tmp_path):
+    from megatron_default_moe.data import ByteTokenizer, build_gpt_datasets, write_byte_corpus
+
+    tok = ByteTokenizer()
+    assert tok.detokenize(tok.tokenize("def f(x):\n    return x")) == "def f(x):\n    return x"
+    assert (tok.vocab_size, tok.eod, tok.pad) == (258, 256, 257)
+
+    prefix = str(tmp_path / "corpus")
+    assert write_byte_corpus(prefix, max_bytes=400_000, seed=0) > 0
+    assert write_byte_corpus(prefix, max_bytes=400_000, seed=0) == -1  # kept, not rebuilt
+    train, valid, test = build_gpt_datasets(prefix, seq_length=64, num_samples=[50, 10, 0])
+    assert test is None and len(train) >= 50 and len(valid) >= 10
+    sample = train[0]
+    assert sample["tokens"].shape == (64,) and int(sample["tokens"].max()) <= tok.eod
+    assert bytes(sample["tokens"][1:].tolist()) == bytes(sample["labels"][:-1].tolist())  # shifted by one
+
+    with pytest.raises(ValueError, match="valid split"):
+        build_gpt_datasets(prefix, seq_length=64, num_samples=[50, 10, 0], split="999999,1,0")

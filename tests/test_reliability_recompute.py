@@ -53,7 +53,7 @@ def _instrument(layer, phases, ema_steps):
 
 
 @functools.cache
-def _run(recompute, update):
+def _run(recompute, update, forwards_first=False):
     from megatron_default_moe import DefaultMoEConfig, default_moe_layers
 
     model = build_gpt(gpt_config(**RECOMPUTE[recompute]), DefaultMoEConfig(update=update), seed=0)
@@ -69,7 +69,9 @@ def _run(recompute, update):
         tables.append([layer.default_vectors.clone() for layer in layers])
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    losses = train(model, optimizer, STEPS, micro_batches=MICRO_BATCHES, on_step=record)
+    losses = train(
+        model, optimizer, STEPS, micro_batches=MICRO_BATCHES, on_step=record, forwards_first=forwards_first
+    )
     return dict(losses=torch.stack(losses), grads=grads, tables=tables, phases=phases, ema=ema_steps)
 
 
@@ -77,11 +79,23 @@ def _run(recompute, update):
 @pytest.mark.parametrize("recompute", ["full-uniform", "full-block", "selective-moe"])
 def test_recompute_matches_no_recompute(recompute, update):
     got, want = _run(recompute, update), _run("none", update)
-
     for layer_number, phases in got["phases"].items():
         recomputed = layer_number in RECOMPUTED_LAYERS[recompute]
         assert phases == PASSES[(update, recomputed)] * (STEPS * MICRO_BATCHES), layer_number
+    _assert_same_training(got, want, update)
 
+
+@pytest.mark.parametrize("recompute", ["full-uniform", "selective-moe"])
+def test_recompute_with_micro_batches_in_flight(recompute):
+    """All forwards before the backwards (pipeline warm-up): each recompute must reuse the table
+    of its own first pass, although later micro-batches have moved the EMA since."""
+    got, want = _run(recompute, "microbatch", True), _run("none", "microbatch", True)
+    _assert_same_training(got, want, "microbatch")
+
+
+def _assert_same_training(got, want, update):
+    """Same losses, gradients, tables and EMA statistics at every step; one EMA update per
+    micro-batch (``microbatch``) or per step (``step``)."""
     assert torch.equal(got["losses"], want["losses"])
     for step, (got_grads, want_grads) in enumerate(zip(got["grads"], want["grads"], strict=True)):
         assert got_grads.keys() == want_grads.keys()

@@ -65,22 +65,27 @@ def micro_batch_loss(model, batch):
     return model(tokens, positions, causal_mask(), labels=labels).float().mean()
 
 
-def train(model, optimizer, steps, first_step=0, micro_batches=2, on_step=None):
+def train(model, optimizer, steps, first_step=0, micro_batches=2, on_step=None, forwards_first=False):
     """Plain gradient-accumulation loop; returns the summed loss of every step (a list).
 
-    Calls ``update_default_vectors`` once per step (``update="step"`` layers need it; it is a
-    no-op for the others), where Megatron's finalize hook would.
+    ``forwards_first`` runs all forwards of a step before the backwards (in order), as pipeline
+    warm-up does: several micro-batches are in flight at once. Calls ``update_default_vectors``
+    once per step (``update="step"`` layers need it), where Megatron's finalize hook would.
     """
     from megatron_default_moe import update_default_vectors
 
     losses = []
     for step in range(first_step, first_step + steps):
         optimizer.zero_grad()
-        total = 0.0
+        in_flight = []
         for mb in range(micro_batches):
-            loss = micro_batch_loss(model, micro_batch(1000 * step + mb)) / micro_batches
-            loss.backward()
-            total += loss.detach()
+            in_flight.append(micro_batch_loss(model, micro_batch(1000 * step + mb)) / micro_batches)
+            if not forwards_first:
+                in_flight[-1].backward()
+        if forwards_first:
+            for loss in in_flight:
+                loss.backward()
+        total = sum(loss.detach() for loss in in_flight)
         update_default_vectors(model)
         if on_step is not None:
             on_step(model)

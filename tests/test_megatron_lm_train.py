@@ -14,8 +14,8 @@ clipping is off (``clip_grad_by_total_norm_fp32`` asserts CUDA tensors).
 
 import json
 import os
-import random
 import re
+import socket
 import subprocess
 import sys
 
@@ -103,6 +103,12 @@ def scripts_dir(tmp_path_factory):
     return path
 
 
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run(scripts_dir, script, *flags):
     env = dict(
         os.environ,
@@ -111,7 +117,7 @@ def run(scripts_dir, script, *flags):
         WORLD_SIZE="1",
         LOCAL_RANK="0",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(random.randint(20000, 40000)),
+        MASTER_PORT=str(free_port()),
         CUDA_DEVICE_MAX_CONNECTIONS="1",
         PYTHONWARNINGS="ignore",
     )

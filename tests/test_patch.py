@@ -12,6 +12,7 @@ import glob
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -139,8 +140,16 @@ print("PATCHED-OK")
 '''
 
 
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_patched_wheel_builds_default_moe(patched_wheel):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(patched_wheel), ROOT]), PYTHONWARNINGS="ignore")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(PYTHONPATH=os.pathsep.join([str(patched_wheel), ROOT]), PYTHONWARNINGS="ignore",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # not the port of this process's gloo world
     result = subprocess.run(
         [sys.executable, "-c", PATCHED_CHECKS, str(patched_wheel)],
         capture_output=True,

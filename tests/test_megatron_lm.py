@@ -313,9 +313,9 @@ def test_entry_script_wiring_with_stub_checkout(tmp_path, monkeypatch, flag_on):
         load_entry_module().main()
     finally:
         unset_global_variables()
+        stub = sys.modules.pop("pretrain_gpt", None)
 
     cfg_container, provider, _, forward_step = captured["args"]
-    stub = sys.modules["pretrain_gpt"]
     assert stub.__file__ == str(tmp_path / "pretrain_gpt.py")
     assert forward_step is stub.forward_step and provider is stub.train_valid_test_datasets_provider
     assert captured["kwargs"]["get_embedding_ranks"] is stub.get_embedding_ranks

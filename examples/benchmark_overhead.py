@@ -50,13 +50,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def setup():
+    """A one-process world (gloo + CPU stand-ins, or NCCL) and Megatron's groups, all sizes 1."""
+    if "RANK" not in os.environ:  # not under a launcher: never reuse an inherited port
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", _free_port()
     if torch.cuda.is_available():
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl", rank=0, world_size=1)
         torch.cuda.set_device(0)
@@ -179,17 +188,46 @@ def timed(step):
     return time.perf_counter() - t0
 
 
-def interleaved_medians(steps, iters, warmup):
-    """Median seconds of each step in ``steps`` (two callables), run alternately: A B B A A B ..."""
+def interleaved_times(steps, iters, warmup):
+    """Seconds of every step in ``steps`` per iteration, in rotating order (A B C, B C A, C A B, ...),
+    so that no step always runs first (cold) or right after the same neighbour."""
     for _ in range(warmup):
         for step in steps:
             step()
-    times = [[], []]
+    times = [[] for _ in steps]
     for i in range(iters):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for j in order:
+        for k in range(len(steps)):
+            j = (i + k) % len(steps)
             times[j].append(timed(steps[j]))
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def paired_ratio(num, den):
+    """Median and quartiles of the per-iteration ratios ``num[i] / den[i]`` (drift cancels out)."""
+    ratios = sorted(a / b for a, b in zip(num, den))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2]}
+
+
+def measure(steps, args):
+    """Interleave TopK, Default MoE and TopK again; the TopK/TopK ratio is the noise floor."""
+    t_topk, t_default, t_control = interleaved_times(steps + steps[:1], args.iters, args.warmup)
+    return {
+        "topk_s": statistics.median(t_topk),
+        "default_s": statistics.median(t_default),
+        "ratio": paired_ratio(t_default, t_topk),
+        "control": paired_ratio(t_control, t_topk),
+    }
+
+
+def extra_flops_fraction(experts, hidden, ffn, topk):
+    """Analytic extra FLOPs of Default MoE over the experts' own, forward + backward, per token.
+
+    Experts: ``K`` x (fc1 + fc2) = ``2 * 2 H F`` forward, twice that backward. Default MoE: the
+    term ``w @ Ê`` (``2 E H``) forward, ``dL/dw`` (``2 E H``) backward (no gradient into ``Ê``);
+    the statistics (``out / p``, an index-add) are ``O(K H)`` elementwise and left out.
+    """
+    return (4 * experts * hidden) / (3 * topk * 4 * hidden * ffn)
 
 
 def peak_bytes(step):
@@ -261,11 +299,10 @@ def main():
         x = torch.randn(args.tokens, 1, args.hidden, device=device, dtype=dtype_of(args))
         g = torch.randn_like(x)
         steps = [layer_step(stock, x, g), layer_step(default, x, g)]
-        row["layer_topk_s"], row["layer_default_s"] = interleaved_medians(steps, args.iters, args.warmup)
+        row["layer"] = measure(steps, args)
         row["layer_extra_state"] = state_bytes(default) - state_bytes(stock)
         row["layer_state"] = state_bytes(stock)
-        peaks = [peak_bytes(s) for s in steps]
-        row["layer_peak"] = peaks
+        row["layer_peak"] = [peak_bytes(s) for s in steps]
         del stock, default, steps
         if args.model_layers > 0:
             models = build_model_pair(args, experts, ffn, topk, device)
@@ -273,34 +310,41 @@ def main():
             position_ids = torch.arange(args.model_seq, device=device).unsqueeze(0).expand_as(tokens)
             labels = torch.roll(tokens, -1, dims=1)
             steps = [model_step(m, tokens, position_ids, labels) for m in models]
-            row["model_topk_s"], row["model_default_s"] = interleaved_medians(steps, args.iters, args.warmup)
+            row["model"] = measure(steps, args)
             row["model_extra_state"] = state_bytes(models[1]) - state_bytes(models[0])
             row["model_state"] = state_bytes(models[0])
             row["model_peak"] = [peak_bytes(s) for s in steps]
             del models, steps
+        row["extra_flops"] = extra_flops_fraction(experts, args.hidden, ffn, topk)
         payload, ring, a2a = comm_bytes(experts, args.hidden, topk, args.tokens, args.ranks)
         row.update(ar_payload=payload, ar_ring=ring, a2a=a2a)
         rows.append(row)
-        print(f"  {name}: layer {row['layer_default_s'] / row['layer_topk_s']:.4f}"
-              + (f", model {row['model_default_s'] / row['model_topk_s']:.4f}" if args.model_layers else ""),
-              flush=True)
+        print(f"  {name}: layer {row['layer']['ratio']['median']:.4f}"
+              + (f", model {row['model']['ratio']['median']:.4f}" if args.model_layers else ""), flush=True)
     print_table(args, rows)
     return rows
 
 
+def _ratio(r):
+    return f"{r['median']:.4f} [{r['q1']:.3f}-{r['q3']:.3f}]"
+
+
 def print_table(args, rows):
-    print("\nStep time (forward + backward), Default MoE / TopK, medians of interleaved iterations:")
-    head = f"{'config':>6} | {'layer TopK ms':>13} {'layer Default ms':>16} {'ratio':>7}"
-    if args.model_layers:
-        head += f" | {'model TopK ms':>13} {'model Default ms':>16} {'ratio':>7}"
+    print("\nStep time (forward + backward). ratio = median over iterations of Default MoE / TopK "
+          "[quartiles];\nA/A = TopK / TopK measured the same way (the noise floor); extra FLOPs = analytic, "
+          "vs the experts' FLOPs:")
+    parts = [("layer", "layer")] + ([("model", "model")] if args.model_layers else [])
+    head = f"{'config':>6} | {'extra FLOPs':>11}"
+    for _, label in parts:
+        head += f" | {label + ' TopK ms':>13} {'Default ms':>10} {'ratio [IQR]':>22} {'A/A':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        line = (f"{r['config']:>6} | {1e3 * r['layer_topk_s']:>13.2f} {1e3 * r['layer_default_s']:>16.2f} "
-                f"{r['layer_default_s'] / r['layer_topk_s']:>7.4f}")
-        if args.model_layers:
-            line += (f" | {1e3 * r['model_topk_s']:>13.2f} {1e3 * r['model_default_s']:>16.2f} "
-                     f"{r['model_default_s'] / r['model_topk_s']:>7.4f}")
+        line = f"{r['config']:>6} | {100 * r['extra_flops']:>10.3f}%"
+        for key, _ in parts:
+            m = r[key]
+            line += (f" | {1e3 * m['topk_s']:>13.2f} {1e3 * m['default_s']:>10.2f} {_ratio(m['ratio']):>22} "
+                     f"{m['control']['median']:>7.4f}")
         print(line)
 
     print("\nMemory (Default MoE extra):")

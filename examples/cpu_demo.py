@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """TopK vs Default MoE on a small Megatron-Core GPT MoE, trained on CPU with expert parallelism.
 
-    make demo                                  # = python examples/cpu_demo.py
-    python examples/cpu_demo.py --steps 400 --hidden 128     # a longer run
+    make demo                                  # = python examples/cpu_demo.py (~3 min on 2 CPU cores)
+    python examples/cpu_demo.py --steps 1000 --seed 7         # a longer run, another seed
     python examples/cpu_demo.py --moe-default-update step    # one EMA update per optimizer step
 
 What it does, all through Megatron-Core's own code paths:
@@ -19,6 +19,11 @@ What it does, all through Megatron-Core's own code paths:
    ``--eval-interval`` steps, the router-gradient cosines of ``megatron_default_moe.diagnostics``
    (paper Fig. 4) and the default vectors' statistics; writes PNG plots and a JSON of all numbers to
    ``--out`` (default ``out/``).
+
+At this size (about 1.3M parameters, 300 steps of 16 x 128 bytes) the TopK / Default MoE loss gap is
+within seed-to-seed variation; the paper's gains were measured at 2B parameters and 320B tokens.
+What the demo shows reliably is the mechanism: the same Megatron training path, default vectors
+that fill in, a router gradient closer to the dense one, and the cost (next to none).
 """
 
 import argparse
@@ -48,7 +53,7 @@ def parse_args(argv=None):
     g.add_argument("--no-diagnostics", action="store_true")
     g = p.add_argument_group("model")
     g.add_argument("--layers", type=int, default=4)
-    g.add_argument("--hidden", type=int, default=64)
+    g.add_argument("--hidden", type=int, default=128)
     g.add_argument("--heads", type=int, default=4)
     g.add_argument("--experts", type=int, default=8)
     g.add_argument("--topk", type=int, default=1)

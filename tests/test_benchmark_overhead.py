@@ -27,18 +27,29 @@ def test_comm_bytes_is_one_fp32_table_per_layer():
     assert bench.CONFIGS["32c4"] == (32, 704, 4) and bench.CONFIGS["8c1"] == (8, 2816, 1)
 
 
-def test_interleaved_medians_alternates_order():
+def test_interleaved_times_rotates_order():
     bench = load_script()
     calls = []
-    bench.interleaved_medians([lambda: calls.append("a"), lambda: calls.append("b")], iters=4, warmup=1)
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    steps = [lambda name=name: calls.append(name) for name in "abc"]
+    times = bench.interleaved_times(steps, iters=3, warmup=1)
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab"
+    assert [len(t) for t in times] == [3, 3, 3]
+
+
+def test_paired_ratio_and_flops():
+    bench = load_script()
+    r = bench.paired_ratio([2.0, 3.0, 4.0, 100.0], [1.0, 3.0, 2.0, 100.0])
+    assert r["median"] == pytest.approx(1.5) and r["q1"] <= r["median"] <= r["q3"]
+    # 8c1 at the paper's shapes: 4 E H / (3 K 4 H F) = 32 / (12 * 2816)
+    assert bench.extra_flops_fraction(8, 1024, 2816, 1) == pytest.approx(32 / (12 * 2816))
 
 
 @pytest.mark.distributed
 def test_benchmark_smoke():
     cmd = [sys.executable, SCRIPT, "--configs", "8c1,32c4", "--hidden", "64", "--tokens", "32",
            "--iters", "2", "--warmup", "1", "--model-layers", "1", "--model-seq", "16", "--vocab", "64"]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env["PYTHONWARNINGS"] = "ignore"  # and no rendezvous inherited from an in-process gloo world
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout

@@ -15,7 +15,8 @@ TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq-len", "32", "-
 
 def run_demo(out, *flags, timeout=180):
     cmd = [sys.executable, os.path.join(ROOT, "examples", "cpu_demo.py"), "--out", str(out), *TINY, *flags]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env["PYTHONWARNINGS"] = "ignore"  # and no rendezvous inherited from an in-process gloo world
     # Own session: on a timeout the launcher *and* its torchrun ranks are killed, not orphaned.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)

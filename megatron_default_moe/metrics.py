@@ -200,8 +200,8 @@ def install_training_hooks(model, log_interval: int | None = 100, config=None, w
     """Wrap ``config.finalize_model_grads_func`` for Default MoE (idempotent).
 
     Installs Megatron's ``finalize_model_grads`` if no hook is set yet (what ``train()`` would
-    do; it keeps a hook that is already set), adds the ``update="step"`` EMA step when a layer
-    uses it, and logs ``log_default_moe_metrics`` at iterations divisible by ``log_interval``
+    do; it keeps a hook that is already set), adds ``update_default_vectors`` (the ``update="step"``
+    EMA step, and the per-step NaN/Inf skip warning in either mode), and logs ``log_default_moe_metrics`` at iterations divisible by ``log_interval``
     (``None`` or 0: no logging). ``writers()`` gives ``(tensorboard, wandb)``; ``iteration()``
     the 1-based iteration of the running step (``None``: count calls).
     """
@@ -214,7 +214,7 @@ def install_training_hooks(model, log_interval: int | None = 100, config=None, w
 
         config.finalize_model_grads_func = finalize_model_grads
     layers = default_moe_layers(chunks)
-    if any(layer.dm_config.update == "step" for layer in layers):
+    if layers:  # the update="step" EMA step, and NaN/Inf skip warnings in both modes
         wrap_finalize_model_grads(config)
     if not log_interval or getattr(config.finalize_model_grads_func, "_default_moe_metrics", False):
         return

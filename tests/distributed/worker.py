@@ -97,26 +97,17 @@ def defer_async_all_reduce():
 
 # -- model ----------------------------------------------------------------------------------------
 def make_config(dispatcher, sizes):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from helpers import moe_config
 
-    return TransformerConfig(
+    return moe_config(
         num_layers=NUM_LAYERS,
         hidden_size=H,
-        num_attention_heads=4,
         num_moe_experts=E,
         moe_router_topk=TOPK,
         moe_ffn_hidden_size=FFN,
         ffn_hidden_size=FFN,
         moe_token_dispatcher_type=dispatcher,
-        moe_router_pre_softmax=True,
-        moe_router_score_function="softmax",
-        moe_aux_loss_coeff=0.0,
-        add_bias_linear=False,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         init_method_std=0.4,  # outputs of order 1, so the tolerances below mean something
         calculate_per_token_loss=True,  # the loss below is a plain sum: no schedule rescaling
         tensor_model_parallel_size=sizes.get("tp", 1),

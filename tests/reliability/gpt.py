@@ -7,28 +7,9 @@ VOCAB, SEQ, MICRO_BATCH = 64, 8, 2
 
 def gpt_config(**overrides):
     """Two MoE layers, 4 experts top-2, fp32, paper routing (softmax over all experts)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from helpers import moe_config
 
-    kwargs = dict(
-        num_layers=2,
-        hidden_size=16,
-        num_attention_heads=4,
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=24,
-        ffn_hidden_size=24,
-        moe_token_dispatcher_type="alltoall",
-        moe_router_pre_softmax=True,
-        moe_router_score_function="softmax",
-        moe_aux_loss_coeff=0.0,
-        add_bias_linear=False,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return moe_config(**{"num_layers": 2, **overrides})
 
 
 def build_gpt(config, dm_config=None, seed=0, default_moe=True):

@@ -50,3 +50,56 @@ def build_layers(config, dm_config=None, seed=0):
     default = DefaultMoELayer(config, subs, dm_config=dm_config)
     default.load_state_dict(stock.state_dict(), strict=False)
     return stock, default
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a torchrun rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, script: str, *args) -> list:
+    """The command line of ``torchrun --nproc-per-node nproc script args`` on its own port."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(free_port()), script, *map(str, args)]  # fmt: skip
+
+
+def run_isolated(cmd, timeout_s: int, env=None, cwd=None, stderr_to_stdout=True) -> str:
+    """Run ``cmd`` in its own session and return its stdout; fail the test on a timeout (killing
+    torchrun *and* its workers, never orphaning them) or a non-zero exit, with the output's tail."""
+    import os
+    import signal
+    import subprocess
+
+    import pytest
+
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k not in rendezvous}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # no rendezvous of this process's gloo
+    stderr = subprocess.STDOUT if stderr_to_stdout else subprocess.PIPE
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=cwd,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout_s}s: {' '.join(cmd)}\n{out[-6000:]}\n{(err or '')[-3000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"exit code {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}\n{(err or '')[-3000:]}")
+    return out
+
+
+def load_script(path: str, name: str):
+    """Import an example script (not a package module) by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,24 +1,18 @@
 """``examples/benchmark_comm.py``: its byte counts by hand, its table, and a tiny torchrun run."""
 
-import importlib.util
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 
+import helpers
 import pytest
+from helpers import run_isolated, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "benchmark_comm.py")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_comm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helpers.load_script(SCRIPT, "benchmark_comm")
 
 
 def test_bytes_per_step_by_update_mode():
@@ -54,20 +48,10 @@ def test_analytic_table_without_torchrun(monkeypatch, capsys):
 
 @pytest.mark.distributed
 def test_measured_ratio_under_torchrun():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           SCRIPT, "--hidden", "16", "--experts", "4", "--topk", "2", "--tokens-per-rank", "32", "--ep", "2",
-           "--layers", "2", "--micro-batches", "2", "--iters", "2", "--warmup", "1"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
-        out, _ = proc.communicate()
-    assert proc.returncode == 0, out[-6000:]
+    out = run_isolated(
+        torchrun(2, SCRIPT, "--hidden", "16", "--experts", "4", "--topk", "2", "--tokens-per-rank", "32",
+                 "--ep", "2", "--layers", "2", "--micro-batches", "2", "--iters", "2", "--warmup", "1"),
+        timeout_s=300,
+    )  # fmt: skip
     ratios = re.findall(r"^Default, update=\w+ +[\d.]+ +([\d.]+)$", out, flags=re.MULTILINE)
     assert len(ratios) == 2 and all(float(r) > 0 for r in ratios), out

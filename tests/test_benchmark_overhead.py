@@ -1,10 +1,10 @@
 """The overhead benchmark: its analytic communication model, and a smoke run at tiny shapes."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 
+import helpers
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,10 +12,7 @@ SCRIPT = os.path.join(ROOT, "examples", "benchmark_overhead.py")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helpers.load_script(SCRIPT, "benchmark_overhead")
 
 
 def test_comm_bytes_is_one_fp32_table_per_layer():

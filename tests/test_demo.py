@@ -2,11 +2,10 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
+from helpers import run_isolated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq-len", "32", "--micro-batch", "2",
@@ -15,19 +14,7 @@ TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq-len", "32", "-
 
 def run_demo(out, *flags, timeout=180):
     cmd = [sys.executable, os.path.join(ROOT, "examples", "cpu_demo.py"), "--out", str(out), *TINY, *flags]
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env["PYTHONWARNINGS"] = "ignore"  # and no rendezvous inherited from an in-process gloo world
-    # Own session: on a timeout the launcher *and* its torchrun ranks are killed, not orphaned.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"demo timed out after {timeout} s\n{stdout[-2000:]}\n{stderr[-2000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return stdout
+    return run_isolated(cmd, timeout, cwd=ROOT, stderr_to_stdout=False)  # tqdm's bar stays on stderr
 
 
 @pytest.mark.distributed
@@ -62,7 +49,11 @@ def test_demo_step_update_mode(tmp_path):
 
 
 def test_byte_corpus_through_megatron_datasets(tmp_path):
-    from megatron_default_moe.data import ByteTokenizer, build_gpt_datasets, write_byte_corpus
+    from megatron_default_moe.data import (
+        ByteTokenizer,
+        build_gpt_datasets,
+        write_byte_corpus,
+    )
 
     tok = ByteTokenizer()
     assert tok.detokenize(tok.tokenize("def f(x):\n    return x")) == "def f(x):\n    return x"

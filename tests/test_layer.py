@@ -6,7 +6,11 @@ import torch
 import torch.nn.functional as TF
 from helpers import build_layers, moe_config
 
-from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer, update_default_vectors
+from megatron_default_moe import (
+    DefaultMoEConfig,
+    DefaultMoELayer,
+    update_default_vectors,
+)
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 DISPATCHERS = ["allgather", "alltoall"]
@@ -278,7 +282,9 @@ def test_bad_default_moe_settings_name_the_flag():
 
 def test_transformer_engine_grouped_experts():
     pytest.importorskip("transformer_engine", reason="Transformer Engine is not importable (GPU-only)")
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_with_transformer_engine_spec,
+    )
 
     config = moe_config(moe_grouped_gemm=True)
     spec = get_gpt_layer_with_transformer_engine_spec(num_experts=4, moe_grouped_gemm=True)

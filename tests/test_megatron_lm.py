@@ -227,9 +227,8 @@ def test_user_spec_is_rewritten():
 
 
 def test_unsupported_options_fail_before_megatron_starts():
-    from megatron.training.models.gpt import GPTModelConfig
-
     from helpers import moe_config
+    from megatron.training.models.gpt import GPTModelConfig
 
     model_cfg = GPTModelConfig(transformer=moe_config(moe_router_score_function="sigmoid"), vocab_size=64)
     with pytest.raises(ValueError, match="--moe-router-score-function"):

@@ -8,7 +8,6 @@ import logging
 
 import pytest
 import torch
-
 from reliability.gpt import build_gpt, causal_mask, gpt_config, micro_batch, train
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")

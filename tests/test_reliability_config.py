@@ -3,7 +3,6 @@ with a ``ValueError`` that names the Megatron flag."""
 
 import pytest
 import torch
-
 from helpers import moe_config, moe_submodules
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")

@@ -10,7 +10,6 @@ import logging
 
 import pytest
 import torch
-
 from helpers import build_layers, moe_config
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")

@@ -7,7 +7,6 @@ wrapping, casts, forward, save and load.
 
 import pytest
 import torch
-
 from reliability.gpt import build_gpt, causal_mask, gpt_config, micro_batch
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")

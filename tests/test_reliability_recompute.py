@@ -12,7 +12,6 @@ import functools
 
 import pytest
 import torch
-
 from reliability.gpt import build_gpt, gpt_config, train
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")

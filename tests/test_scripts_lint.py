@@ -9,9 +9,9 @@ Slurm script -> paper flag set -> single-node launcher chain would start.
 import glob
 import os
 import shutil
-import sys
 import stat
 import subprocess
+import sys
 
 import pytest
 

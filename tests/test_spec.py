@@ -6,7 +6,12 @@ import pytest
 import torch
 from helpers import moe_config
 
-from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer, DefaultMoERouter, default_moe_spec
+from megatron_default_moe import (
+    DefaultMoEConfig,
+    DefaultMoELayer,
+    DefaultMoERouter,
+    default_moe_spec,
+)
 from megatron_default_moe.spec import to_default_moe_spec
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")

@@ -7,12 +7,10 @@ reference, then once per world size, each launch looping over its layouts (a lau
 
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 
 import pytest
+from helpers import run_isolated, torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "worker.py")
 LAYOUTS_BY_WORLD_SIZE = {
@@ -22,34 +20,11 @@ LAYOUTS_BY_WORLD_SIZE = {
 CHECKS_PER_LAYOUT = 4  # dispatchers (allgather, alltoall) x update modes (microbatch, step)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run(cmd, timeout_s):
-    """Run ``cmd`` in its own session (so a timeout also stops torchrun's workers); its output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(_free_port()))
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout_s}s: {' '.join(cmd)}\n{out[-6000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"exit code {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}")
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The one-rank run every layout is compared with (one process, all parallel sizes 1)."""
     path = tmp_path_factory.mktemp("default_moe_reference") / "reference.pt"
-    _run([sys.executable, WORKER, "--save-reference", str(path)], timeout_s=240)
+    run_isolated([sys.executable, WORKER, "--save-reference", str(path)], timeout_s=240)
     return path
 
 
@@ -57,12 +32,7 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("world_size", sorted(LAYOUTS_BY_WORLD_SIZE))
 def test_every_layout_matches_one_rank_run(reference, world_size):
     layouts = LAYOUTS_BY_WORLD_SIZE[world_size]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(world_size), "--master-port", str(_free_port()),
-        WORKER, "--reference", str(reference), "--layouts", *layouts,
-    ]  # fmt: skip
-    out = _run(cmd, timeout_s=420)
+    out = run_isolated(torchrun(world_size, WORKER, "--reference", reference, "--layouts", *layouts), 420)
     passed = re.findall(r"^ok +(\S+) ", out, flags=re.MULTILINE)
     assert len(passed) == len(layouts) * CHECKS_PER_LAYOUT, out[-6000:]
     assert {p.split("/")[0] for p in passed} == set(layouts)

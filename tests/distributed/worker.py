@@ -170,7 +170,11 @@ def my_shard(layer, name, param, master_tensor):
 
 def build_stage(dispatcher, update, sizes, weights=None):
     """This stage's Default MoE layers; with ``weights`` (one-rank state dicts), copied from them."""
-    from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer, wrap_finalize_model_grads
+    from megatron_default_moe import (
+        DefaultMoEConfig,
+        DefaultMoELayer,
+        wrap_finalize_model_grads,
+    )
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from helpers import moe_submodules

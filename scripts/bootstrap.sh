@@ -13,7 +13,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     done
   fi
   if [ -z "$PY" ] && command -v pyenv >/dev/null 2>&1; then
-    PY=$(ls -d "$(pyenv root)"/versions/3.12.*/bin/python 2>/dev/null | sort -V | tail -n 1 || true)
+    for cand in "$(pyenv root)"/versions/3.12.*/bin/python; do
+      [ -x "$cand" ] && PY=$cand  # glob order: the last 3.12.x wins
+    done
   fi
   if [ -z "$PY" ]; then
     echo "error: Python >= 3.12 not found (megatron-core >= 0.17 needs it); set PYTHON=/path/to/python3.12" >&2

@@ -12,7 +12,9 @@ Forward of one training micro-batch (``update="microbatch"``, the paper's settin
 
 Activation recompute runs the forward twice: first under ``no_grad`` (the update happens here and
 the snapshot is queued), then again with grad in backward (the queued snapshot is reused, nothing
-is updated or reduced), so both passes agree and the EMA moves once. In eval the vectors are
+is updated or reduced), so both passes agree and the EMA moves once. Hence a forward in
+``train()`` mode under ``no_grad`` counts as such a first pass: run other no-grad forwards
+(evaluation) in ``eval()`` mode, as Megatron's ``evaluate`` does. In eval the vectors are
 frozen. With ``update="step"`` the forward only accumulates statistics (grad-enabled passes);
 ``update_default_vectors`` reduces and applies them once per optimizer step.
 """

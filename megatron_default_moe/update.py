@@ -32,7 +32,8 @@ def update_default_vectors(model) -> int:
     Collective over the ranks of the pipeline stage (every rank must call it). Layers in
     ``microbatch`` mode are skipped. Returns the number of layers updated.
     """
-    layers = [m for m in default_moe_layers(model) if m.dm_config.update == "step"]
+    all_layers = default_moe_layers(model)
+    layers = [m for m in all_layers if m.dm_config.update == "step"]
     by_group = {}
     for layer in layers:
         by_group.setdefault(layer.stats_group, []).append(layer)
@@ -42,7 +43,7 @@ def update_default_vectors(model) -> int:
             torch.distributed.all_reduce(bucket_LEH1, group=group)
         for layer, stats_EH1 in zip(group_layers, bucket_LEH1):
             layer.apply_ema(stats_EH1)
-    report_nonfinite_skips(model)
+    _report_nonfinite_skips(all_layers)
     return len(layers)
 
 
@@ -54,7 +55,10 @@ def report_nonfinite_skips(model) -> dict:
     the finalize wrapper do), not per micro-batch. Counters are identical on every rank of a
     stage; the first rank of each stage logs. Returns ``{layer_number: [expert, ...]}``.
     """
-    layers = default_moe_layers(model)
+    return _report_nonfinite_skips(default_moe_layers(model))
+
+
+def _report_nonfinite_skips(layers) -> dict:
     if not layers:
         return {}
     counts = torch.cat([layer.nonfinite_skips for layer in layers]).cpu()  # the one host sync

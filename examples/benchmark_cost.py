@@ -1,0 +1,762 @@
+#!/usr/bin/env python
+"""What one Default MoE layer costs over stock TopK on a GPU, counted without one (issue 11).
+
+    python examples/benchmark_cost.py                                # the three shapes, H100 figures
+    python examples/benchmark_cost.py --shapes qwen3-30b-a3b --gpu h200 --json out/cost.json
+    python examples/benchmark_cost.py --shapes custom --hidden 512 --experts 16 --ffn 1024 --topk 2
+
+A CPU cannot time what a GPU pays: there the expert matmuls dwarf every extra memory pass, on an H100
+(about 300 FLOP per byte of HBM) they do not. So this script counts instead. Method:
+
+1. Build Megatron's ``MoELayer`` (TopK) and ``DefaultMoELayer`` with identical weights, bf16 (the
+   default vectors stay fp32, as the layer keeps them), local spec (``SequentialMLP`` experts), one
+   process, and run one forward + backward of the same tokens under a ``TorchDispatchMode`` that
+   records every aten op: bytes read (its input tensors: unique elements of each, so a broadcast
+   read counts once) and written (outputs; in-place ops write their mutated argument), matmul FLOPs
+   (``2 M N K`` for mm / addmm / bmm / baddbmm / mv / dot / _grouped_mm), and one kernel per call.
+   View and metadata ops (``FREE_OPS`` and every op whose schema says it is a view) cost 0 bytes
+   and 0 kernels; allocations (``empty*``) cost no kernel. Elementwise FLOPs are left out (those
+   ops are memory-bound). Ops that make a GPU wait for the host (``nonzero``, ``.item()``, boolean
+   indexing, ``repeat_interleave`` without ``output_size``) are flagged as syncs.
+2. Each op is attributed to the code that issued it: the innermost frame outside ``torch`` (for
+   backward ops, the forward stack autograd's anomaly mode keeps on each node). Ops from
+   ``megatron_default_moe`` are *ours*; the Default - TopK difference of the totals must equal
+   them (printed as a cross-check).
+3. Experts: on a GPU one runs grouped GEMMs (Transformer Engine), not a loop over experts, so ops
+   issued inside ``layer.experts`` (forward, and backward nodes of its autograd graph) count one
+   kernel per op per pass over all experts (``ceil(calls / local experts)``), with the same bytes
+   and FLOPs. ``--experts-impl sequential`` counts the loop as it ran. Either way the experts are
+   identical in TopK and Default, so the *extra* does not depend on this choice; the ratio does.
+4. Extrapolation: measured at ``T`` and ``2 T`` tokens; per op (matched by phase, code path and
+   occurrence) every figure is fitted as ``a + b T`` (weights do not scale, activations do) and
+   evaluated at ``--target-tokens`` (16,384 per micro-batch). Where the real expert count does not
+   fit in CPU memory (DeepSeek-V3: 256 experts x 88 MB of bf16 weights), it is also measured at
+   two smaller counts ``E`` and fitted as ``a + b T + c E + d T E``: exact, because every tensor
+   of the layer is sized by tokens, experts, or tokens x experts (router ``[E, H]``, logits
+   ``[T, E]``, per-expert weights, the ``[E, H+1]`` statistics), and rows ``T K`` do not depend on E.
+5. Roofline per op: ``max(bytes / HBM bandwidth, FLOPs / bf16 dense peak) + launch`` per kernel,
+   on ``--gpu`` figures (printed). Peak memory: live bytes of the storages the step allocated
+   (activations, saved tensors, gradients), tracked by the same mode, plus the layer's parameters,
+   buffers and input, like ``torch.cuda.max_memory_allocated``.
+
+On a GPU (``torch.cuda.is_available()``) the script also measures both layers: CUDA-event time of
+forward + backward (warmup, median of ``--iters``) and ``torch.cuda.max_memory_allocated``, at
+``--target-tokens`` and the real expert count (when it fits in the GPU's memory).
+Not modelled: the statistics all-reduce of a multi-rank stage (see ``benchmark_scale.py``), the
+dispatcher's all-to-all, kernel fusion a compiler might do.
+"""
+
+import argparse
+import collections
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import warnings
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+GPUS = {  # HBM bytes/s, bf16 dense FLOP/s, seconds per kernel launch
+    "h100": dict(name="H100 SXM", hbm_bw=3.35e12, bf16_flops=989e12, launch_s=4e-6),
+    "h200": dict(name="H200 SXM", hbm_bw=4.8e12, bf16_flops=989e12, launch_s=4e-6),
+    "b200": dict(name="B200", hbm_bw=8.0e12, bf16_flops=2250e12, launch_s=4e-6),
+}
+
+# Router settings as the models ship them; ``validate`` may reject some (see ``router_note``).
+SHAPES = {
+    "paper-8c1": dict(hidden=1024, experts=8, ffn=2816, topk=1, glu=False, ep=1,
+                      router=dict(moe_router_score_function="softmax", moe_router_pre_softmax=True,
+                                  moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01)),
+    "qwen3-30b-a3b": dict(hidden=2048, experts=128, ffn=768, topk=8, glu=True, ep=8,
+                          router=dict(moe_router_score_function="softmax", moe_router_pre_softmax=False,
+                                      moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-3,
+                                      moe_router_dtype="fp32")),
+    "deepseek-v3": dict(hidden=7168, experts=256, ffn=2048, topk=8, glu=True, ep=64,
+                        router=dict(moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
+                                    moe_router_enable_expert_bias=True, moe_router_num_groups=8,
+                                    moe_router_group_topk=4, moe_router_topk_scaling_factor=2.5,
+                                    moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-4,
+                                    moe_router_dtype="fp32")),
+}  # fmt: skip
+PAPER_ROUTER = dict(moe_router_score_function="softmax", moe_router_pre_softmax=True,
+                    moe_router_enable_expert_bias=False, moe_router_topk_scaling_factor=None)  # fmt: skip
+
+# Metadata-only ops (no kernel, no HBM traffic), besides every op whose schema is a view.
+FREE_OPS = frozenset({
+    "view", "_unsafe_view", "_reshape_alias", "reshape", "as_strided", "t", "transpose", "permute",
+    "expand", "squeeze", "unsqueeze", "slice", "select", "split", "split_with_sizes", "chunk",
+    "unbind", "narrow", "alias", "detach", "lift_fresh", "view_as", "diagonal", "unfold",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_",
+    "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "_version",
+})  # fmt: skip
+MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot", "_grouped_mm"})
+SYNC_OPS = frozenset({"nonzero", "_local_scalar_dense", "masked_select", "_unique2", "unique_consecutive",
+                      "unique_dim", "is_nonzero", "equal"})  # fmt: skip
+WRITE_ONLY = frozenset({"copy_", "fill_", "zero_", "normal_", "uniform_", "random_"})
+# Their tensor arguments give only dtype, device or shape: nothing is read.
+READ_NOTHING = frozenset({"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like",
+                          "rand_like", "randn_like", "randint_like"})
+PACKAGE = "megatron_default_moe"
+TORCH_DIR = os.path.dirname(torch.__file__)
+STDLIB = os.path.dirname(os.__file__)
+SHIM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE, "testing")
+
+
+# -- counting ------------------------------------------------------------------------------------
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a kernel touches in ``t``: its distinct elements (a stride-0 broadcast counts once)."""
+    unique = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            unique *= size
+    return (unique if t.numel() else 0) * t.element_size()
+
+
+def _tensors(tree):
+    out = []
+    for x in tree if isinstance(tree, (list, tuple)) else [tree]:
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            out.extend(_tensors(x))
+    return out
+
+
+def matmul_flops(name, args, out) -> int:
+    """``2 M N K`` of a matmul op from its output and contracted size (0 for other ops)."""
+    if name not in MATMULS:
+        return 0
+    if name in ("addmm", "baddbmm", "addmv"):
+        a = args[1]
+    else:
+        a = args[0]
+    if name == "dot":
+        return 2 * a.numel()
+    return 2 * out.numel() * a.shape[-1]
+
+
+def is_free(func) -> bool:
+    name = func.overloadpacket.__name__
+    return name in FREE_OPS or func.is_view
+
+
+def is_sync(func, args, kwargs) -> bool:
+    """Does this op make a GPU wait for the host (a data-dependent size or a scalar read)?"""
+    name = func.overloadpacket.__name__
+    if name in SYNC_OPS:
+        return True
+    if name == "repeat_interleave":
+        return kwargs.get("output_size") is None
+    if name in ("index", "index_put", "index_put_") and len(args) > 1:
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+    return False
+
+
+def _skipped(filename):
+    """torch, the stdlib and the CPU shim's device mapping own no op: look further out."""
+    return filename.startswith((TORCH_DIR, STDLIB, SHIM_DIR)) or filename.startswith("<")
+
+
+def _owner(frames):
+    """``file:line function`` of the innermost frame outside torch and the stdlib, and whether it
+    is ours (``megatron_default_moe``, its CPU shim excepted)."""
+    for filename, line, func in frames:
+        if _skipped(filename):
+            continue
+        ours = f"{PACKAGE}{os.sep}" in filename
+        short = filename.split(f"{PACKAGE}{os.sep}")[-1] if ours else os.path.basename(filename)
+        return ours, f"{short}:{line} {func}"
+    return False, "?"
+
+
+def _forward_frames(frame):
+    frames = []
+    while frame is not None:
+        frames.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+        frame = frame.f_back
+    return frames
+
+
+def _traceback_frames(node):
+    """Frames of the forward stack anomaly mode saved on an autograd node, innermost first."""
+    lines = node.metadata.get("traceback_", []) if node is not None else []
+    frames = []
+    for entry in reversed(lines):
+        head = entry.strip().splitlines()[0] if entry.strip() else ""
+        if head.startswith('File "'):
+            filename, _, rest = head[6:].partition('", line ')
+            line, _, func = rest.partition(", in ")
+            frames.append((filename, int(line) if line.isdigit() else 0, func))
+    return frames
+
+
+class CostMode(TorchDispatchMode):
+    """Record every aten op of a forward + backward: name, phase, region, bytes, FLOPs, kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+        self.region = "layer"  # "experts" while inside the experts' forward
+        self.expert_nodes = set()  # autograd nodes built by the experts' forward
+        self.live = {}  # storage data_ptr -> (weak ref, bytes), storages allocated inside the mode
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.free_seen = set()
+
+    def _sweep(self):
+        from torch.multiprocessing.reductions import StorageWeakRef  # noqa: F401 (type)
+
+        for ptr in [p for p, (ref, _) in self.live.items() if ref.expired()]:
+            self.live_bytes -= self.live.pop(ptr)[1]
+
+    def _track(self, outs):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._sweep()
+        for t in outs:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr and ptr not in self.live:
+                self.live[ptr] = (StorageWeakRef(storage), storage.nbytes())
+                self.live_bytes += storage.nbytes()
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        node = torch._C._current_autograd_node()
+        phase = "bwd" if node is not None else "fwd"
+        region = ("experts" if node in self.expert_nodes else "layer") if node is not None else self.region
+        outs = _tensors(out)
+        self._track(outs)
+        if is_free(func):
+            self.free_seen.add(name)
+            return out
+        ours, where = _owner(_traceback_frames(node) if node is not None else _forward_frames(sys._getframe(1)))
+        writes = [s.name for s in func._schema.arguments if s.alias_info is not None and s.alias_info.is_write]
+        named = dict(zip((s.name for s in func._schema.arguments), args), **kwargs)
+        mutated = _tensors([named[n] for n in writes if n in named])
+        write_only = name in WRITE_ONLY or "out" in kwargs  # the destination is not read
+        reads = [] if name in READ_NOTHING else [
+            t for t in _tensors(list(named.values())) if not (write_only and any(t is m for m in mutated))]
+        written = mutated + [t for t in outs if not any(t is m for m in mutated)]
+        self.ops.append(dict(
+            op=name, phase=phase, region=region, ours=ours, where=where,
+            bytes_read=sum(tensor_bytes(t) for t in reads),
+            bytes_written=sum(tensor_bytes(t) for t in written),
+            flops=matmul_flops(name, args, outs[0]) if outs else 0,
+            kernels=1, sync=is_sync(func, args, kwargs),
+        ))  # fmt: skip
+        return out
+
+
+def watch_experts(layer, mode: CostMode):
+    """Hooks tagging the experts' forward ops, and the autograd nodes their backward runs in."""
+    state = {}
+
+    def pre(module, inputs):
+        mode.region = "experts"
+        seqs = [t.grad_fn._sequence_nr() for t in _tensors(inputs) if t.grad_fn is not None]
+        state["after"] = max(seqs, default=-1)
+
+    def post(module, inputs, outputs):
+        mode.region = "layer"
+        stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+        while stack:
+            node = stack.pop()
+            if node is None or node in mode.expert_nodes:
+                continue
+            if type(node).__name__ != "AccumulateGrad" and node._sequence_nr() <= state["after"]:
+                continue  # built before the experts ran: the router, the dispatcher, ...
+            mode.expert_nodes.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+
+    return [layer.experts.register_forward_pre_hook(pre), layer.experts.register_forward_hook(post)]
+
+
+# -- building the layers --------------------------------------------------------------------------
+def shape_spec(args, name):
+    if name == "custom":
+        spec = dict(hidden=args.hidden, experts=args.experts, ffn=args.ffn, topk=args.topk, glu=args.glu,
+                    router=dict(moe_router_score_function="softmax", moe_router_pre_softmax=True,
+                                moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01))
+        return spec
+    return SHAPES[name]
+
+
+def transformer_config(spec, experts, router_overrides=None):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    router = dict(spec["router"], **(router_overrides or {}))
+    if not router.get("moe_router_num_groups"):
+        router.pop("moe_router_group_topk", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerConfig(
+            num_layers=1, hidden_size=spec["hidden"], num_attention_heads=max(1, spec["hidden"] // 128),
+            ffn_hidden_size=4 * spec["hidden"], num_moe_experts=experts, moe_ffn_hidden_size=spec["ffn"],
+            moe_router_topk=spec["topk"], gated_linear_unit=spec["glu"],
+            activation_func=torch.nn.functional.silu if spec["glu"] else torch.nn.functional.gelu,
+            moe_token_dispatcher_type="alltoall", add_bias_linear=False, hidden_dropout=0.0,
+            attention_dropout=0.0, bf16=True, params_dtype=torch.bfloat16,
+            use_cpu_initialization=not torch.cuda.is_available(), bias_activation_fusion=False,
+            gradient_accumulation_fusion=False, **router,
+        )  # fmt: skip
+
+
+def resolve_router(spec, experts):
+    """The config to measure and a note: the shipped router if Default MoE accepts it, else the
+    paper's (softmax, pre-softmax, no scaling or expert bias) for both TopK and Default."""
+    from megatron_default_moe import DefaultMoEConfig
+
+    config = transformer_config(spec, experts)
+    try:
+        DefaultMoEConfig().validate(config)
+        return config, None
+    except ValueError as err:
+        note = (f"DefaultMoEConfig.validate rejects this model's router ({err}); measured BOTH TopK and "
+                "Default with the paper's router instead (softmax, pre-softmax, no scaling factor or expert bias)")
+        return transformer_config(spec, experts, PAPER_ROUTER), note
+
+
+def build_layer(config, default_moe: bool, device, seed=1234):
+    """A stock ``MoELayer`` or a ``DefaultMoELayer``, same seed, so the same weights (checked)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_default_moe import DefaultMoELayer
+
+    subs = get_gpt_layer_local_spec(num_experts=config.num_moe_experts).submodules.mlp.keywords["submodules"]
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = DefaultMoELayer(config, subs, layer_number=1) if default_moe else MoELayer(config, subs, layer_number=1)
+    return layer.to(device=device, dtype=torch.bfloat16)
+
+
+def weights_fingerprint(layer):
+    return [float(p.float().sum()) for p in layer.parameters()][:4]
+
+
+def state_bytes(module):
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def tokens_for(hidden, tokens, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 1, hidden, generator=gen).to(device=device, dtype=torch.bfloat16)
+    g = torch.randn(tokens, 1, hidden, generator=gen).to(device=device, dtype=torch.bfloat16)
+    return x.requires_grad_(), g
+
+
+def step(layer, x, g):
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    out, _ = layer(x)
+    torch.autograd.backward(out, g)
+
+
+def count_step(layer, x, g):
+    """One recorded forward + backward (after one unrecorded warm-up); returns the ``CostMode``."""
+    step(layer, x, g)
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    mode = CostMode()
+    hooks = watch_experts(layer, mode)
+    try:
+        with torch.autograd.set_detect_anomaly(True, check_nan=False), mode:
+            out, _ = layer(x)
+            torch.autograd.backward(out, g)
+    finally:
+        for h in hooks:
+            h.remove()
+    mode.base_bytes = state_bytes(layer) + tensor_bytes(x)
+    return mode
+
+
+# -- fitting ---------------------------------------------------------------------------------------
+FIELDS = ("bytes_read", "bytes_written", "flops", "kernels", "syncs")
+
+
+def keyed(mode: CostMode, local_experts: int, experts_impl: str):
+    """Per-op records keyed for matching across runs: ``(phase, region, op, where, k)`` for the
+    k-th such call outside the experts; one aggregate per ``(phase, op)`` inside them."""
+    out, seen = {}, collections.Counter()
+    for r in mode.ops:
+        if r["region"] == "experts":
+            key = (r["phase"], "experts", r["op"], "SequentialMLP", 0)
+        else:
+            base = (r["phase"], r["region"], r["op"], r["where"])
+            key = base + (seen[base],)
+            seen[base] += 1
+        acc = out.setdefault(key, dict(dict.fromkeys(FIELDS, 0), calls=0, ours=r["ours"]))
+        for f in ("bytes_read", "bytes_written", "flops", "kernels"):
+            acc[f] += r[f]
+        acc["syncs"] += int(r["sync"])
+        acc["calls"] += 1
+    for key, acc in out.items():
+        if key[1] == "experts" and experts_impl == "grouped":
+            acc["kernels"] = math.ceil(acc["calls"] / local_experts)
+    return out
+
+
+def fit(points, target, local_experts=None, experts_impl="grouped"):
+    """Per-key fit of every field over measured points ``[((T, E), keyed)]``, evaluated at ``target``
+    ``(T, E)``: ``a + b T`` (one E) or ``a + b T + c E + d T E`` (two E). Keys of the experts'
+    region are evaluated at ``local_experts`` (E / EP) instead: with one measured E their
+    token-independent part (weights, weight gradients; the loop's kernels) scales by
+    ``local_experts / E``, their rows (``T K`` per GPU, balanced) do not."""
+    keys = set().union(*(k for _, k in points))
+    ts = sorted({p[0] for p, _ in points})
+    es = sorted({p[1] for p, _ in points})
+    T, E = target
+    local = E if local_experts is None else local_experts
+    mismatched = sum(1 for key in keys if any(key not in k for _, k in points))
+    result = {}
+    for key in keys:
+        val = {}
+        for f in FIELDS:
+            v = {p: k.get(key, {}).get(f, 0) for p, k in points}
+            if key[1] != "experts" or local == E:
+                val[f] = bilinear(v, ts, es, T, E)
+            elif len(es) > 1:
+                val[f] = bilinear(v, ts, es, T, local)
+            else:
+                a, at_t = bilinear(v, ts, es, 0, es[0]), bilinear(v, ts, es, T, es[0])
+                scale = local / es[0] if (f != "kernels" or experts_impl == "sequential") else 1.0
+                val[f] = a * scale + (at_t - a)
+        if key[1] != "experts":  # one call per key: counts stay integral
+            val["kernels"] = round(val["kernels"])
+        val["ours"] = next(k[key]["ours"] for _, k in points if key in k)
+        result[key] = val
+    return result, mismatched
+
+
+def bilinear(v, ts, es, T, E):
+    """Evaluate the exact fit through the measured values ``v[(t, e)]`` at ``(T, E)``."""
+    def in_t(e):
+        if len(ts) == 1:
+            return v[(ts[0], e)]
+        t1, t2 = ts
+        b = (v[(t2, e)] - v[(t1, e)]) / (t2 - t1)
+        return v[(t1, e)] + b * (T - t1)
+
+    if len(es) == 1:
+        return in_t(es[0])
+    e1, e2 = es
+    y1, y2 = in_t(e1), in_t(e2)
+    return y1 + (y2 - y1) / (e2 - e1) * (E - e1)
+
+
+def op_time(rec, gpu):
+    """Roofline seconds of one fitted key: memory or compute bound, plus a launch per kernel."""
+    mem = (rec["bytes_read"] + rec["bytes_written"]) / gpu["hbm_bw"]
+    return max(mem, rec["flops"] / gpu["bf16_flops"]) + rec["kernels"] * gpu["launch_s"]
+
+
+def totals(fitted, gpu):
+    t = dict.fromkeys(("bytes", "flops", "kernels", "syncs", "time_s"), 0.0)
+    for rec in fitted.values():
+        t["bytes"] += rec["bytes_read"] + rec["bytes_written"]
+        t["flops"] += rec["flops"]
+        t["kernels"] += rec["kernels"]
+        t["syncs"] += rec["syncs"]
+        t["time_s"] += op_time(rec, gpu)
+    t["kernels"] = round(t["kernels"])
+    t["syncs"] = round(t["syncs"])
+    return t
+
+
+def _grouped(fitted, gpu, keep):
+    groups = {}
+    for key, rec in fitted.items():
+        if keep(rec):
+            g = groups.setdefault((key[0], key[2], key[3]), dict(time_s=0.0, bytes=0.0, kernels=0, syncs=0))
+            g["time_s"] += op_time(rec, gpu)
+            g["bytes"] += rec["bytes_read"] + rec["bytes_written"]
+            g["kernels"] += rec["kernels"]
+            g["syncs"] += rec["syncs"]
+    return groups
+
+
+def extra_ops(fit_topk, fit_default, gpu):
+    """What Default adds, by (phase, op, where): every op our package issued, plus the residual
+    difference of everything else (e.g. autograd adding the two gradients of the router logits),
+    sorted by roofline time."""
+    rows = [dict(phase=p, op=o, where=w, ours=True, **g)
+            for (p, o, w), g in _grouped(fit_default, gpu, lambda r: r["ours"]).items()]
+    theirs = [_grouped(f, gpu, lambda r: not r["ours"]) for f in (fit_default, fit_topk)]
+    for key in set(theirs[0]) | set(theirs[1]):
+        d, k = (t.get(key, dict(time_s=0.0, bytes=0.0, kernels=0, syncs=0)) for t in theirs)
+        diff = {f: d[f] - k[f] for f in d}
+        if diff["kernels"] or abs(diff["bytes"]) > 0.5:
+            rows.append(dict(phase=key[0], op=key[1], where=key[2], ours=False, **diff))
+    rows.sort(key=lambda r: -r["time_s"])
+    return rows
+
+
+def expert_weight_bytes(spec):
+    """bf16 bytes of one expert's weights (fc1 doubled for SwiGLU, fc2)."""
+    return (3 if spec["glu"] else 2) * spec["hidden"] * spec["ffn"] * 2
+
+
+def reduced_experts(spec):
+    """The two smallest expert counts the router accepts: whole groups, and enough experts per
+    group for ``topk / group_topk`` picks in each chosen group."""
+    router, topk = spec["router"], spec["topk"]
+    groups = router.get("moe_router_num_groups") or 1
+    per_group = math.ceil(topk / (router.get("moe_router_group_topk") or 1)) if groups > 1 else 2 * topk
+    low = groups * max(2, per_group)
+    return [low, low + groups * max(1, per_group // 2)]
+
+
+# -- one shape -------------------------------------------------------------------------------------
+def measure_points(spec, args, device):
+    """Counted runs of both layers at (T, E) points; E reduced where the weights would not fit."""
+    E = spec["experts"]
+    per_expert = expert_weight_bytes(spec)
+    if E * per_expert * 2 <= args.max_expert_gb * 2**30:  # weights + their gradients
+        es = [E]
+    else:
+        es = reduced_experts(spec)
+    ts = [args.tokens, 2 * args.tokens]
+    notes, points = [], {"topk": [], "default": []}
+    peaks = {"topk": {}, "default": {}}
+    base = {}
+    for e in es:
+        config, note = resolve_router(spec, e)
+        if note and note not in notes:
+            notes.append(note)
+        for variant in ("topk", "default"):
+            layer = build_layer(config, variant == "default", device)
+            base.setdefault(variant, {})[e] = state_bytes(layer)
+            if variant == "topk":
+                fingerprint = weights_fingerprint(layer)
+            elif weights_fingerprint(layer) != fingerprint:
+                raise RuntimeError("TopK and Default layers got different weights")
+            for t in ts:
+                x, g = tokens_for(spec["hidden"], t, device)
+                mode = count_step(layer, x, g)
+                points[variant].append(((t, e), keyed(mode, e, args.experts_impl)))
+                peaks[variant][(t, e)] = mode.peak_bytes + mode.base_bytes
+                free_seen.update(mode.free_seen)
+            del layer
+    if len(es) > 1:
+        notes.append(f"{E} experts do not fit in CPU memory at {per_expert * 2 / 2**20:.0f} MiB per expert "
+                     f"(weights + gradients): measured at {es} experts and fitted a + bT + cE + dTE "
+                     f"(exact: every tensor is sized by T, E or T x E), evaluated at {E}")
+    return points, peaks, base, es, ts, notes
+
+
+free_seen = set()
+
+
+def ep_of(args, name, spec):
+    """Expert-parallel size of the per-GPU figures: ``--ep``, else the shape's usual one."""
+    ep = args.ep if args.ep is not None else spec.get("ep", 1)
+    if spec["experts"] % ep:
+        raise SystemExit(f"--ep {ep} must divide {spec['experts']} experts")
+    return ep
+
+
+def run_shape(name, args, device, gpu):
+    spec = shape_spec(args, name)
+    points, peaks, base, es, ts, notes = measure_points(spec, args, device)
+    target = (args.target_tokens, spec["experts"])
+    ep = ep_of(args, name, spec)
+    local = spec["experts"] // ep
+    fitted, tot, mism = {}, {}, {}
+    for variant in ("topk", "default"):
+        fitted[variant], mism[variant] = fit(points[variant], target, local, args.experts_impl)
+        tot[variant] = totals(fitted[variant], gpu)
+        # EP: drop the weights and gradients of the experts this GPU does not hold
+        remote = (spec["experts"] - local) * expert_weight_bytes(spec) * 2
+        tot[variant]["peak_bytes"] = bilinear(peaks[variant], ts, es, *target) - remote
+    rows = extra_ops(fitted["topk"], fitted["default"], gpu)
+    ours_total = {f: sum(r[f] for r in rows if r["ours"]) for f in ("time_s", "kernels", "bytes", "syncs")}
+    k, d = tot["topk"], tot["default"]
+    result = dict(
+        shape=name, spec={k_: v for k_, v in spec.items()}, notes=notes, measured_tokens=ts, measured_experts=es,
+        target_tokens=args.target_tokens, experts_impl=args.experts_impl, ep=ep, local_experts=local, topk=k, default=d,
+        ratio_time=d["time_s"] / k["time_s"], ratio_bytes=d["bytes"] / k["bytes"],
+        extra_kernels=d["kernels"] - k["kernels"], extra_syncs=d["syncs"] - k["syncs"],
+        extra_peak_bytes=d["peak_bytes"] - k["peak_bytes"],
+        extra_peak_fraction=(d["peak_bytes"] - k["peak_bytes"]) / k["peak_bytes"],
+        ours=ours_total, extra_ops=rows,
+        ops={v: sorted((dict(phase=key[0], region=key[1], op=key[2], where=key[3], index=key[4],
+                             time_s=op_time(rec, gpu), **rec) for key, rec in fitted[v].items()),
+                       key=lambda o: -o["time_s"]) for v in fitted},
+        unmatched_keys=mism,
+    )  # fmt: skip
+    return result
+
+
+# -- measured on a GPU ---------------------------------------------------------------------------
+def cuda_measure(name, args, device):
+    """CUDA-event median time of forward + backward and peak memory, TopK vs Default, at the target."""
+    spec = shape_spec(args, name)
+    per_expert = expert_weight_bytes(spec)
+    free, _ = torch.cuda.mem_get_info()
+    e = spec["experts"]
+    if 4 * e * per_expert > 0.6 * free:  # two layers' weights and gradients
+        groups = spec["router"].get("moe_router_num_groups") or 1
+        e = max(groups * 2, int(0.6 * free / (4 * per_expert)) // groups * groups)
+    config, note = resolve_router(spec, e)
+    out = dict(experts=e, tokens=args.target_tokens, note=note, iters=args.iters)
+    layers = [build_layer(config, False, device), build_layer(config, True, device)]
+    x, g = tokens_for(spec["hidden"], args.target_tokens, device)
+    times = [[], []]
+    for it in range(args.warmup + args.iters):
+        for j in (0, 1) if it % 2 == 0 else (1, 0):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(layers[j], x, g)
+            end.record()
+            torch.cuda.synchronize()
+            if it >= args.warmup:
+                times[j].append(start.elapsed_time(end) / 1e3)
+    peaks = []
+    for layer in layers:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step(layer, x, g)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+    ratios = sorted(b / a for a, b in zip(*times))
+    out.update(topk_s=statistics.median(times[0]), default_s=statistics.median(times[1]),
+               ratio_median_paired=statistics.median(ratios), peak_topk=peaks[0], peak_default=peaks[1],
+               note_peak="max_memory_allocated over one step of each, both layers resident")  # fmt: skip
+    del layers
+    torch.cuda.empty_cache()
+    return out
+
+
+# -- output ------------------------------------------------------------------------------------------
+def fmt_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def print_shape(r, gpu, top):
+    s = r["spec"]
+    print(f"\n== {r['shape']}: hidden {s['hidden']}, {s['experts']} experts, FFN {s['ffn']}, top-{s['topk']}, "
+          f"{'SwiGLU' if s['glu'] else 'GeLU'}; per GPU at EP={r['ep']} ({r['local_experts']} local experts, "
+          f"{r['target_tokens']} tokens); measured at T={r['measured_tokens']}, E={r['measured_experts']}; "
+          f"experts as {r['experts_impl']} kernels")
+    for note in r["notes"]:
+        print(f"   NOTE: {note}")
+    print(f"   {'':9} {'HBM bytes':>11} {'GFLOP':>9} {'kernels':>8} {'syncs':>6} {'time µs':>9} {'peak mem':>11}")
+    for v in ("topk", "default"):
+        t = r[v]
+        print(f"   {v:9} {fmt_bytes(t['bytes']):>11} {t['flops'] / 1e9:>9.1f} {t['kernels']:>8} {t['syncs']:>6} "
+              f"{t['time_s'] * 1e6:>9.1f} {fmt_bytes(t['peak_bytes']):>11}")
+    o = r["ours"]
+    print(f"   Default/TopK: time {r['ratio_time']:.4f} ({100 * (r['ratio_time'] - 1):+.1f}%), bytes "
+          f"{r['ratio_bytes']:.4f} ({100 * (r['ratio_bytes'] - 1):+.1f}%); extra kernels {r['extra_kernels']}, "
+          f"extra host syncs {r['extra_syncs']}; extra peak memory {fmt_bytes(r['extra_peak_bytes'])} "
+          f"({100 * r['extra_peak_fraction']:+.2f}%)")
+    print(f"   of which issued by {PACKAGE}: {o['kernels']} kernels, {fmt_bytes(o['bytes'])}, "
+          f"{o['time_s'] * 1e6:.1f} µs of the {(r['default']['time_s'] - r['topk']['time_s']) * 1e6:.1f} µs extra")
+    print(f"   top extra ops ({gpu['name']} roofline):")
+    for row in r["extra_ops"][:top]:
+        flags = ("  [host sync]" if row["syncs"] else "") + ("" if row["ours"] else "  [not issued by us]")
+        print(f"     {row['time_s'] * 1e6:>8.1f} µs {row['kernels']:>4} k {fmt_bytes(row['bytes']):>11}  "
+              f"{row['phase']} {row['op']:<22} {row['where']}{flags}")
+    if "cuda" in r:
+        c = r["cuda"]
+        print(f"   CUDA measured ({c['tokens']} tokens, {c['experts']} experts): TopK {c['topk_s'] * 1e3:.3f} ms, "
+              f"Default {c['default_s'] * 1e3:.3f} ms, ratio {c['ratio_median_paired']:.4f}; peak "
+              f"{fmt_bytes(c['peak_topk'])} vs {fmt_bytes(c['peak_default'])}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="paper-8c1,qwen3-30b-a3b,deepseek-v3",
+                   help=f"comma list of {list(SHAPES) + ['custom']}")
+    p.add_argument("--gpu", default="h100", choices=sorted(GPUS))
+    p.add_argument("--hidden", type=int, default=1024, help="custom shape")
+    p.add_argument("--experts", type=int, default=8, help="custom shape")
+    p.add_argument("--ffn", type=int, default=2816, help="custom shape")
+    p.add_argument("--topk", type=int, default=1, help="custom shape")
+    p.add_argument("--glu", action="store_true", help="custom shape: SwiGLU experts")
+    p.add_argument("--tokens", type=int, default=256, help="T: counted at T and 2T tokens")
+    p.add_argument("--target-tokens", type=int, default=16384, help="tokens per micro-batch to extrapolate to")
+    p.add_argument("--max-expert-gb", type=float, default=3.0,
+                   help="CPU budget for expert weights + gradients; above it, measure fewer experts and fit in E")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel size: per-GPU figures with E/EP local experts (default: per shape, "
+                        "paper-8c1 1, qwen3 8, deepseek-v3 64; custom 1)")
+    p.add_argument("--experts-impl", default="grouped", choices=("grouped", "sequential"))
+    p.add_argument("--top", type=int, default=8, help="top extra ops to print")
+    p.add_argument("--iters", type=int, default=20, help="CUDA timing iterations")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-cuda-timing", action="store_true", help="on a GPU, count only")
+    p.add_argument("--json", default=None, help="write every figure to this path")
+    return p.parse_args(argv)
+
+
+def setup():
+    """One process, Megatron's groups of size 1: gloo + the CPU stand-ins, or NCCL on a GPU."""
+    if "RANK" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(sock.getsockname()[1])
+    if not torch.cuda.is_available():
+        from megatron_default_moe.testing import cpu
+
+        cpu.init_parallel(seed=1234)
+        return torch.device("cpu")
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.cuda.set_device(0)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(1234)
+    return torch.device("cuda")
+
+
+def machine():
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} visible"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    device = setup()
+    gpu = GPUS[args.gpu]
+    print(f"machine: {machine()}; torch {torch.__version__}; counted on {device.type}, bf16")
+    print(f"roofline: {gpu['name']}: HBM {gpu['hbm_bw'] / 1e12:.2f} TB/s, bf16 dense {gpu['bf16_flops'] / 1e12:.0f} "
+          f"TFLOP/s, {gpu['launch_s'] * 1e6:.0f} µs per kernel launch; time per op = max(bytes/BW, FLOPs/peak) "
+          f"+ launches")
+    results = []
+    for name in args.shapes.split(","):
+        r = run_shape(name, args, device, gpu)
+        if device.type == "cuda" and not args.no_cuda_timing:
+            r["cuda"] = cuda_measure(name, args, device)
+        results.append(r)
+        print_shape(r, gpu, args.top)
+    print(f"\nfree (view/metadata) ops seen, 0 bytes and 0 kernels: {', '.join(sorted(free_seen))}")
+    report = dict(machine=machine(), torch=torch.__version__, gpu=dict(gpu, key=args.gpu), args=vars(args),
+                  free_ops_seen=sorted(free_seen), free_ops=sorted(FREE_OPS), shapes=results)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

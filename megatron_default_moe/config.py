@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES
+from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, forward_mode_allowed
 
 UPDATES = ("microbatch", "step")
 
@@ -10,35 +10,17 @@ UPDATES = ("microbatch", "step")
 _REJECTED = (
     ("num_moe_experts", "--num-experts", lambda v: not v, "Default MoE needs an MoE model"),
     (
-        "moe_router_score_function",
-        "--moe-router-score-function",
-        lambda v: v != "softmax",
-        "the default term weights are the full softmax over all experts; use 'softmax'",
-    ),
-    (
-        "moe_router_pre_softmax",
-        "--moe-router-pre-softmax",
-        lambda v: not v,
-        "the selected experts must be weighted by the same full softmax as the defaults "
-        "(paper setting); add --moe-router-pre-softmax",
-    ),
-    (
-        "moe_router_topk_scaling_factor",
-        "--moe-router-topk-scaling-factor",
-        lambda v: v not in (None, 1.0),
-        "scaled TopK probs no longer sum with the default weights to 1",
-    ),
-    (
         "moe_router_load_balancing_type",
         "--moe-router-load-balancing-type",
-        lambda v: any(t in ("sinkhorn", "quantile_balancing") for t in _as_list(v)),
-        "sinkhorn / quantile balancing do not produce softmax top-k probs",
+        lambda v: "sinkhorn" in _as_list(v),
+        "Sinkhorn routing weights top-1 tokens by sigmoid(z) and selects on Sinkhorn-normalised "
+        "logits, so its probs do not follow the score function (c·f/N) the default weights use",
     ),
     (
         "moe_apply_probs_on_input",
         "--moe-apply-probs-on-input",
         bool,
-        "expert outputs must carry the routing prob to recover unweighted outputs",
+        "the expert input is scaled by the prob, so out / p is not the unweighted expert output",
     ),
     (
         "moe_token_dispatcher_type",
@@ -101,13 +83,15 @@ class DefaultMoEConfig:
             each token's output by its routing prob (paper §4.3).
         update: ``microbatch`` (paper) updates before use in every training micro-batch;
             ``step`` accumulates a global batch and updates once per optimizer step.
-        mode: ``forward`` adds the default term; ``backward-only`` adds only its gradient.
+        mode: ``forward`` adds the default term; ``backward-only`` adds only its gradient;
+            ``auto`` is ``forward`` for softmax with pre-softmax (the paper's router) and
+            ``backward-only`` for every renormalised or sigmoid router (``resolved_mode``).
     """
 
     beta: float = 0.9
     ema_weighting: str = "uniform"
     update: str = "microbatch"
-    mode: str = "forward"
+    mode: str = "auto"
 
     def __post_init__(self):
         if not 0.0 <= float(self.beta) <= 1.0:
@@ -120,6 +104,13 @@ class DefaultMoEConfig:
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {allowed}, got {value!r}")
 
+    def resolved_mode(self, config) -> str:
+        """``forward`` or ``backward-only`` for this router (``auto`` resolved; see ``validate``)."""
+        allowed = forward_mode_allowed(config.moe_router_score_function, config.moe_router_pre_softmax)
+        if self.mode == "auto":
+            return "forward" if allowed else "backward-only"
+        return self.mode
+
     def validate(self, config) -> None:
         """Raise ``ValueError`` naming the Megatron flag of any option Default MoE cannot run with."""
         for field, flag, unsupported, why in _REJECTED:
@@ -129,6 +120,17 @@ class DefaultMoEConfig:
                     f"Default MoE does not support {flag}={value!r} "
                     f"(TransformerConfig.{field}): {why}."
                 )
+        if self.mode == "forward" and not forward_mode_allowed(
+            config.moe_router_score_function, config.moe_router_pre_softmax
+        ):
+            raise ValueError(
+                "Default MoE does not support --moe-default-mode forward with "
+                f"--moe-router-score-function={config.moe_router_score_function!r}"
+                f"{'' if config.moe_router_score_function != 'softmax' else ' without --moe-router-pre-softmax'}: "
+                "the selected probs are renormalised (or, for sigmoid top-1, unbounded), so adding the "
+                "default term to the forward would inflate the mixture mass beyond the scaling factor; "
+                "use --moe-default-mode auto or backward-only."
+            )
         scopes = _cuda_graph_moe_scopes(config)
         if scopes:
             raise ValueError(

@@ -70,6 +70,7 @@ class DefaultMoELayer(MoELayer):
     def __init__(self, config, submodules=None, *args, dm_config: DefaultMoEConfig = None, **kwargs):
         self.dm_config = dm_config if dm_config is not None else DefaultMoEConfig()
         self.dm_config.validate(config)
+        self.mode = self.dm_config.resolved_mode(config)  # "forward" or "backward-only"
         super().__init__(config, with_default_moe_router(submodules), *args, **kwargs)
         self.stats_group = self.router.tp_dp_cp_group
         self.counts_rows = _group_rank(self.token_dispatcher.tp_group) == 0  # once per ETP group
@@ -192,7 +193,7 @@ class DefaultMoELayer(MoELayer):
         if self.track_metrics:
             with torch.no_grad():
                 self.last_term_norm_ratio = term.norm() / output.float().norm().clamp_min(1e-30)
-        return F.add_default_term(output, term, self.dm_config.mode)
+        return F.add_default_term(output, term, self.mode)
 
     # -- step mode -----------------------------------------------------------------------------
     def take_step_stats(self) -> torch.Tensor:

@@ -53,7 +53,7 @@ def functional_layer(x_TH, router_EH, experts, topk, defaults_EH, beta, weightin
     new_EH = defaults_EH.clone()
     F.ema_update_(new_EH, stats, beta)
     y_topk = torch.zeros_like(x_TH).index_add(0, token_R, out_RH)
-    w_TE = F.default_weights_TE(logits_TE, probs_TE)
+    w_TE = F.default_weights_TE(F.router_scores_TE(logits_TE, "softmax"), probs_TE)
     y = F.add_default_term(y_topk, F.default_term_TH(w_TE, new_EH), mode)
     return y, new_EH, y_topk
 

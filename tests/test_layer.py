@@ -262,15 +262,16 @@ def test_default_vectors_buffer_is_fp32_persistent_and_shaped():
 @pytest.mark.parametrize(
     "override, flag",
     [
-        (dict(moe_router_score_function="sigmoid"), "--moe-router-score-function"),
+        (dict(moe_router_score_function="sigmoid", moe_default_mode_forward=True), "--moe-default-mode"),
         (dict(moe_apply_probs_on_input=True, moe_router_topk=1), "--moe-apply-probs-on-input"),
         (dict(moe_router_load_balancing_type="sinkhorn", moe_router_topk=1), "--moe-router-load-balancing-type"),
     ],
 )
 def test_guards_name_the_flag(override, flag):
+    forward = override.pop("moe_default_mode_forward", False)
     config = moe_config(**override)
     with pytest.raises(ValueError, match=flag):
-        build_layers(config)
+        build_layers(config, DefaultMoEConfig(mode="forward") if forward else None)
 
 
 def test_bad_default_moe_settings_name_the_flag():

@@ -10,10 +10,7 @@ pytestmark = pytest.mark.usefixtures("megatron_cpu")
 # One unsupported value per entry of ``config._REJECTED`` (several where the predicate has cases).
 UNSUPPORTED = {
     "num_moe_experts": [None, 0],
-    "moe_router_score_function": ["sigmoid", "sqrtsoftplus"],
-    "moe_router_pre_softmax": [False],
-    "moe_router_topk_scaling_factor": [2.5],
-    "moe_router_load_balancing_type": ["sinkhorn", ["aux_loss", "sinkhorn"], "quantile_balancing"],
+    "moe_router_load_balancing_type": ["sinkhorn", ["aux_loss", "sinkhorn"]],
     "moe_apply_probs_on_input": [True],
     "moe_token_dispatcher_type": ["flex"],
     "overlap_moe_expert_parallel_comm": [True],
@@ -26,8 +23,12 @@ UNSUPPORTED = {
 
 # Values the same fields may take.
 SUPPORTED = {
-    "moe_router_topk_scaling_factor": [None, 1.0],
-    "moe_router_load_balancing_type": ["aux_loss", "seq_aux_loss", "global_aux_loss", "none"],
+    "moe_router_score_function": ["softmax", "sigmoid", "sqrtsoftplus"],
+    "moe_router_pre_softmax": [True, False],
+    "moe_router_topk_scaling_factor": [None, 1.0, 2.5],
+    "moe_router_load_balancing_type": [
+        "aux_loss", "seq_aux_loss", "global_aux_loss", "none", "quantile_balancing", ["aux_loss", "seq_aux_loss"]
+    ],
     "moe_token_dispatcher_type": ["allgather", "alltoall"],
     "transformer_impl": ["local", "transformer_engine"],
 }

@@ -15,50 +15,34 @@ provider and embedding ranks are imported from it) plus the Default MoE flags. W
 
 - ``transformer.default_moe``: the ``DefaultMoEConfig`` of the flags;
 - ``transformer_layer_spec``: ``megatron_default_moe.spec.default_moe_spec`` (or the ``--spec``
-  you gave, with its MoE layers replaced);
+  you gave, with its MoE layers replaced); MTP MoE layers (``--mtp-num-layers``) too;
 - a post-wrap hook that wraps ``config.finalize_model_grads_func`` (``train()`` keeps a hook that
   is already set) for ``--moe-default-update step`` and logs default-vector statistics and GPU
   telemetry to TensorBoard / W&B every ``--log-interval`` iterations.
+
+``--load`` of a TopK checkpoint just works: the default vectors it lacks start at zero (one log
+line says so); every other missing key still fails as ``--dist-ckpt-strictness`` decides.
+``--help`` lists Megatron's flags and the Default MoE group.
 """
 
-import os
-import sys
 import time
 
 _PROGRAM_START_TIME = time.time()
 
 
-def megatron_lm_dir() -> str:
-    """The Megatron-LM checkout named by ``MEGATRON_LM_DIR``; exits with a clear message otherwise."""
-    path = os.environ.get("MEGATRON_LM_DIR")
-    if not path:
-        raise SystemExit(
-            "pretrain_gpt_default_moe.py: set MEGATRON_LM_DIR to a Megatron-LM checkout, e.g.\n"
-            "  git clone --branch core_v0.19.0 https://github.com/NVIDIA/Megatron-LM && "
-            "export MEGATRON_LM_DIR=$PWD/Megatron-LM\n"
-            "(pretrain_gpt.py lives only there; megatron-core wheels do not ship it)."
-        )
-    if not os.path.isfile(os.path.join(path, "pretrain_gpt.py")):
-        raise SystemExit(f"pretrain_gpt_default_moe.py: MEGATRON_LM_DIR={path!r} has no pretrain_gpt.py")
-    return os.path.abspath(path)
-
-
 def import_pretrain_gpt():
     """``pretrain_gpt`` of the checkout, imported the way running it as a script would see it."""
-    path = megatron_lm_dir()
-    if path not in sys.path:
-        sys.path.insert(0, path)  # first, as the script's own directory would be
-    import pretrain_gpt
+    from megatron_default_moe.arguments import import_megatron_lm_script
 
-    return pretrain_gpt
+    return import_megatron_lm_script("pretrain_gpt", "pretrain_gpt_default_moe.py")
 
 
-def main() -> None:
-    base = import_pretrain_gpt()
+def parse_and_configure(base):
+    """Megatron's flags plus ours, parsed and validated; the ``GPTModelConfig`` to train.
 
-    from megatron.core.enums import ModelType
-    from megatron.training import inprocess_restart, pretrain, print_rank_0, set_startup_timestamps
-    from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+    Returns ``(args, model_cfg, dm_config)``; ``dm_config`` is ``None`` without the flag.
+    """
+    from megatron.training.argument_utils import gpt_config_from_args
     from megatron.training.arguments import parse_and_validate_args
 
     from megatron_default_moe.arguments import (
@@ -66,13 +50,6 @@ def main() -> None:
         configure_gpt_model_config,
         default_moe_config_from_args,
     )
-
-    print_rank_0(f"> PyTorch version ................ {base.get_torch_version()}")
-    print_rank_0(f"> Megatron-Core version .......... {base.mcore_version}")
-    print_rank_0(f"> Transformer Engine version ... {base.get_te_version()}")
-    set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
-    setattr(base.train_valid_test_datasets_provider, "is_distributed", True)
-    pretrain_fn, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
 
     def extra_args_provider(parser):
         if base.has_nvidia_modelopt:
@@ -89,10 +66,31 @@ def main() -> None:
         model_cfg = gpt_config_from_args(args, model_config_cls=base.ModelOptModelConfig)
     else:
         model_cfg = gpt_config_from_args(args)
-
     dm_config = default_moe_config_from_args(args)
+    configure_gpt_model_config(model_cfg, dm_config, log_interval=args.log_interval)
+    return args, model_cfg, dm_config
+
+
+def main() -> None:
+    base = import_pretrain_gpt()
+
+    from megatron.core.enums import ModelType
+    from megatron.training import inprocess_restart, pretrain, print_rank_0, set_startup_timestamps
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    from megatron_default_moe.checkpoint import load_checkpoints_without_default_vectors
+
+    print_rank_0(f"> PyTorch version ................ {base.get_torch_version()}")
+    print_rank_0(f"> Megatron-Core version .......... {base.mcore_version}")
+    print_rank_0(f"> Transformer Engine version ... {base.get_te_version()}")
+    set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
+    setattr(base.train_valid_test_datasets_provider, "is_distributed", True)
+    # Our parser first: Megatron's in-process-restart check parses without our flags and would
+    # answer --help (or fail on it) before them.
+    args, model_cfg, dm_config = parse_and_configure(base)
+    pretrain_fn, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
     if dm_config is not None:
-        configure_gpt_model_config(model_cfg, dm_config, log_interval=args.log_interval)
+        load_checkpoints_without_default_vectors()
         print_rank_0(f"> Default MoE ..................... {dm_config}")
 
     full_config = pretrain_cfg_container_from_args(args, model_cfg)

@@ -13,8 +13,10 @@ zero, where a fresh Default MoE run starts, and one log line says so:
 * ``dist_checkpointing.load``: with the default ``StrictHandling.ASSUME_OK_UNEXPECTED`` Megatron's
   torch_dist loader raises on any requested key the checkpoint lacks, and a module's
   ``sharded_state_dict`` cannot see the checkpoint. ``drop_absent_default_vectors`` removes those
-  requests first (Megatron-LM: ``--dist-ckpt-strictness log_unexpected`` does the same, with a
-  warning of its own).
+  requests first. Megatron-LM's ``load_checkpoint`` builds the request and loads in one call, so
+  the entry scripts call ``load_checkpoints_without_default_vectors()``: every
+  ``dist_checkpointing.load`` then drops the default vectors its checkpoint lacks, and nothing
+  else (``--dist-ckpt-strictness`` keeps deciding about every other missing key).
 """
 
 import logging
@@ -77,3 +79,32 @@ def drop_absent_default_vectors(sharded_state_dict: dict, checkpoint_dir) -> dic
 
     drop(sharded_state_dict)
     return sharded_state_dict
+
+
+def load_checkpoints_without_default_vectors() -> None:
+    """Make ``megatron.core.dist_checkpointing.load`` accept checkpoints without default vectors.
+
+    Wraps the function (idempotent) so it first applies ``drop_absent_default_vectors`` to the
+    request for that checkpoint: a TopK checkpoint continues as Default MoE with ``--load`` and
+    no other flag. Megatron-LM calls it as ``dist_checkpointing.load(...)``, which this reaches.
+    """
+    from megatron.core import dist_checkpointing
+
+    load = dist_checkpointing.load
+    if getattr(load, "drops_absent_default_vectors", False):
+        return
+
+    def load_without_absent_default_vectors(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        if _has_default_vectors(sharded_state_dict):
+            drop_absent_default_vectors(sharded_state_dict, checkpoint_dir)
+        return load(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+
+    load_without_absent_default_vectors.drops_absent_default_vectors = True
+    load_without_absent_default_vectors.__wrapped__ = load
+    dist_checkpointing.load = load_without_absent_default_vectors
+
+
+def _has_default_vectors(node) -> bool:
+    if isinstance(node, dict):
+        return any(_has_default_vectors(value) for value in node.values())
+    return _is_default_vectors(node)

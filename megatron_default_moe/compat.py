@@ -1,5 +1,8 @@
 """The one place where megatron-core version differences are handled (supported: >= 0.19)."""
 
+import contextlib
+import re
+
 from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
@@ -41,3 +44,37 @@ def check_megatron_core_version():
             f"megatron-default-moe needs megatron-core >= {'.'.join(map(str, MIN_MEGATRON_CORE))}, "
             f"found {__version__}"
         )
+
+
+# ``%%``, or a ``%(name)s``-style reference that argparse fills in; any other ``%`` is stray.
+_HELP_FORMAT = re.compile(r"%%|%\([A-Za-z_]\w*\)[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa%]|%")
+
+
+def escape_stray_help_percents(parser) -> None:
+    """Escape every ``%`` in ``parser``'s help strings that argparse cannot format.
+
+    argparse formats each help string with ``%``; Megatron-LM core_v0.19.0 (and the 0.19.2
+    wheel) has ``--moe-paged-stash-buffer-size-factor-cuda`` help ending in ``10%).``, so
+    ``--help`` raises ``ValueError: unsupported format character``. Only help text changes.
+    """
+    for action in parser._actions:
+        if isinstance(action.help, str) and "%" in action.help:
+            action.help = _HELP_FORMAT.sub(lambda m: "%%" if m.group() == "%" else m.group(), action.help)
+
+
+@contextlib.contextmanager
+def gpt_builder_mtp_spec(transform):
+    """While active, ``GPTModelBuilder.build_model`` passes its MTP block spec through ``transform``.
+
+    Megatron's GPT builder makes the MTP spec from its own default layer specs
+    (``megatron.training.models.gpt.mtp_block_spec``), whatever ``transformer_layer_spec`` says,
+    and looks that function up by module-global name when it builds.
+    """
+    from megatron.training.models import gpt
+
+    stock = gpt.mtp_block_spec
+    gpt.mtp_block_spec = lambda *args, **kwargs: transform(stock(*args, **kwargs))
+    try:
+        yield
+    finally:
+        gpt.mtp_block_spec = stock

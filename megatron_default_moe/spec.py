@@ -1,10 +1,13 @@
-"""Turn Megatron GPT layer / block specs into their Default MoE form.
+"""Turn Megatron layer / block / stack specs into their Default MoE form.
 
 In megatron-core 0.19 an MoE mlp in a spec is ``partial(MoELayer, submodules=MoESubmodules(...))``;
 older releases used ``ModuleSpec(module=MoELayer, submodules=...)``. Both are rewritten to build a
-``DefaultMoELayer`` with the ``DefaultMoERouter``. Nothing else in the spec is touched.
+``DefaultMoELayer`` with the ``DefaultMoERouter``, wherever they sit: a GPT layer or block spec, a
+hybrid stack spec (``HybridStackSubmodules.moe_layer``, whose MTP layers reuse it), or an MTP
+block spec. Nothing else in the spec is touched, and the input is never mutated.
 """
 
+import copy
 import dataclasses
 import functools
 
@@ -15,45 +18,80 @@ from megatron_default_moe.config import DefaultMoEConfig
 from megatron_default_moe.layer import DefaultMoELayer, with_default_moe_router
 
 
-def _default_moe_mlp(mlp, dm_config):
-    """The Default MoE form of one mlp builder, or ``mlp`` itself if it is not an MoE layer."""
-    if isinstance(mlp, functools.partial) and mlp.func is MoELayer:
+def _is_moe_class(module) -> bool:
+    return isinstance(module, type) and issubclass(module, MoELayer)
+
+
+def _default_moe_mlp(mlp, dm_config, explicit):
+    """The Default MoE form of one MoE mlp builder (``partial`` or ``ModuleSpec``).
+
+    A builder that is already Default MoE keeps its ``dm_config`` unless one is given explicitly.
+    """
+    if isinstance(mlp, functools.partial):
         kwargs = dict(mlp.keywords)
+        if mlp.func is DefaultMoELayer and not explicit:
+            return mlp
         kwargs["submodules"] = with_default_moe_router(kwargs["submodules"])
-        return functools.partial(DefaultMoELayer, *mlp.args, dm_config=dm_config, **kwargs)
-    if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
-        params = dict(mlp.params or {}, dm_config=dm_config)
-        return dataclasses.replace(
-            mlp,
-            module=DefaultMoELayer,
-            submodules=with_default_moe_router(mlp.submodules),
-            params=params,
+        kwargs["dm_config"] = dm_config
+        return functools.partial(DefaultMoELayer, *mlp.args, **kwargs)
+    if mlp.module is DefaultMoELayer and not explicit:
+        return mlp
+    params = dict(mlp.params or {}, dm_config=dm_config)
+    return dataclasses.replace(
+        mlp, module=DefaultMoELayer, submodules=with_default_moe_router(mlp.submodules), params=params
+    )
+
+
+def _check_moe_class(module):
+    if module not in (MoELayer, DefaultMoELayer):
+        raise ValueError(
+            f"Default MoE: the spec builds {module.__qualname__}, a subclass of MoELayer; "
+            "only Megatron's MoELayer can be made Default MoE"
         )
-    return mlp
+
+
+def _rewrite(spec, dm_config, explicit):
+    if isinstance(spec, (list, tuple)):
+        items = [_rewrite(s, dm_config, explicit) for s in spec]
+        return spec if all(a is b for a, b in zip(items, spec)) else type(spec)(items)
+    if isinstance(spec, functools.partial):
+        if _is_moe_class(spec.func):
+            _check_moe_class(spec.func)
+            return _default_moe_mlp(spec, dm_config, explicit)
+        return spec
+    if isinstance(spec, ModuleSpec) and _is_moe_class(spec.module):
+        _check_moe_class(spec.module)
+        return _default_moe_mlp(spec, dm_config, explicit)
+    if not dataclasses.is_dataclass(spec) or isinstance(spec, type):
+        return spec
+    # ModuleSpec (only its submodules), TransformerLayerSubmodules, TransformerBlockSubmodules,
+    # HybridStackSubmodules, MultiTokenPrediction*Submodules, ...: every field that holds a spec.
+    names = ("submodules",) if isinstance(spec, ModuleSpec) else [f.name for f in dataclasses.fields(spec)]
+    changes = {}
+    for name in names:
+        value = getattr(spec, name)
+        new = _rewrite(value, dm_config, explicit)
+        if new is not value:
+            changes[name] = new
+    if not changes:
+        return spec
+    out = copy.copy(spec)  # not ``replace``: no __init__ / __post_init__ re-run, init=False fields kept
+    for name, value in changes.items():
+        object.__setattr__(out, name, value)
+    return out
 
 
 def to_default_moe_spec(spec, dm_config: DefaultMoEConfig = None):
-    """A copy of a GPT layer spec, layer submodules or block spec with every MoE mlp replaced.
+    """A copy of a spec with every MoE mlp replaced by Default MoE.
 
-    All MoE layers share one ``dm_config`` object.
+    ``spec``: a GPT layer spec, layer submodules, block spec, MTP block spec, a hybrid stack
+    spec (``ModuleSpec(HybridStack, HybridStackSubmodules(...))``) or a list of these. All MoE
+    layers share one ``dm_config``; given explicitly, it also replaces the config of MoE layers
+    that are already Default MoE (a Megatron-LM flag overrides a spec's default). Subtrees without
+    an MoE layer are returned as they are (same objects).
     """
-    dm_config = dm_config if dm_config is not None else DefaultMoEConfig()
-    if isinstance(spec, (list, tuple)):
-        return type(spec)(to_default_moe_spec(s, dm_config) for s in spec)
-    if isinstance(spec, ModuleSpec):
-        if spec.module is MoELayer:
-            return _default_moe_mlp(spec, dm_config)
-        if spec.submodules is None:
-            return spec
-        return dataclasses.replace(spec, submodules=to_default_moe_spec(spec.submodules, dm_config))
-    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        changes = {}
-        if hasattr(spec, "layer_specs"):
-            changes["layer_specs"] = to_default_moe_spec(spec.layer_specs, dm_config)
-        if hasattr(spec, "mlp"):
-            changes["mlp"] = _default_moe_mlp(spec.mlp, dm_config)
-        return dataclasses.replace(spec, **changes) if changes else spec
-    return spec
+    explicit = dm_config is not None
+    return _rewrite(spec, dm_config if explicit else DefaultMoEConfig(), explicit)
 
 
 def default_moe_spec(model_config, vp_stage=None, dm_config: DefaultMoEConfig = None):

@@ -230,8 +230,8 @@ def test_unsupported_options_fail_before_megatron_starts():
     from helpers import moe_config
     from megatron.training.models.gpt import GPTModelConfig
 
-    model_cfg = GPTModelConfig(transformer=moe_config(moe_router_score_function="sigmoid"), vocab_size=64)
-    with pytest.raises(ValueError, match="--moe-router-score-function"):
+    model_cfg = GPTModelConfig(transformer=moe_config(moe_apply_probs_on_input=True, moe_router_topk=1), vocab_size=64)
+    with pytest.raises(ValueError, match="--moe-apply-probs-on-input"):
         configure_gpt_model_config(model_cfg, DefaultMoEConfig())
 
 

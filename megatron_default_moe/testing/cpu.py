@@ -2,13 +2,17 @@
 
 ``enable()`` is explicit and idempotent; importing the package never applies it, and it does
 nothing to a process that has CUDA. It installs CPU stand-ins for the CUDA names Megatron calls
-(device, streams, events, synchronize, RNG state), maps ``device="cuda"`` requests to the CPU, and
-adapts two collectives to gloo (split sizes as lists; uneven all-gather by pad-gather-trim).
+(device, streams, events, synchronize), maps ``device="cuda"`` requests to the CPU, and adapts two
+collectives to gloo (split sizes as lists; uneven all-gather by pad-gather-trim). The CUDA RNG is
+the CPU generator, so Megatron's default RNG tracker (``model_parallel_cuda_manual_seed(seed)``)
+keeps its per-region states there and ``fork()`` really switches streams. Without Transformer
+Engine, ``HybridStack``'s final norm (hard-coded ``TENorm``) is a torch norm.
 ``init_parallel(...)`` then sets up gloo and Megatron's model-parallel groups, in one process or
 under ``torchrun``.
 """
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -102,6 +106,30 @@ def _gather_along_first_dim_uneven(inner):
     return gather
 
 
+def _cpu_generator_as_cuda_rng(random):
+    """The CUDA RNG names served by the CPU default generator (Megatron's RNG tracker uses them)."""
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = torch.cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
+    random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    random._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+
+    # ``fork()`` warns when the CPU RNG moved inside a GPU RNG region; here the two are one.
+    message = "CPU RNG state changed within GPU RNG context"
+    logging.getLogger(random.__name__).addFilter(lambda record: record.getMessage() != message)
+
+
+def _hybrid_final_norm_without_te():
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    if HAVE_TE:
+        return
+    from megatron.core.models.hybrid import hybrid_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    hybrid_block.TENorm = WrappedTorchNorm
+
+
 def enable() -> None:
     """Install the CPU stand-ins (no-op with CUDA present or when already enabled)."""
     global _ENABLED
@@ -130,8 +158,8 @@ def enable() -> None:
 
     transformer_utils.get_default_causal_mask = causal_mask_on_cpu
     fused_softmax.get_default_causal_mask = causal_mask_on_cpu
-    random._get_cuda_rng_state = lambda *a, **k: torch.zeros(1)
-    random._set_cuda_rng_state = lambda *a, **k: None
+    _cpu_generator_as_cuda_rng(random)
+    _hybrid_final_norm_without_te()
     _CudaToCpuMode().__enter__()  # for the rest of the process
     _ENABLED = True
 

@@ -1,0 +1,160 @@
+"""The GPU-grade cost accounting (examples/benchmark_cost.py): exact counts on known ops, the
+extrapolation, and one tiny TopK vs Default MoE run end to end; plus shellcheck of the GPU scripts."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import helpers
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "benchmark_cost.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return helpers.load_script(SCRIPT, "benchmark_cost")
+
+
+def count(bench, fn):
+    mode = bench.CostMode()
+    with mode:
+        fn()
+    return mode
+
+
+def test_mm_bytes_flops_and_one_kernel(bench):
+    a = torch.randn(6, 5, dtype=torch.bfloat16)
+    b = torch.randn(5, 3, dtype=torch.bfloat16)
+    (op,) = count(bench, lambda: a @ b).ops
+    assert op["op"] == "mm" and op["kernels"] == 1 and op["phase"] == "fwd"
+    assert op["bytes_read"] == (6 * 5 + 5 * 3) * 2 and op["bytes_written"] == 6 * 3 * 2
+    assert op["flops"] == 2 * 6 * 3 * 5
+    bias = torch.randn(3, dtype=torch.bfloat16)
+    (op,) = count(bench, lambda: torch.addmm(bias, a, b)).ops
+    assert op["flops"] == 2 * 6 * 3 * 5 and op["bytes_read"] == (30 + 15 + 3) * 2
+
+
+def test_views_are_free_and_broadcasts_read_once(bench):
+    x = torch.randn(4, 8)
+    mode = count(bench, lambda: (x.t(), x.view(8, 4), x[1:3], x.unsqueeze(0).expand(3, 4, 8), x.detach()))
+    assert mode.ops == []
+    assert {"t", "view", "slice", "unsqueeze", "expand", "detach"} <= mode.free_seen
+    row = torch.randn(1, 8)
+    (op,) = count(bench, lambda: x * row.expand(4, 8)).ops
+    assert op["bytes_read"] == (32 + 8) * 4 and op["bytes_written"] == 32 * 4 and op["flops"] == 0
+
+
+def test_in_place_and_write_only_ops(bench):
+    x, y = torch.randn(10), torch.randn(10)
+    (op,) = count(bench, lambda: x.add_(y)).ops
+    assert op["bytes_read"] == 80 and op["bytes_written"] == 40
+    (op,) = count(bench, lambda: x.copy_(y)).ops
+    assert op["bytes_read"] == 40 and op["bytes_written"] == 40
+    (op,) = count(bench, lambda: x.new_zeros(3)).ops
+    assert op["bytes_read"] == 0 and op["bytes_written"] == 12
+
+
+def test_backward_ops_are_counted_and_syncs_flagged(bench):
+    w = torch.randn(4, 3, requires_grad=True)
+    x = torch.randn(5, 4)
+    mode = count(bench, lambda: (x @ w).sum().backward())
+    phases = [(o["phase"], o["op"]) for o in mode.ops]
+    assert ("fwd", "mm") in phases and ("bwd", "mm") in phases
+    mask = torch.tensor([True, False, True, True, False])
+    ops = count(bench, lambda: x[mask]).ops
+    assert any(o["sync"] for o in ops)
+    assert mode.peak_bytes > 0
+
+
+def keyed(values):
+    """A ``keyed`` dict of one op with the given fields."""
+    rec = dict(bytes_read=values[0], bytes_written=values[1], flops=values[2], kernels=1, syncs=0, calls=1, ours=True)
+    return {("fwd", "layer", "mul", "x.py:1 f", 0): rec}
+
+
+def test_fit_recovers_a_plus_bT_and_bilinear_in_E(bench):
+    a, b = 1000.0, 6.0
+    points = [((t, 8), keyed((a + b * t, 2 * t, 0))) for t in (64, 128)]
+    fitted, mismatched = bench.fit(points, (16384, 8))
+    (rec,) = fitted.values()
+    assert mismatched == 0 and rec["bytes_read"] == pytest.approx(a + b * 16384)
+    assert rec["bytes_written"] == pytest.approx(2 * 16384) and rec["kernels"] == 1
+
+    def f(t, e):
+        return 5 + 2 * t + 3 * e + 0.5 * t * e
+
+    points = [((t, e), keyed((f(t, e), 0, 0))) for t in (32, 64) for e in (16, 24)]
+    (rec,) = bench.fit(points, (16384, 256))[0].values()
+    assert rec["bytes_read"] == pytest.approx(f(16384, 256))
+
+
+def test_fit_scales_expert_weights_to_local_experts(bench):
+    weights, per_row = 8 * 1000.0, 10.0  # 8 experts of 1000 weight bytes; rows scale with T
+    key = ("fwd", "experts", "mm", "SequentialMLP", 0)
+
+    def points(kernels):  # grouped: one kernel over all experts; sequential: one per expert
+        return [((t, 8), {key: dict(bytes_read=weights + per_row * t, bytes_written=0, flops=0, kernels=kernels,
+                                    syncs=0, calls=8, ours=False)}) for t in (64, 128)]  # fmt: skip
+
+    (out,) = bench.fit(points(1), (1000, 8), local_experts=2)[0].values()
+    assert out["bytes_read"] == pytest.approx(2 * 1000 + per_row * 1000) and out["kernels"] == 1
+    (out,) = bench.fit(points(8), (1000, 8), local_experts=2, experts_impl="sequential")[0].values()
+    assert out["kernels"] == pytest.approx(2)  # the loop runs over the 2 local experts
+
+
+def test_roofline_time(bench):
+    gpu = bench.GPUS["h100"]
+    mem_bound = dict(bytes_read=3.35e9, bytes_written=0, flops=1e9, kernels=2)
+    assert bench.op_time(mem_bound, gpu) == pytest.approx(1e-3 + 8e-6)
+    compute_bound = dict(bytes_read=1e6, bytes_written=0, flops=989e12, kernels=1)
+    assert bench.op_time(compute_bound, gpu) == pytest.approx(1.0 + 4e-6)
+    assert bench.GPUS["b200"]["hbm_bw"] == 8e12 and bench.GPUS["h200"]["bf16_flops"] == 989e12
+
+
+def test_reduced_experts_respects_groups(bench):
+    ds = bench.SHAPES["deepseek-v3"]
+    low, high = bench.reduced_experts(ds)
+    assert low % 8 == 0 and high % 8 == 0 and low // 8 >= 2 and low < high < ds["experts"]
+
+
+@pytest.mark.distributed
+def test_tiny_layer_end_to_end(tmp_path):
+    """TopK vs Default MoE at a tiny custom shape: Default adds kernels, all figures in the JSON."""
+    out = tmp_path / "cost.json"
+    cmd = [sys.executable, SCRIPT, "--shapes", "custom", "--hidden", "32", "--experts", "4", "--ffn", "64",
+           "--topk", "2", "--tokens", "16", "--target-tokens", "1024", "--gpu", "h200", "--json", str(out)]  # fmt: skip
+    text = helpers.run_isolated(cmd, timeout_s=240, cwd=ROOT)
+    assert "H200 SXM: HBM 4.80 TB/s" in text and "Default/TopK: time" in text
+    report = json.loads(out.read_text())
+    assert report["gpu"]["key"] == "h200" and "view" in report["free_ops"]
+    (r,) = report["shapes"]
+    for field in ("topk", "default", "ratio_time", "ratio_bytes", "extra_kernels", "extra_peak_bytes",
+                  "extra_ops", "ops", "notes", "measured_tokens"):  # fmt: skip
+        assert field in r, field
+    for variant in ("topk", "default"):
+        assert {"bytes", "flops", "kernels", "syncs", "time_s", "peak_bytes"} <= set(r[variant])
+    assert r["default"]["kernels"] >= r["topk"]["kernels"] and r["extra_kernels"] > 0
+    assert r["ratio_time"] > 1.0 and r["default"]["flops"] >= r["topk"]["flops"]
+    # every extra kernel is accounted for: issued by the package, or a residual difference
+    assert sum(row["kernels"] for row in r["extra_ops"]) == pytest.approx(r["extra_kernels"])
+    assert r["measured_tokens"] == [16, 32] and r["unmatched_keys"] == {"topk": 0, "default": 0}
+
+
+GPU_SCRIPTS = [os.path.join(ROOT, "scripts", name) for name in ("gpu_check.sh", "gpu_wheels.sh")]
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS, ids=os.path.basename)
+def test_gpu_scripts_pass_shellcheck(script):
+    assert os.access(script, os.X_OK) and open(script).readline().startswith("#!/usr/bin/env bash")
+    shellcheck = shutil.which("shellcheck", path=os.pathsep.join([os.path.dirname(sys.executable),
+                                                                  os.environ.get("PATH", "")]))  # fmt: skip
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run([shellcheck, "--shell=bash", "--external-sources", script], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr

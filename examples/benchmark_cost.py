@@ -725,6 +725,21 @@ def setup():
     return torch.device("cuda")
 
 
+def source_state():
+    """The commit measured and whether the package had uncommitted edits (they are measured too)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", PACKAGE], cwd=root, capture_output=True, text=True,
+                               timeout=10).stdout.strip()  # fmt: skip
+        return dict(commit=head or None, package_modified=bool(dirty))
+    except (OSError, subprocess.SubprocessError):
+        return dict(commit=None, package_modified=None)
+
+
 def machine():
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
@@ -748,7 +763,7 @@ def main(argv=None):
         results.append(r)
         print_shape(r, gpu, args.top)
     print(f"\nfree (view/metadata) ops seen, 0 bytes and 0 kernels: {', '.join(sorted(free_seen))}")
-    report = dict(machine=machine(), torch=torch.__version__, gpu=dict(gpu, key=args.gpu), args=vars(args),
+    report = dict(machine=machine(), source=source_state(), torch=torch.__version__, gpu=dict(gpu, key=args.gpu), args=vars(args),
                   free_ops_seen=sorted(free_seen), free_ops=sorted(FREE_OPS), shapes=results)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

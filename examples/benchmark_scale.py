@@ -52,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--gpus", default=",".join(map(str, GPU_COUNTS)))
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--pp", type=int, default=1, help="pipeline stages: the stage has GPUs / PP ranks")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel size for every shape (default: 8, 8, 64)")
     p.add_argument("--micro-batches", type=int, default=8, help="micro-batches per optimizer step")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per micro-batch per GPU")
     p.add_argument("--nvlink-gbps", type=float, default=360.0, help="NVLink bus bandwidth per GPU, GB/s")
@@ -131,10 +132,10 @@ def model_shape(name, shape, gpus, args, nw):
             hierarchical_pct=100 * hier / layer_s,
         ))  # fmt: skip
     return dict(shape=name, **shape, table_bytes=size, window_us=window * 1e6, rows=rows,
-                verdict=verdict(name, rows))  # fmt: skip
+                verdict=verdict(name, rows, shape["ep"] > nw["g"]))  # fmt: skip
 
 
-def verdict(name, rows):
+def verdict(name, rows, ep_crosses_nodes):
     """When is each update mode the right default for this shape (the 1% line)."""
     ok = [r["gpus"] for r in rows if r["microbatch_pct"] <= 1.0]
     at_1024 = next((r for r in rows if r["gpus"] == 1024), None)
@@ -146,13 +147,18 @@ def verdict(name, rows):
                  f"hierarchical {at_1024['hierarchical_pct']:.3f}%")
     hier_ok = all(r["hierarchical_pct"] <= 1.0 for r in rows)
     text += "; hierarchical stays <= 1% at every count" if hier_ok else "; hierarchical exceeds 1% somewhere"
+    if at_1024 is not None:
+        better = at_1024["hierarchical_pct"] < at_1024["microbatch_pct"]
+        why = "its EP group crosses nodes too" if ep_crosses_nodes else "microbatch is hidden behind the combine"
+        text += " and beats microbatch at 1,024" if better else f", no better than microbatch at 1,024 ({why})"
     return dict(text=text, microbatch_ok_up_to=max(ok) if ok else None,
                 microbatch_over_1pct_at_1024=bool(at_1024 and at_1024["microbatch_pct"] > 1.0),
                 hierarchical_ok=hier_ok)  # fmt: skip
 
 
 def load_layer_times(path, shapes):
-    """TopK roofline layer times (µs) from a ``benchmark_cost.py --json`` report."""
+    """TopK roofline layer times (µs) from a ``benchmark_cost.py --json`` report (its EP changes
+    only the experts' weight traffic, compute-bound in their matmuls, so the EP here may differ)."""
     with open(path) as f:
         report = json.load(f)
     for r in report["shapes"]:
@@ -164,7 +170,7 @@ def load_layer_times(path, shapes):
 def main(argv=None):
     args = parse_args(argv)
     nw = net(args)
-    shapes = {k: dict(SHAPES[k]) for k in args.shapes.split(",")}
+    shapes = {k: dict(SHAPES[k], **({"ep": args.ep} if args.ep else {})) for k in args.shapes.split(",")}
     source = "stated H100 roofline estimates (benchmark_cost.py today)"
     if args.cost_json:
         source = f"{load_layer_times(args.cost_json, shapes)} roofline from {args.cost_json}"

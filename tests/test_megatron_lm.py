@@ -358,3 +358,60 @@ def test_paper_flag_set_is_valid_for_megatron_and_default_moe(monkeypatch):
     assert tc.moe_layer_freq == [0] + [1] * 15
     assert "global_aux_loss" in str(tc.moe_router_load_balancing_type)
     assert float(tc.moe_aux_loss_coeff if not isinstance(tc.moe_aux_loss_coeff, list) else tc.moe_aux_loss_coeff[0]) == 0.01
+
+
+# -- MTP, --help -----------------------------------------------------------------------------
+@pytest.mark.usefixtures("megatron_cpu")
+def test_mtp_moe_layers_are_default_moe_on_the_entry_route(megatron_args):
+    """``--mtp-num-layers``: Megatron builds MTP layers from its own specs; ours rewrites them too."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.argument_utils import gpt_config_from_args
+
+    from megatron_default_moe.arguments import DefaultMoEGPTModelBuilder
+
+    mtp = ("--mtp-num-layers", "1", "--position-embedding-type", "rope")
+    args = megatron_args(*mtp, "--moe-default-vectors")
+    model_cfg = configure_gpt_model_config(gpt_config_from_args(args), default_moe_config_from_args(args))
+    assert model_cfg.get_builder_cls() is DefaultMoEGPTModelBuilder
+    torch.manual_seed(0)
+    model = model_cfg.get_builder_cls()(model_cfg).build_model(ProcessGroupCollection.use_mpu_process_groups())
+    mtp_mlps = [layer.mtp_model_layer.mlp for layer in model.mtp.layers]
+    assert [type(m).__name__ for m in mtp_mlps] == ["DefaultMoELayer"]
+    assert mtp_mlps[0].dm_config is model_cfg.transformer.default_moe
+    assert mlp_kinds(model) == ["MLP", "DefaultMoELayer", "DefaultMoELayer"]
+    train_forward_backward(model)
+    assert mtp_mlps[0].default_vectors.any() and mtp_mlps[0].router.weight.grad is not None
+
+    stock_cfg = gpt_config_from_args(megatron_args(*mtp))
+    assert stock_cfg.get_builder_cls().__name__ == "GPTModelBuilder"  # flag off: Megatron's own
+
+
+def test_mtp_with_another_builder_is_refused_by_name():
+    from helpers import moe_config
+    from megatron.training.models.gpt import GPTModelConfig
+
+    class OtherConfig(GPTModelConfig):
+        builder = "somewhere.OtherBuilder"
+
+    model_cfg = OtherConfig(transformer=moe_config(mtp_num_layers=1, moe_router_topk=1), vocab_size=64)
+    with pytest.raises(ValueError, match="--mtp-num-layers.*somewhere.OtherBuilder"):
+        configure_gpt_model_config(model_cfg, DefaultMoEConfig())
+
+
+def test_help_with_a_stray_percent_works_after_our_flags_are_added(capsys):
+    """Megatron-LM core_v0.19.0 has a help string ending in ``10%).``: argparse's ``--help`` raises."""
+    def megatron_like_parser():
+        p = argparse.ArgumentParser(prog="pretrain", allow_abbrev=False)
+        p.add_argument("--factor", type=float, default=1.1, help="headroom (e.g. 1.10 = 10%).")
+        p.add_argument("--split", default="99,1,0", help="90%% train, default %(default)s")
+        return p
+
+    with pytest.raises(ValueError, match="unsupported format character"):
+        megatron_like_parser().format_help()
+    p = add_default_moe_args(megatron_like_parser())
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(e.g. 1.10 = 10%)." in out and "90% train, default 99,1,0" in out
+    assert "--moe-default-vectors" in out and "Default MoE (arXiv 2504.12463)" in out
+    assert p.parse_args(["--factor", "2"]).factor == 2.0  # flags unchanged

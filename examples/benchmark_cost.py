@@ -374,6 +374,7 @@ def count_step(layer, x, g):
     finally:
         for h in hooks:
             h.remove()
+        mode.expert_nodes.clear()  # AccumulateGrad nodes hold the expert weights alive
     mode.base_bytes = state_bytes(layer) + tensor_bytes(x)
     return mode
 
@@ -421,14 +422,17 @@ def fit(points, target, local_experts=None, experts_impl="grouped"):
         val = {}
         for f in FIELDS:
             v = {p: k.get(key, {}).get(f, 0) for p, k in points}
+            # counts do not grow with tokens: take them at the largest T (fit only in E)
+            f_ts = ts[-1:] if f in ("kernels", "syncs") else ts
             if key[1] != "experts" or local == E:
-                val[f] = bilinear(v, ts, es, T, E)
+                val[f] = bilinear(v, f_ts, es, T, E)
             elif len(es) > 1:
-                val[f] = bilinear(v, ts, es, T, local)
+                val[f] = bilinear(v, f_ts, es, T, local)
             else:
-                a, at_t = bilinear(v, ts, es, 0, es[0]), bilinear(v, ts, es, T, es[0])
+                a, at_t = bilinear(v, f_ts, es, 0, es[0]), bilinear(v, f_ts, es, T, es[0])
                 scale = local / es[0] if (f != "kernels" or experts_impl == "sequential") else 1.0
                 val[f] = a * scale + (at_t - a)
+            val[f] = max(0.0, val[f])  # an op seen at one size only must not go negative
         if key[1] != "experts":  # one call per key: counts stay integral
             val["kernels"] = round(val["kernels"])
         val["ours"] = next(k[key]["ours"] for _, k in points if key in k)
@@ -576,6 +580,9 @@ def run_shape(name, args, device, gpu):
         # EP: drop the weights and gradients of the experts this GPU does not hold
         remote = (spec["experts"] - local) * expert_weight_bytes(spec) * 2
         tot[variant]["peak_bytes"] = bilinear(peaks[variant], ts, es, *target) - remote
+    if any(mism.values()):
+        notes.append(f"ops seen at one measured size only (topk {mism['topk']}, default {mism['default']}): "
+                     "counted at the largest size, bytes clamped at 0; raise --tokens if this matters")
     rows = extra_ops(fitted["topk"], fitted["default"], gpu)
     ours_total = {f: sum(r[f] for r in rows if r["ours"]) for f in ("time_s", "kernels", "bytes", "syncs")}
     k, d = tot["topk"], tot["default"]
@@ -597,14 +604,27 @@ def run_shape(name, args, device, gpu):
 
 # -- measured on a GPU ---------------------------------------------------------------------------
 def cuda_measure(name, args, device):
-    """CUDA-event median time of forward + backward and peak memory, TopK vs Default, at the target."""
+    """CUDA-event median time of forward + backward and peak memory, TopK vs Default, at the target;
+    with fewer experts where two layers' weights and gradients would not fit (halved on OOM)."""
     spec = shape_spec(args, name)
-    per_expert = expert_weight_bytes(spec)
+    groups = spec["router"].get("moe_router_num_groups") or 1
     free, _ = torch.cuda.mem_get_info()
-    e = spec["experts"]
-    if 4 * e * per_expert > 0.6 * free:  # two layers' weights and gradients
-        groups = spec["router"].get("moe_router_num_groups") or 1
-        e = max(groups * 2, int(0.6 * free / (4 * per_expert)) // groups * groups)
+    e = min(spec["experts"], int(0.35 * free / (4 * expert_weight_bytes(spec))) // groups * groups)
+    while True:
+        try:
+            return _cuda_measure_at(spec, max(e, min(reduced_experts(spec)[0], spec["experts"])), args, device)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if e <= reduced_experts(spec)[0]:
+                return dict(error="CUDA out of memory at the smallest expert count")
+            e = max(groups, e // 2 // groups * groups)
+        except Exception as err:  # keep the counts of this shape and go on with the next
+            import traceback
+
+            return dict(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-4000:])
+
+
+def _cuda_measure_at(spec, e, args, device):
     config, note = resolve_router(spec, e)
     out = dict(experts=e, tokens=args.target_tokens, note=note, iters=args.iters)
     layers = [build_layer(config, False, device), build_layer(config, True, device)]
@@ -621,6 +641,8 @@ def cuda_measure(name, args, device):
                 times[j].append(start.elapsed_time(end) / 1e3)
     peaks = []
     for layer in layers:
+        for other in layers:
+            other.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         step(layer, x, g)
@@ -628,8 +650,9 @@ def cuda_measure(name, args, device):
         peaks.append(torch.cuda.max_memory_allocated())
     ratios = sorted(b / a for a, b in zip(*times))
     out.update(topk_s=statistics.median(times[0]), default_s=statistics.median(times[1]),
-               ratio_median_paired=statistics.median(ratios), peak_topk=peaks[0], peak_default=peaks[1],
-               note_peak="max_memory_allocated over one step of each, both layers resident")  # fmt: skip
+               ratio_median_paired=statistics.median(ratios), peak_topk=peaks[0] - state_bytes(layers[1]),
+               peak_default=peaks[1] - state_bytes(layers[0]),
+               note_peak="max_memory_allocated over one step of each, minus the other layer's parameters")  # fmt: skip
     del layers
     torch.cuda.empty_cache()
     return out
@@ -670,6 +693,9 @@ def print_shape(r, gpu, top):
               f"{row['phase']} {row['op']:<22} {row['where']}{flags}")
     if "cuda" in r:
         c = r["cuda"]
+        if "error" in c:
+            print(f"   CUDA measured: {c['error']}")
+            return
         print(f"   CUDA measured ({c['tokens']} tokens, {c['experts']} experts): TopK {c['topk_s'] * 1e3:.3f} ms, "
               f"Default {c['default_s'] * 1e3:.3f} ms, ratio {c['ratio_median_paired']:.4f}; peak "
               f"{fmt_bytes(c['peak_topk'])} vs {fmt_bytes(c['peak_default'])}")
@@ -756,21 +782,28 @@ def main(argv=None):
           f"TFLOP/s, {gpu['launch_s'] * 1e6:.0f} µs per kernel launch; time per op = max(bytes/BW, FLOPs/peak) "
           f"+ launches")
     results = []
+    report = dict(machine=machine(), source=source_state(), torch=torch.__version__, gpu=dict(gpu, key=args.gpu),
+                  args=vars(args), free_ops=sorted(FREE_OPS), shapes=results)  # fmt: skip
     for name in args.shapes.split(","):
         r = run_shape(name, args, device, gpu)
         if device.type == "cuda" and not args.no_cuda_timing:
             r["cuda"] = cuda_measure(name, args, device)
+            torch.cuda.empty_cache()
         results.append(r)
         print_shape(r, gpu, args.top)
+        report["free_ops_seen"] = sorted(free_seen)
+        write_json(args.json, report)  # after every shape: a run cut short keeps what it finished
     print(f"\nfree (view/metadata) ops seen, 0 bytes and 0 kernels: {', '.join(sorted(free_seen))}")
-    report = dict(machine=machine(), source=source_state(), torch=torch.__version__, gpu=dict(gpu, key=args.gpu), args=vars(args),
-                  free_ops_seen=sorted(free_seen), free_ops=sorted(FREE_OPS), shapes=results)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
         print(f"wrote {args.json}")
     return report
+
+
+def write_json(path, report):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

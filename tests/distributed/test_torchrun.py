@@ -15,7 +15,9 @@ from helpers import run_isolated, torchrun
 WORKER = os.path.join(os.path.dirname(__file__), "worker.py")
 LAYOUTS_BY_WORLD_SIZE = {
     2: ["ep2", "tp2sp", "etp2", "cp2", "pp2"],
-    4: ["ep4", "dp2xep2", "tp2sp-ep2", "tp2sp-ep2-etp2", "etp2-ep2", "cp2-ep2", "pp2-ep2", "pp2-tp2sp"],
+    4: ["ep4", "dp2xep2", "tp2sp-ep2", "tp2sp-ep2-etp2", "etp2-ep2", "cp2-ep2", "pp2-ep2", "pp2-tp2sp"]
+    # renormalised softmax (Mixtral-like) and sigmoid with expert bias, groups, scale (DeepSeek-V3-like)
+    + [f"{layout}:{router}" for layout in ("dp2xep2", "tp2sp-ep2-etp2") for router in ("renorm", "sigmoid")],
 }
 CHECKS_PER_LAYOUT = 4  # dispatchers (allgather, alltoall) x update modes (microbatch, step)
 

@@ -48,6 +48,7 @@ dispatcher's all-to-all, kernel fusion a compiler might do.
 
 import argparse
 import collections
+import functools
 import json
 import math
 import os
@@ -102,7 +103,6 @@ READ_NOTHING = frozenset({"new_zeros", "new_ones", "new_full", "zeros_like", "on
 PACKAGE = "megatron_default_moe"
 TORCH_DIR = os.path.dirname(torch.__file__)
 STDLIB = os.path.dirname(os.__file__)
-SHIM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE, "testing")
 
 
 # -- counting ------------------------------------------------------------------------------------
@@ -155,9 +155,18 @@ def is_sync(func, args, kwargs) -> bool:
     return False
 
 
+@functools.cache
+def package_dir():
+    """Where the imported ``megatron_default_moe`` lives (an editable checkout or site-packages)."""
+    import megatron_default_moe
+
+    return os.path.dirname(os.path.abspath(megatron_default_moe.__file__))
+
+
 def _skipped(filename):
     """torch, the stdlib and the CPU shim's device mapping own no op: look further out."""
-    return filename.startswith((TORCH_DIR, STDLIB, SHIM_DIR)) or filename.startswith("<")
+    shim = os.path.join(package_dir(), "testing")
+    return filename.startswith((TORCH_DIR, STDLIB, shim)) or filename.startswith("<")
 
 
 def _owner(frames):
@@ -166,8 +175,8 @@ def _owner(frames):
     for filename, line, func in frames:
         if _skipped(filename):
             continue
-        ours = f"{PACKAGE}{os.sep}" in filename
-        short = filename.split(f"{PACKAGE}{os.sep}")[-1] if ours else os.path.basename(filename)
+        ours = filename.startswith(package_dir() + os.sep)
+        short = os.path.relpath(filename, package_dir()) if ours else os.path.basename(filename)
         return ours, f"{short}:{line} {func}"
     return False, "?"
 

@@ -122,6 +122,25 @@ def test_reduced_experts_respects_groups(bench):
     assert low % 8 == 0 and high % 8 == 0 and low // 8 >= 2 and low < high < ds["experts"]
 
 
+def test_rejected_router_falls_back_to_the_papers_for_both(bench, monkeypatch):
+    from megatron_default_moe import DefaultMoEConfig
+
+    ds = bench.SHAPES["deepseek-v3"]
+    config, note = bench.resolve_router(ds, 16)
+    if note is None:  # accepted as shipped: sigmoid, expert bias, groups, scaling kept
+        assert config.moe_router_score_function == "sigmoid" and config.moe_router_topk_scaling_factor == 2.5
+
+    def reject_sigmoid(self, cfg):
+        if cfg.moe_router_score_function != "softmax":
+            raise ValueError("Default MoE does not support --moe-router-score-function='sigmoid'")
+
+    monkeypatch.setattr(DefaultMoEConfig, "validate", reject_sigmoid)
+    config, note = bench.resolve_router(ds, 16)
+    assert "BOTH TopK and Default" in note and "sigmoid" in note
+    assert config.moe_router_score_function == "softmax" and config.moe_router_pre_softmax
+    assert not config.moe_router_enable_expert_bias and config.moe_router_num_groups == 8
+
+
 @pytest.mark.distributed
 def test_tiny_layer_end_to_end(tmp_path):
     """TopK vs Default MoE at a tiny custom shape: Default adds kernels, all figures in the JSON."""

@@ -216,8 +216,7 @@ class CostMode(TorchDispatchMode):
         self.free_seen = set()
 
     def _sweep(self):
-        from torch.multiprocessing.reductions import StorageWeakRef  # noqa: F401 (type)
-
+        """Forget storages that died since the last op (their bytes are free again)."""
         for ptr in [p for p, (ref, _) in self.live.items() if ref.expired()]:
             self.live_bytes -= self.live.pop(ptr)[1]
 

@@ -5,11 +5,16 @@ For a model (or a single MoE layer) and a loss on one batch, ``router_gradient_c
 
 - ``topk``: stock TopK (a Default MoE layer with its default vectors set to zero is exactly TopK);
 - ``default``: Default MoE with the current default vectors (frozen while measuring);
-- ``dense``: every expert on every token, ``y_t = Σ_i π_{t,i} E_i(x_t)`` over all N experts. This
-  is Megatron's own layer with top-k raised to N (full-softmax probs, as in the paper's routing),
-  so it runs through the real dispatcher and expert parallelism.
+- ``dense``: every expert on every token. For softmax with pre-softmax (the paper's routing)
+  ``y_t = c·Σ_i π_{t,i} E_i(x_t)`` over all N experts: Megatron's own layer with top-k raised to
+  N, so it runs through the real dispatcher and expert parallelism. For a renormalised router
+  (softmax after top-k, sigmoid, sqrt-softplus) it is DenseMixer's target: the forward stays the
+  stock TopK one and the gradient is that of ``Σ_i w_{t,i} E_i(x_t)``, with ``w = p`` on the
+  selected experts and ``c·f/sg(S_A)`` on the others (the Default MoE weights with ``E_i(x)`` for
+  ``Ê_i``): a second pass of the same layer runs every expert with those weights as its probs.
 
-and returns the cosine similarity of ``topk`` and ``default`` to ``dense``, per layer. By default
+and returns the cosine similarity of ``topk`` and ``default`` to ``dense``, per layer, and the size
+of the extra router gradient, ``‖default − topk‖ / ‖topk‖``. By default
 each layer is measured in isolation: only that layer's routing changes, every other layer runs as
 built (Default MoE layers with their default term, stock layers as TopK), so the numbers describe
 that layer's gradient estimator and not the forward drift of a whole model switched to dense
@@ -28,7 +33,9 @@ from typing import Callable, Dict, Optional
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_default_moe import functional as F
 from megatron_default_moe.layer import DefaultMoELayer
+from megatron_default_moe.router import default_weights_of
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine similarity of two tensors seen as flat fp64 vectors (0.0 if either is zero)."""
@@ -74,29 +81,73 @@ def _topk_routing(layers):
             layer.default_vectors.copy_(vectors)
 
 
-@contextlib.contextmanager
-def _dense_routing(layers):
-    """Top-k raised to the number of experts in ``layers`` only.
+def _renormalises(layer) -> bool:
+    config = layer.config
+    return F.renormalises(layer.router.score_function, config.moe_router_pre_softmax, layer.router.topk)
 
-    Megatron reads top-k from ``router.topk`` and from the dispatcher's config (``num_out_tokens``),
-    and all layers share one config object: the dispatcher of each dense layer gets its own copy.
-    """
-    saved = []  # (object, attribute, old value)
+
+@contextlib.contextmanager
+def _patched(changes):
+    """Set ``(object, attribute, value)`` triples for the duration, then restore them."""
+    saved = []
     try:
-        for layer in layers:
-            n = layer.config.num_moe_experts
-            dispatcher = layer.token_dispatcher
-            changes = [(layer.router, "topk", n), (dispatcher, "config", copy.copy(dispatcher.config))]
-            if hasattr(dispatcher, "router_topk"):
-                changes.append((dispatcher, "router_topk", n))
-            for obj, attr, value in changes:
-                saved.append((obj, attr, getattr(obj, attr)))
-                setattr(obj, attr, value)
-            dispatcher.config.moe_router_topk = n
+        for obj, attr, value in changes:
+            saved.append((obj, attr, obj.__dict__.get(attr, _MISSING)))
+            setattr(obj, attr, value)
         yield
     finally:
         for obj, attr, old in reversed(saved):
-            setattr(obj, attr, old)
+            if old is _MISSING:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+
+
+_MISSING = object()
+
+
+def _all_experts_dispatch(layer):
+    """The dispatcher of ``layer`` sends every token to all N experts (its own config copy:
+    Megatron reads top-k from the dispatcher's config, and all layers share one config)."""
+    n, dispatcher = layer.config.num_moe_experts, layer.token_dispatcher
+    config = copy.copy(dispatcher.config)
+    config.moe_router_topk = n
+    changes = [(dispatcher, "config", config)]
+    if hasattr(dispatcher, "router_topk"):
+        changes.append((dispatcher, "router_topk", n))
+    return changes
+
+
+def _densemixer_forward(layer):
+    """Forward of ``layer`` as DenseMixer's target: the stock value, the dense mixture's gradient."""
+    forward, routing = layer.forward, layer.router.routing
+
+    def dense_routing(logits, *args, **kwargs):
+        probs_TE, routing_map_TE = routing(logits, *args, **kwargs)
+        weights_TE = default_weights_of(layer.router, logits.view(probs_TE.shape), probs_TE, routing_map_TE)
+        return probs_TE + weights_TE.to(probs_TE.dtype), torch.ones_like(routing_map_TE)
+
+    def dense_forward(hidden_states, *args, **kwargs):
+        with _topk_routing([layer]):
+            stock, bias = forward(hidden_states, *args, **kwargs)
+            with _patched([(layer.router, "routing", dense_routing), *_all_experts_dispatch(layer)]):
+                dense, _ = forward(hidden_states, *args, **kwargs)
+        return stock.detach() + (dense - dense.detach()), bias
+
+    return dense_forward
+
+
+@contextlib.contextmanager
+def _dense_routing(layers):
+    """Every expert on every token in ``layers`` only (see the module docstring for "dense")."""
+    changes = []
+    for layer in layers:
+        if _renormalises(layer):
+            changes.append((layer, "forward", _densemixer_forward(layer)))
+        else:  # top-k raised to N: full-softmax probs over all experts
+            changes += [(layer.router, "topk", layer.config.num_moe_experts), *_all_experts_dispatch(layer)]
+    with _patched(changes):
+        yield
 
 
 def router_gradients(model, loss_fn: Callable, dense=(), topk=()) -> Dict[int, torch.Tensor]:
@@ -124,10 +175,11 @@ def router_gradients(model, loss_fn: Callable, dense=(), topk=()) -> Dict[int, t
 
 
 def router_gradient_cosines(model, loss_fn: Callable, isolate_layers: bool = True) -> Dict[int, Dict[str, Optional[float]]]:
-    """``{layer: {"topk": cos(TopK, dense), "default": cos(Default MoE, dense) or None}}``.
+    """``{layer: {"topk": cos(TopK, dense), "default": cos(Default MoE, dense) or None,
+    "extra_ratio": ‖default − topk‖ / ‖topk‖ or None}}``.
 
-    ``default`` is ``None`` for stock ``MoELayer``s (no default vectors). See the module docstring
-    for ``isolate_layers``.
+    ``default`` and ``extra_ratio`` are ``None`` for stock ``MoELayer``s (no default vectors). See
+    the module docstring for ``isolate_layers``.
     """
     layers = moe_layers(model)
     keys = [_layer_key(layer, i) for i, layer in enumerate(layers)]
@@ -146,9 +198,15 @@ def router_gradient_cosines(model, loss_fn: Callable, isolate_layers: bool = Tru
         k: {
             "topk": cosine(topk[k], dense[k]),
             "default": cosine(as_built[k], dense[k]) if d else None,
+            "extra_ratio": _relative_norm(as_built[k] - topk[k], topk[k]) if d else None,
         }
         for k, d in zip(keys, is_default)
     }
+
+
+def _relative_norm(a: torch.Tensor, b: torch.Tensor) -> float:
+    denom = b.double().norm()
+    return float(a.double().norm() / denom) if denom > 0 else float("inf")
 
 
 def default_vector_stats(defaults_EH: torch.Tensor) -> Dict[str, float]:

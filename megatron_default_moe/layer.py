@@ -129,6 +129,7 @@ class DefaultMoELayer(MoELayer):
     def route(self, hidden_states, padding_mask=None):
         """Route, and decide what this pass does with the default vectors."""
         self._keep_fp32_on(hidden_states.device)
+        self.router.track_extra_grad = self.track_metrics
         if not self.training:
             self._phase = "eval"
         elif self.dm_config.update == "step":

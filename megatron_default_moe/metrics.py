@@ -7,8 +7,9 @@ rank, after all backward passes and after the ``update="step"`` EMA step):
 - ``default_moe_stats(model)``: pure; per layer (global layer number) the mean L2 norm of the
   experts' default vectors, the mean pairwise cosine between the non-zero ones, the number of
   experts the last EMA step updated, the cumulative non-finite skips, and
-  ‖default term‖ / ‖MoE output‖ of the last forward (layers with ``track_metrics``); plus the
-  mean over layers of each.
+  ‖default term‖ / ‖MoE output‖ of the last forward and ‖extra router-logit gradient‖ / ‖stock
+  one‖ of the last backward (layers with ``track_metrics``; this rank's tokens); plus the mean
+  over layers of each.
 - ``log_default_moe_metrics(model, iteration, ...)``: gathers the stats of all pipeline stages
   and writes them, with ``gpu_telemetry()``, through the given writers.
 - ``install_training_hooks(model, log_interval)``: the ``finalize_model_grads_func`` wrappers.
@@ -51,6 +52,9 @@ def layer_stats(layer) -> dict:
         ratio = getattr(layer, "last_term_norm_ratio", None)
         if ratio is not None:
             stats["term_norm_ratio"] = float(ratio)
+        extra = getattr(layer.router, "last_extra_grad_ratio", None)
+        if extra is not None:  # ‖router-logit gradient of the default term‖ / ‖stock one‖
+            stats["extra_router_grad_ratio"] = float(extra)
     return stats
 
 

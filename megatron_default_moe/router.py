@@ -7,6 +7,34 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron_default_moe import functional as F
 
 
+def default_weights_of(router: TopKRouter, logits_TE, probs_TE, routing_map_TE) -> torch.Tensor:
+    """``c·f / sg(N)`` where ``probs_TE`` is 0, for any Megatron ``TopKRouter`` (see the class)."""
+    config = router.config
+    renormalise = F.renormalises(router.score_function, config.moe_router_pre_softmax, router.topk)
+    selected_TE = routing_map_TE
+    if renormalise and config.moe_expert_capacity_factor is not None:
+        with torch.no_grad():  # the top-K set before capacity dropping (same bias and groups)
+            _, selected_TE = topk_routing_with_score_function(
+                logits_TE.detach(),
+                router.topk,
+                use_pre_softmax=config.moe_router_pre_softmax,
+                num_groups=config.moe_router_num_groups,
+                group_topk=config.moe_router_group_topk,
+                scaling_factor=config.moe_router_topk_scaling_factor,
+                score_function=router.score_function,
+                expert_bias=router.expert_bias,
+                fused=config.moe_router_fusion,
+            )
+    return F.default_weights_TE(
+        F.router_scores_TE(logits_TE, router.score_function),
+        probs_TE,
+        selected_TE,
+        scale=config.moe_router_topk_scaling_factor or 1.0,
+        renormalise=renormalise,
+        eps=F.SIGMOID_EPS if router.score_function != "softmax" else 0.0,
+    )
+
+
 class DefaultMoERouter(TopKRouter):
     """TopK routing, plus ``default_weights`` ``[T, E]``: ``c·f / sg(N)`` where the probs are 0.
 
@@ -22,42 +50,33 @@ class DefaultMoERouter(TopKRouter):
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, **kwargs):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kwargs)
         self.default_weights = None
-        self.renormalise = F.renormalises(self.score_function, config.moe_router_pre_softmax, self.topk)
-        self.scale = config.moe_router_topk_scaling_factor or 1.0
-        self.eps = F.SIGMOID_EPS if self.score_function != "softmax" else 0.0
+        self.track_extra_grad = False  # set by the layer on steps whose metrics are logged
+        self.last_extra_grad_ratio = None  # ‖extra logit gradient‖ / ‖stock logit gradient‖
 
-    def _pre_drop_selection_TE(self, logits_TE: torch.Tensor) -> torch.Tensor:
-        """The top-K set before capacity dropping (same scores, bias, groups as Megatron's)."""
-        with torch.no_grad():
-            _, selected_TE = topk_routing_with_score_function(
-                logits_TE,
-                self.topk,
-                use_pre_softmax=self.config.moe_router_pre_softmax,
-                num_groups=self.config.moe_router_num_groups,
-                group_topk=self.config.moe_router_group_topk,
-                scaling_factor=self.config.moe_router_topk_scaling_factor,
-                score_function=self.score_function,
-                expert_bias=self.expert_bias,
-                fused=self.config.moe_router_fusion,
-            )
-        return selected_TE
+    def _watch_extra_gradient(self, logits, logits_TE):
+        """After backward, ``last_extra_grad_ratio``: the default term's share of the logit gradient.
+
+        ``logits_TE`` is a view that only the default weights read, so its gradient is the extra
+        one; ``logits`` receives the extra plus Megatron's own (probs, aux and z losses).
+        """
+        extra = {}
+        logits_TE.register_hook(lambda g: extra.__setitem__("g", g.detach().float()))
+
+        def on_total(g_total):
+            g_extra = extra.get("g", torch.zeros_like(g_total, dtype=torch.float32)).reshape(g_total.shape)
+            stock = (g_total.float() - g_extra).norm()
+            self.last_extra_grad_ratio = float(g_extra.norm() / stock.clamp_min(1e-30))
+
+        logits.register_hook(on_total)
 
     def routing(self, logits: torch.Tensor, padding_mask=None):
         probs_TE, routing_map_TE = super().routing(logits, padding_mask=padding_mask)
-        logits_TE = logits.reshape(probs_TE.shape)
+        logits_TE = logits.view(probs_TE.shape)  # a view of its own (see _watch_extra_gradient)
+        if self.track_extra_grad and logits.requires_grad and torch.is_grad_enabled():
+            self._watch_extra_gradient(logits, logits_TE)
         if padding_mask is not None:
             valid_T1 = ~padding_mask.reshape(-1, 1).bool()
             probs_TE = probs_TE * valid_T1
-        selected_TE = routing_map_TE
-        if self.renormalise and self.config.moe_expert_capacity_factor is not None:
-            selected_TE = self._pre_drop_selection_TE(logits_TE.detach())
-        weights_TE = F.default_weights_TE(
-            F.router_scores_TE(logits_TE, self.score_function),
-            probs_TE,
-            selected_TE,
-            scale=self.scale,
-            renormalise=self.renormalise,
-            eps=self.eps,
-        )
+        weights_TE = default_weights_of(self, logits_TE, probs_TE, routing_map_TE)
         self.default_weights = weights_TE if padding_mask is None else weights_TE * valid_T1
         return probs_TE, routing_map_TE

@@ -381,3 +381,60 @@ def test_still_rejected(override, flag):
     config = family_config("sigmoid_top1", **override)  # Llama-4-like: sigmoid top-1
     with pytest.raises(ValueError, match=flag):
         DefaultMoELayer(config, moe_submodules(8))
+
+
+# -- evidence: the dense target and the size of the extra gradient -----------------------------
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "deepseek_v2", "sqrtsoftplus"])
+def test_default_with_oracle_vectors_is_the_dense_gradient(family):
+    """Invariant 3: with ``Ê_i = E_i(x)`` (all tokens equal to ``x``), Default MoE's router gradient
+    is the dense one: the dense mixture (pre-softmax) or DenseMixer's target (renormalised)."""
+    from megatron_default_moe.diagnostics import router_gradient_cosines, router_gradients
+
+    _, layer = build(family_config(family), DefaultMoEConfig(beta=0.5))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 1, 16, generator=gen).expand(6, 2, 16).contiguous()
+    g = torch.randn(6, 2, 16, generator=gen)
+    with torch.no_grad():
+        for i in range(layer.config.num_moe_experts):
+            layer.default_vectors[i] = ref_expert(layer, i, x[0, 0])
+
+    def loss_fn(model):
+        return (model(x)[0] * g).sum()
+
+    cos = router_gradient_cosines(layer, loss_fn)[0]
+    assert cos["default"] == pytest.approx(1.0, abs=1e-6)
+    assert cos["topk"] < 0.999 and cos["extra_ratio"] > 0
+    # and the dense target itself, from the reference: w = p on A, c·f/sg(N) elsewhere
+    dense = router_gradients(layer, loss_fn, dense=[layer])[0]
+    x_TH = x.reshape(-1, 16)
+    f, mask, p, c, N = ref_routing(layer, x_TH)
+    E = torch.stack([ref_expert(layer, i, x_TH) for i in range(layer.config.num_moe_experts)], 1).detach()
+    w = p + c * f / N.detach() * ~mask
+    want = torch.autograd.grad((torch.einsum("te,teh->th", w, E) * g.reshape(-1, 16)).sum(), layer.router.weight)[0]
+    torch.testing.assert_close(dense, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_extra_router_gradient_ratio_is_logged(family):
+    """``last_extra_grad_ratio`` = ‖extra logit gradient‖ / ‖stock logit gradient‖, from hooks."""
+    from megatron_default_moe.metrics import layer_stats
+
+    stock, layer = build(family_config(family), DefaultMoEConfig(beta=0.5))
+    grads = {}
+    for name, module in (("stock", stock), ("default", layer)):
+        routing = module.router.routing
+
+        def capture(logits, *args, name=name, routing=routing, **kwargs):
+            logits.register_hook(lambda gr: grads.__setitem__(name, gr.clone()))
+            return routing(logits, *args, **kwargs)
+
+        module.router.routing = capture
+    x, g = inputs(0)
+    run(layer, x, g)  # a first step: Ê is set before use, the term is already there
+    layer.track_metrics = True
+    run(stock, x, g)
+    run(layer, x, g)
+    want = (grads["default"] - grads["stock"]).norm() / grads["stock"].norm()
+    assert float(want) > 0
+    assert layer.router.last_extra_grad_ratio == pytest.approx(float(want), rel=1e-4)
+    assert layer_stats(layer)["extra_router_grad_ratio"] == pytest.approx(float(want), rel=1e-4)

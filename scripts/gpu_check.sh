@@ -17,7 +17,7 @@
 # Every step has its own timeout and the whole run a budget (BUDGET_S, default 450 s); a failing
 # step is recorded and the next one still runs. The exit status is that of the cost benchmark.
 # COST_ARGS (extra benchmark_cost.py flags, e.g. "--shapes paper-8c1") and TESTS (test files)
-# narrow a run; PYTHON picks the interpreter (default python3).
+# narrow a run; PYTHON picks the interpreter (default: python3 or python, whichever imports torch).
 # shellcheck disable=SC2317  # the functions run through run_step's `bash -c`, which shellcheck cannot follow
 set -uo pipefail
 
@@ -25,7 +25,14 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 1
 OUT_DIR=${1:-${OUT:-$ROOT/out/gpu_check}}
 WHEELS=${WHEELS_DIR:-$ROOT/wheels}
-PY=${PYTHON:-python3}
+# the interpreter that has torch: $PYTHON, else the first of python3 / python that imports it
+PY=${PYTHON:-}
+if [[ -z "$PY" ]]; then
+  for candidate in python3 python; do
+    if "$candidate" -c "import torch" >/dev/null 2>&1; then PY=$candidate && break; fi
+  done
+  PY=${PY:-python3}
+fi
 BUDGET_S=${BUDGET_S:-450}
 SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/megatron-default-moe-gpu-site}
 mkdir -p "$OUT_DIR" "$SITE"

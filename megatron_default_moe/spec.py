@@ -10,12 +10,15 @@ block spec. Nothing else in the spec is touched, and the input is never mutated.
 import copy
 import dataclasses
 import functools
+import logging
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_default_moe.config import DefaultMoEConfig
 from megatron_default_moe.layer import DefaultMoELayer, with_default_moe_router
+
+logger = logging.getLogger(__name__)
 
 
 def _is_moe_class(module) -> bool:
@@ -104,8 +107,14 @@ def default_moe_spec(model_config, vp_stage=None, dm_config: DefaultMoEConfig = 
     """
     from megatron_default_moe.compat import gpt_decoder_block_spec, transformer_config_of
 
+    config = transformer_config_of(model_config)
+    if config.mtp_num_layers and getattr(config, "default_moe", None) is None:
+        logger.warning(
+            "Default MoE spec: --mtp-num-layers is set, but Megatron builds the MTP layers from its "
+            "own default specs, so their MoE layers stay TopK on the --spec route; "
+            "examples/pretrain_gpt_default_moe.py --moe-default-vectors makes them Default MoE."
+        )
     if dm_config is None:
-        dm_config = getattr(transformer_config_of(model_config), "default_moe", None)
-        dm_config = dm_config or DefaultMoEConfig()
+        dm_config = getattr(config, "default_moe", None) or DefaultMoEConfig()
     block_spec = gpt_decoder_block_spec(model_config, vp_stage=vp_stage)
     return to_default_moe_spec(block_spec, dm_config)

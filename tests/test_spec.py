@@ -76,3 +76,18 @@ def test_layer_spec_and_moduled_spec_forms():
     new = to_default_moe_spec(old_style)
     assert new.module is DefaultMoELayer and new.submodules.router is DefaultMoERouter
     assert isinstance(new.params["dm_config"], DefaultMoEConfig)
+
+
+def test_spec_route_with_mtp_says_the_mtp_layers_stay_topk(caplog):
+    """``--spec ... default_moe_spec`` cannot reach the MTP layers Megatron builds itself: it says so."""
+    import logging
+
+    config = moe_config(num_layers=2, moe_layer_freq=[0, 1], transformer_impl="local", mtp_num_layers=1)
+    with caplog.at_level(logging.WARNING, logger="megatron_default_moe.spec"):
+        default_moe_spec(config)
+    assert any("--mtp-num-layers" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    config.default_moe = DefaultMoEConfig()  # the entry script's route rewrites the MTP spec itself
+    with caplog.at_level(logging.WARNING, logger="megatron_default_moe.spec"):
+        default_moe_spec(config)
+    assert not caplog.records

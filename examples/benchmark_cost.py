@@ -347,7 +347,7 @@ def build_layer(config, default_moe: bool, device, seed=1234):
 
 
 def weights_fingerprint(layer):
-    return [float(p.float().sum()) for p in layer.parameters()][:4]
+    return [float(p.float().sum()) for _, p in zip(range(4), layer.parameters())]
 
 
 def state_bytes(module):

@@ -4,15 +4,15 @@
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]     # default: $OUT (the device tool's folder), else out/gpu_check
 #
-# In about 5 of its 8 minutes it:
+# Within BUDGET_S (450 s, inside the 8 minutes) it, most important first:
 #   1. records the machine (python, torch, CUDA, GPU);
 #   2. installs megatron-core 0.19.2 (and pytest, numpy, psutil where missing) from wheels/ into a
 #      private --target folder on PYTHONPATH: no venv, no network, the system's torch untouched;
-#   3. runs the layer and distributed-free tests as they are built (CPU shim, GPU hidden), and
-#      the layer tests again with the GPU visible (informational: the suite is CPU by construction);
-#   4. runs examples/benchmark_cost.py on CUDA at the three shapes: the op counts, plus CUDA-event
+#   3. runs examples/benchmark_cost.py on CUDA at the three shapes: the op counts, plus CUDA-event
 #      times and torch.cuda.max_memory_allocated of TopK vs Default MoE at 16,384 tokens;
-#   5. runs examples/benchmark_scale.py on those layer times;
+#   4. runs examples/benchmark_scale.py on those layer times;
+#   5. runs the layer and distributed-free tests as they are built (CPU shim, GPU hidden), and
+#      the layer tests again with the GPU visible (informational: the suite is CPU by construction);
 #   6. writes everything into OUT_DIR/gpu_check.json (plus the logs beside it).
 # Every step has its own timeout and the whole run a budget (BUDGET_S, default 450 s); a failing
 # step is recorded and the next one still runs. The exit status is that of the cost benchmark.
@@ -117,17 +117,17 @@ run_step machine 30 machine
 run_step install 60 install_wheels
 if [[ -n "${TESTS:-}" ]]; then read -r -a LAYER_TESTS <<<"$TESTS" && COST_TESTS=(); fi
 read -r -a cost_args <<<"${COST_ARGS:-}"
-run_step tests_cpu 150 env CUDA_VISIBLE_DEVICES="" "$PY" -m pytest -q -p no:cacheprovider \
-  --junitxml="$OUT_DIR/tests_cpu.xml" "${LAYER_TESTS[@]}" "${COST_TESTS[@]}"
-run_step tests_gpu_visible 90 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests_gpu_visible.xml" \
-  "${LAYER_TESTS[@]}"
 cost_rc=0
-run_step cost 300 "$PY" examples/benchmark_cost.py --gpu h200 --max-expert-gb 48 --json "$OUT_DIR/cost.json" \
+run_step cost 330 "$PY" examples/benchmark_cost.py --gpu h200 --max-expert-gb 48 --json "$OUT_DIR/cost.json" \
   "${cost_args[@]}" || cost_rc=$?
 if [[ -f "$OUT_DIR/cost.json" ]]; then
   run_step scale 30 "$PY" examples/benchmark_scale.py --cost-json "$OUT_DIR/cost.json" --json "$OUT_DIR/scale.json"
 fi
 
+run_step tests_cpu 150 env CUDA_VISIBLE_DEVICES="" "$PY" -m pytest -q -p no:cacheprovider \
+  --junitxml="$OUT_DIR/tests_cpu.xml" "${LAYER_TESTS[@]}" "${COST_TESTS[@]}"
+run_step tests_gpu_visible 90 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests_gpu_visible.xml" \
+  "${LAYER_TESTS[@]}"
 "$PY" - "$OUT_DIR" <<'EOF'
 import json, os, sys, xml.etree.ElementTree as ET
 out = sys.argv[1]

@@ -38,6 +38,19 @@ from functools import partial
 import torch
 
 
+# routing family -> (what it stands for, TransformerConfig routing fields; ROUTERS.md §2)
+ROUTERS = {
+    "paper": ("softmax with pre-softmax (OLMoE, Qwen2, paper)",
+              dict(moe_router_score_function="softmax", moe_router_pre_softmax=True)),
+    "mixtral": ("softmax after top-k, renormalised (Mixtral, Qwen3, GPT-OSS)",
+                dict(moe_router_score_function="softmax", moe_router_pre_softmax=False)),
+    "deepseek-v3": ("sigmoid, expert bias, groups 4/2, scaling 2.5, a shared expert (DeepSeek-V3, Kimi, GLM)",
+                    dict(moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
+                         moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-3,
+                         moe_router_num_groups=4, moe_router_group_topk=2, moe_router_topk_scaling_factor=2.5)),
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("run")
@@ -52,6 +65,8 @@ def parse_args(argv=None):
     g.add_argument("--no-plot", action="store_true")
     g.add_argument("--no-diagnostics", action="store_true")
     g = p.add_argument_group("model")
+    g.add_argument("--router", default="paper", choices=sorted(ROUTERS),
+                   help="routing family: " + "; ".join(f"{k}: {v[0]}" for k, v in sorted(ROUTERS.items())))
     g.add_argument("--layers", type=int, default=4)
     g.add_argument("--hidden", type=int, default=128)
     g.add_argument("--heads", type=int, default=4)
@@ -71,7 +86,7 @@ def parse_args(argv=None):
     g.add_argument("--moe-default-ema-beta", type=float, default=0.9)
     g.add_argument("--moe-default-ema-weighting", default="uniform", choices=("uniform", "router"))
     g.add_argument("--moe-default-update", default="microbatch", choices=("microbatch", "step"))
-    g.add_argument("--moe-default-mode", default="forward", choices=("forward", "backward-only"))
+    g.add_argument("--moe-default-mode", default="auto", choices=("auto", "forward", "backward-only"))
     return p.parse_args(argv)
 
 
@@ -132,8 +147,8 @@ def transformer_config(args):
         moe_ffn_hidden_size=args.moe_ffn or int(2.75 * args.hidden),
         moe_router_topk=args.topk,
         moe_layer_freq=moe_layers,
-        moe_router_score_function="softmax",
-        moe_router_pre_softmax=True,  # the paper's routing: raw full-softmax weights, no renorm
+        **ROUTERS[args.router][1],
+        moe_shared_expert_intermediate_size=args.hidden if args.router == "deepseek-v3" else None,
         moe_router_load_balancing_type="global_aux_loss",
         moe_aux_loss_coeff=args.aux_loss,
         moe_token_dispatcher_type=args.dispatcher,
@@ -407,9 +422,10 @@ def cosine_table(steps, runs):
         rows.append(f"{s:>5} | " + " | ".join(cells))
     later = [s for s in steps if s > 0] or steps
     mean = [sum(c[s][n][v] for s in later for n in layers) / (len(later) * len(layers))
-            for c, v in ((topk.cosines, "topk"), (dm.cosines, "topk"), (dm.cosines, "default"))]
+            for c, v in ((topk.cosines, "topk"), (dm.cosines, "topk"), (dm.cosines, "default"),
+                         (dm.cosines, "extra_ratio"))]
     rows.append(f"{'mean':>5} | T:topk {mean[0]:.3f}, D:topk {mean[1]:.3f}, D:dflt {mean[2]:.3f} "
-                f"(checkpoints after step 0, all layers)")
+                f"(checkpoints after step 0, all layers); extra router gradient ‖D−T‖/‖T‖ {mean[3]:.3f}")
     return "\n".join(rows)
 
 
@@ -538,7 +554,7 @@ def main():
     world = torch.distributed.get_world_size()
     per_step = args.micro_batch * args.micro_batches * parallel_state.get_data_parallel_world_size()
     log(f"Megatron-Core GPTModel MoE: {args.layers} layers (first dense: {bool(args.first_layer_dense)}), "
-        f"hidden {args.hidden}, {args.experts} experts top-{args.topk}, "
+        f"hidden {args.hidden}, {args.experts} experts top-{args.topk}, router {args.router}, "
         f"{sum(p.numel() for p in runs[0].module.parameters())} parameters on rank 0; "
         f"{world} ranks, EP={args.ep}, {device.type}; {per_step} x {args.seq_len} byte tokens per step; "
         f"Default MoE: beta={args.moe_default_ema_beta}, update={args.moe_default_update}, "

@@ -44,7 +44,7 @@ PAPER_8E_TOP1_ARGS=(
     --moe-default-ema-beta 0.9
     --moe-default-ema-weighting uniform
     --moe-default-update microbatch
-    --moe-default-mode forward
+    --moe-default-mode auto  # = forward for this router (softmax with pre-softmax)
     # Optimisation.
     --micro-batch-size 4
     --global-batch-size 256

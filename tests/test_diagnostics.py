@@ -184,3 +184,43 @@ def test_plot_writes_png(tmp_path):
     path = tmp_path / "cos.png"
     plot_router_gradient_cosines(history, str(path))
     assert path.stat().st_size > 1000
+
+
+# -- default-vector bias ------------------------------------------------------------------------------
+def test_default_vector_bias_matches_hand_computation(megatron_cpu):
+    from megatron_default_moe.diagnostics import default_vector_bias, expert_output_moments
+
+    config = moe_config(num_moe_experts=4, moe_router_topk=1)
+    _, layer = build_layers(config, DefaultMoEConfig(beta=0.5), seed=11)
+    torch.manual_seed(12)
+    layer.default_vectors.copy_(torch.randn_like(layer.default_vectors))
+    x = torch.randn(16, 2, 16)
+    got = default_vector_bias(layer, lambda m: m(x))[0]
+    moments = expert_output_moments(layer, lambda m: m(x))[0]
+
+    # By hand: TopK selection from the router's softmax, every expert on every token.
+    x_TH = x.reshape(-1, 16)
+    with torch.no_grad():
+        chosen_T = torch.softmax(x_TH @ layer.router.weight.T, dim=-1).argmax(-1)
+        o_ETH = torch.stack([e(x_TH, torch.ones(32))[0] for e in layer.experts.local_experts]).double()
+    d_EH = layer.default_vectors.double()
+    bias, gap, cos = [], [], []
+    for e in range(4):
+        un, ch = o_ETH[e][chosen_T != e], o_ETH[e][chosen_T == e]
+        torch.testing.assert_close(moments["unchosen_mean"][e], un.mean(0))
+        assert int(moments["unchosen_count"][e]) == len(un) and int(moments["chosen_count"][e]) == len(ch)
+        if len(ch) == 0:
+            continue
+        spread = (un - un.mean(0)).pow(2).sum(-1).mean().sqrt()
+        bias.append(float((d_EH[e] - un.mean(0)).norm() / spread))
+        gap.append(float((ch.mean(0) - un.mean(0)).norm() / spread))
+        cos.append(float(torch.nn.functional.cosine_similarity(d_EH[e], un.mean(0), dim=0)))
+    assert got["experts"] == len(bias) >= 2
+    assert got["bias"] == pytest.approx(sum(bias) / len(bias), rel=1e-6)
+    assert got["selection_gap"] == pytest.approx(sum(gap) / len(gap), rel=1e-6)
+    assert got["cosine"] == pytest.approx(sum(cos) / len(cos), rel=1e-6)
+    assert layer.training and all(p.grad is None for p in layer.parameters())
+
+    # Ê set to the unchosen mean: no bias left.
+    layer.default_vectors.copy_(moments["unchosen_mean"].float())
+    assert default_vector_bias(layer, lambda m: m(x))[0]["bias"] < 1e-5

@@ -351,8 +351,9 @@ def test_paper_flag_set_is_valid_for_megatron_and_default_moe(monkeypatch):
         model_cfg = configure_gpt_model_config(gpt_config_from_args(args), dm)  # validates
     finally:
         unset_global_variables()
-    assert dm == DefaultMoEConfig(beta=0.9, ema_weighting="uniform", update="microbatch", mode="forward")
+    assert dm == DefaultMoEConfig(beta=0.9, ema_weighting="uniform", update="microbatch", mode="auto")
     tc = model_cfg.transformer
+    assert dm.resolved_mode(tc) == "forward"  # softmax with pre-softmax: the paper's Eq. 11
     assert (tc.num_moe_experts, tc.moe_router_topk, tc.moe_router_pre_softmax) == (8, 1, True)
     assert tc.moe_router_score_function == "softmax" and tc.moe_expert_capacity_factor is None
     assert tc.moe_layer_freq == [0] + [1] * 15

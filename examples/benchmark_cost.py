@@ -234,7 +234,12 @@ class CostMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        if func is torch.ops.aten.mm.dtype and args[0].device.type == "cpu":
+            # CUDA's one-kernel bf16 x bf16 -> fp32 matmul has no CPU kernel: computed here via
+            # fp32 copies, counted as the single kernel (and bytes) it is on a GPU.
+            out = torch.mm(args[0].float(), args[1].float())
+        else:
+            out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         node = torch._C._current_autograd_node()
         phase = "bwd" if node is not None else "fwd"

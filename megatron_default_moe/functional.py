@@ -10,20 +10,19 @@ pre-drop top-K, and ``c`` the top-k scaling factor. Forward of one layer, as the
 
 1. ``default_weights_TE``: ``w = c·f / sg(N)`` on every pair whose prob is zero (not routed,
    dropped by a capacity factor, padding). Gradient flows into ``f``.
-2. ``expert_output_stats_EH1``: per expert, the sum of unweighted outputs ``o = out / p`` and a count
-   (``uniform``), or the sum of router-weighted outputs ``p * o = out`` and ``Σ p`` (``router``).
+2. ``expert_output_stats_EH1`` (``statistics.py``): per expert, the sum of unweighted outputs
+   ``o = out / p`` and a count (``uniform``), or the sum of router-weighted outputs ``p * o = out``
+   and ``Σ p`` (``router``), in one matmul over the expert output.
 3. ``ema_update_``: ``Ê_i ← β Ê_i + (1-β) sum_i / count_i`` for experts with ``count_i > 0`` and
    finite statistics.
-4. ``default_term_TH``: ``w @ sg(Ê)``, added to the TopK output (``forward`` mode: only where the
-   mixture mass stays ``c``, softmax with pre-softmax), or added with its value removed
-   (``backward-only``: gradient only; the forward is the stock layer's).
+4. ``add_default_term``: ``w @ sg(Ê)`` added to the TopK output in one ``addmm`` (``forward`` mode:
+   only where the mixture mass stays ``c``, softmax with pre-softmax), or only its gradient
+   (``backward-only``: the forward is the stock layer's, bit for bit).
 """
-
-from typing import Sequence, Union
 
 import torch
 
-EMA_WEIGHTINGS = ("uniform", "router")
+from megatron_default_moe.statistics import EMA_WEIGHTINGS, expert_output_stats_EH1, mm_fp32  # noqa: F401
 MODES = ("auto", "forward", "backward-only")
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 SIGMOID_EPS = 1e-20  # Megatron's epsilon in the sigmoid / sqrt-softplus normaliser
@@ -51,9 +50,9 @@ def forward_mode_allowed(score_function: str, pre_softmax: bool) -> bool:
 
 def router_scores_TE(logits_TE: torch.Tensor, score_function: str) -> torch.Tensor:
     """Megatron's unbiased router score ``f`` of every pair, fp32 (differentiable in the logits)."""
-    z_TE = logits_TE.float()
     if score_function == "softmax":
-        return torch.softmax(z_TE, dim=-1)
+        return torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    z_TE = logits_TE.float()
     if score_function == "sigmoid":
         return torch.sigmoid(z_TE)
     if score_function == "sqrtsoftplus":
@@ -75,83 +74,62 @@ def default_weights_TE(
     A dropped pair so gets exactly the prob it lost. ``N`` is detached (DenseMixer's rule), so
     selected experts' router gradients keep their stock form.
     """
-    weights_TE = scores_TE * scale
+    weights_TE = scores_TE
     if renormalise:
-        norm_T1 = (scores_TE.detach() * selected_TE).sum(dim=-1, keepdim=True) + eps
-        weights_TE = weights_TE / norm_T1
-    return weights_TE * (probs_TE.detach() == 0)
-
-
-def row_expert_ids_R(
-    tokens_per_expert: Union[torch.Tensor, Sequence[int]], first_expert: int, device
-) -> torch.Tensor:
-    """Global expert id of every row the local experts processed, in dispatcher order."""
-    if isinstance(tokens_per_expert, torch.Tensor):
-        counts = tokens_per_expert.to(device=device, dtype=torch.long)
-    else:
-        counts = torch.tensor(list(tokens_per_expert), dtype=torch.long, device=device)
-    ids = torch.arange(first_expert, first_expert + counts.numel(), device=device)
-    return torch.repeat_interleave(ids, counts)
-
-
-def expert_output_stats_EH1(
-    out_RH: torch.Tensor,
-    probs_R: torch.Tensor,
-    expert_ids_R: torch.Tensor,
-    num_experts: int,
-    weighting: str = "uniform",
-    count_rows: bool = True,
-) -> torch.Tensor:
-    """Per-expert ``[sum | count]`` of this rank's expert outputs, fp32 ``[E, H+1]``.
-
-    ``out_RH`` is what the experts return: already multiplied by the routing prob ``p`` of its row.
-    Rows with ``p == 0`` are padding and ignored. ``count_rows=False`` leaves the count column zero
-    (expert-tensor-parallel ranks other than the first hold partial sums of rows counted elsewhere).
-    """
-    out_RH = out_RH.detach().float()
-    probs_R = probs_R.detach().float().reshape(-1)
-    valid_R = probs_R != 0
-    out_RH, probs_R, expert_ids_R = out_RH[valid_R], probs_R[valid_R], expert_ids_R[valid_R]
-    stats_EH1 = out_RH.new_zeros(num_experts, out_RH.shape[-1] + 1)
-    if weighting == "uniform":
-        sums_RH, weight_R = out_RH / probs_R.unsqueeze(-1), torch.ones_like(probs_R)
-    elif weighting == "router":
-        sums_RH, weight_R = out_RH, probs_R
-    else:
-        raise ValueError(f"ema_weighting must be one of {EMA_WEIGHTINGS}, got {weighting!r}")
-    if not count_rows:
-        weight_R = torch.zeros_like(weight_R)
-    stats_EH1.index_add_(0, expert_ids_R, torch.cat([sums_RH, weight_R.unsqueeze(-1)], dim=-1))
-    return stats_EH1
+        norm_T1 = (scores_TE.detach() * selected_TE).sum(dim=-1, keepdim=True).add_(eps)
+        weights_TE = weights_TE * (scale / norm_T1)
+    elif scale != 1.0:
+        weights_TE = weights_TE * scale
+    return weights_TE.masked_fill(probs_TE.detach() != 0, 0.0)
 
 
 def ema_update_(defaults_EH: torch.Tensor, stats_EH1: torch.Tensor, beta: float):
     """In place ``Ê ← β Ê + (1-β) mean`` for experts with tokens and finite statistics.
 
     Returns ``(updated_E, nonfinite_E)`` boolean masks. Experts with no tokens, or whose statistics
-    hold a NaN/Inf (a loss spike), keep their vector.
+    hold a NaN/Inf (a loss spike), keep their vector (bit for bit: their lerp adds zero).
     """
-    sums_EH, counts_E = stats_EH1[:, :-1], stats_EH1[:, -1]
-    finite_E = torch.isfinite(stats_EH1).all(dim=-1)
-    has_tokens_E = counts_E > 0
-    updated_E = has_tokens_E & finite_E
-    means_EH = sums_EH / counts_E.clamp_min(torch.finfo(counts_E.dtype).tiny).unsqueeze(-1)
-    new_EH = beta * defaults_EH + (1.0 - beta) * means_EH
-    defaults_EH.copy_(torch.where(updated_E.unsqueeze(-1), new_EH, defaults_EH))
-    return updated_E, has_tokens_E & ~finite_E
+    counts_E1 = stats_EH1[:, -1:]
+    row_sums_E1 = stats_EH1.sum(dim=-1, keepdim=True)  # a NaN/Inf anywhere in the row shows here
+    finite_E1 = (row_sums_E1 - row_sums_E1) == 0
+    has_tokens_E1 = counts_E1 > 0
+    updated_E1 = has_tokens_E1 & finite_E1
+    means_EH = torch.where(updated_E1, stats_EH1[:, :-1] / counts_E1, defaults_EH)
+    defaults_EH.lerp_(means_EH, 1.0 - beta)
+    return updated_E1.squeeze(-1), (has_tokens_E1 > finite_E1).squeeze(-1)  # > : tokens, not finite
 
 
 def default_term_TH(weights_TE: torch.Tensor, defaults_snapshot_EH: torch.Tensor) -> torch.Tensor:
-    """``Σ_{i∈D_t} w_{t,i} sg(Ê_i)``: gradient reaches the router weights, never ``Ê``."""
-    return weights_TE @ defaults_snapshot_EH.detach()
+    """``Σ_{i∈D_t} w_{t,i} sg(Ê_i)``, on its own (metrics and references; the layer fuses it)."""
+    return weights_TE @ defaults_snapshot_EH.detach().to(weights_TE.dtype)
 
 
-def add_default_term(y_TH: torch.Tensor, term_TH: torch.Tensor, mode: str) -> torch.Tensor:
-    """Add the default term in ``forward`` mode, or only its gradient in ``backward-only`` mode
-    (``auto`` must be resolved to one of those by the caller, see ``DefaultMoEConfig``)."""
-    term_TH = term_TH.to(y_TH.dtype)
-    if mode == "forward":
-        return y_TH + term_TH
-    if mode == "backward-only":
-        return y_TH + (term_TH - term_TH.detach())
-    raise ValueError(f"mode must be 'forward' or 'backward-only' here, got {mode!r}")
+class _DefaultTerm(torch.autograd.Function):
+    """``y + w @ Ê`` in one ``addmm`` (forward mode) or ``y`` itself (backward-only); either way the
+    backward passes ``dL/dy`` through and gives ``dL/dw = dL/dy @ Êᵀ``, nothing to ``Ê``."""
+
+    @staticmethod
+    def forward(ctx, y_TH, weights_TE, defaults_EH, add_to_forward):
+        ctx.save_for_backward(defaults_EH)
+        ctx.weights_dtype = weights_TE.dtype
+        if add_to_forward:
+            return torch.addmm(y_TH, weights_TE.to(y_TH.dtype), defaults_EH)
+        return y_TH  # returned as is, like Megatron's MoEAuxLossAutoScaler: no kernel
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        (defaults_EH,) = ctx.saved_tensors
+        grad_w_TE = None
+        if ctx.needs_input_grad[1]:
+            grad_w_TE = mm_fp32(grad_TH, defaults_EH.t()).to(ctx.weights_dtype)
+        return grad_TH, grad_w_TE, None, None
+
+
+def add_default_term(y_TH: torch.Tensor, weights_TE: torch.Tensor, defaults_EH: torch.Tensor, mode: str):
+    """``y`` plus the default term ``w @ sg(Ê)`` (``forward``), or plus only its gradient
+    (``backward-only``; the forward value is ``y`` bit for bit). ``defaults_EH`` should already be
+    in ``y``'s dtype (the layer casts its fp32 snapshot once per pass)."""
+    if mode not in ("forward", "backward-only"):
+        raise ValueError(f"mode must be 'forward' or 'backward-only' here, got {mode!r}")
+    defaults_EH = defaults_EH.detach().to(y_TH.dtype)
+    return _DefaultTerm.apply(y_TH, weights_TE, defaults_EH, mode == "forward")

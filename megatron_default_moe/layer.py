@@ -144,11 +144,11 @@ class DefaultMoELayer(MoELayer):
         """Expert rank: per-expert statistics of this micro-batch, reduced or accumulated."""
         if self._phase not in ("update", "accumulate"):
             return
-        expert_ids_R = F.row_expert_ids_R(tokens_per_expert, self.local_expert_indices[0], out_RH.device)
         stats_EH1 = F.expert_output_stats_EH1(
             out_RH,
             probs_R,
-            expert_ids_R,
+            tokens_per_expert,
+            self.local_expert_indices[0],
             self.config.num_moe_experts,
             weighting=self.dm_config.ema_weighting,
             count_rows=self.counts_rows,
@@ -167,10 +167,10 @@ class DefaultMoELayer(MoELayer):
         """EMA step from statistics already reduced over the stage (identical on every rank)."""
         with torch.no_grad():
             updated_E, nonfinite_E = F.ema_update_(self.default_vectors, stats_EH1, self.dm_config.beta)
-        self.nonfinite_skips += nonfinite_E.long()
+        self.nonfinite_skips += nonfinite_E
         self.experts_updated = updated_E
 
-    def _snapshot_for_this_pass(self):
+    def _snapshot_for_this_pass(self, dtype):
         if self._phase == "recompute":
             return self._recompute_snapshots.popleft()
         if self._phase == "update":
@@ -180,7 +180,7 @@ class DefaultMoELayer(MoELayer):
             if work is not None:
                 work.wait()
             self.apply_ema(stats_EH1)
-        snapshot_EH = self.default_vectors.detach().clone()
+        snapshot_EH = self.default_vectors.detach().to(dtype, copy=True)  # cast once per pass
         if self._phase == "update" and not torch.is_grad_enabled():
             self._recompute_snapshots.append(snapshot_EH)  # first pass of activation recompute
         return snapshot_EH
@@ -189,12 +189,13 @@ class DefaultMoELayer(MoELayer):
         """Combined TopK output plus the default term, on the token's home rank."""
         output = super().postprocess(output, shared_expert_output)
         weights_TE, self.router.default_weights = self.router.default_weights, None
-        term_TH = F.default_term_TH(weights_TE, self._snapshot_for_this_pass())
-        term = term_TH.view(output.shape)
+        snapshot_EH = self._snapshot_for_this_pass(output.dtype)
+        y_TH = output.view(-1, output.shape[-1])
         if self.track_metrics:
             with torch.no_grad():
-                self.last_term_norm_ratio = term.norm() / output.float().norm().clamp_min(1e-30)
-        return F.add_default_term(output, term, self.mode)
+                term_TH = F.default_term_TH(weights_TE, snapshot_EH.float())
+                self.last_term_norm_ratio = term_TH.norm() / y_TH.float().norm().clamp_min(1e-30)
+        return F.add_default_term(y_TH, weights_TE, snapshot_EH, self.mode).view(output.shape)
 
     # -- step mode -----------------------------------------------------------------------------
     def take_step_stats(self) -> torch.Tensor:

@@ -47,14 +47,12 @@ def functional_layer(x_TH, router_EH, experts, topk, defaults_EH, beta, weightin
     out_RH = torch.stack([experts[e](x_TH[t]) for t, e in zip(token_R.tolist(), expert_R.tolist())])
     out_RH = out_RH * probs_R.unsqueeze(-1)
     tokens_per_expert = torch.bincount(expert_R, minlength=len(experts))
-    ids_R = F.row_expert_ids_R(tokens_per_expert, 0, x_TH.device)
-    assert torch.equal(ids_R, expert_R)
-    stats = F.expert_output_stats_EH1(out_RH, probs_R, ids_R, len(experts), weighting)
+    stats = F.expert_output_stats_EH1(out_RH, probs_R, tokens_per_expert, 0, len(experts), weighting)
     new_EH = defaults_EH.clone()
     F.ema_update_(new_EH, stats, beta)
     y_topk = torch.zeros_like(x_TH).index_add(0, token_R, out_RH)
     w_TE = F.default_weights_TE(F.router_scores_TE(logits_TE, "softmax"), probs_TE)
-    y = F.add_default_term(y_topk, F.default_term_TH(w_TE, new_EH), mode)
+    y = F.add_default_term(y_topk, w_TE, new_EH, mode)
     return y, new_EH, y_topk
 
 
@@ -133,13 +131,11 @@ def test_nonfinite_statistics_skip_the_expert():
 def test_stats_skip_padding_rows_and_count_once_under_expert_tp():
     out = torch.tensor([[2.0, 2.0], [9.0, 9.0], [1.0, 3.0]])
     probs = torch.tensor([0.5, 0.0, 0.25])  # row 1 is capacity padding
-    ids = F.row_expert_ids_R([2, 1], first_expert=2, device="cpu")
-    assert ids.tolist() == [2, 2, 3]
-    stats = F.expert_output_stats_EH1(out, probs, ids, num_experts=4)
+    stats = F.expert_output_stats_EH1(out, probs, [2, 1], first_expert=2, num_experts=4)
     torch.testing.assert_close(stats, torch.tensor([[0, 0, 0], [0, 0, 0], [4, 4, 1], [4, 12, 1.0]]))
-    partial = F.expert_output_stats_EH1(out, probs, ids, num_experts=4, count_rows=False)
+    partial = F.expert_output_stats_EH1(out, probs, [2, 1], first_expert=2, num_experts=4, count_rows=False)
     assert torch.equal(partial[:, :2], stats[:, :2]) and not partial[:, 2].any()
-    router = F.expert_output_stats_EH1(out, probs, ids, num_experts=4, weighting="router")
+    router = F.expert_output_stats_EH1(out, probs, [2, 1], first_expert=2, num_experts=4, weighting="router")
     torch.testing.assert_close(router[2:], torch.tensor([[2, 2, 0.5], [1, 3, 0.25]]))
 
 
@@ -147,7 +143,7 @@ def test_backward_only_mode_changes_gradient_not_value():
     y = torch.randn(3, 2)
     w = torch.rand(3, 4, requires_grad=True)
     defaults = torch.randn(4, 2)
-    out = F.add_default_term(y, F.default_term_TH(w, defaults), "backward-only")
-    torch.testing.assert_close(out, y)
+    out = F.add_default_term(y, w, defaults, "backward-only")
+    assert torch.equal(out, y)
     out.sum().backward()
     torch.testing.assert_close(w.grad, defaults.sum(-1).expand(3, 4))

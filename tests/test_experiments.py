@@ -1,0 +1,85 @@
+"""examples/experiments.py: the statistics by hand, and ``--quick`` end to end (torchrun, 2 ranks,
+EP=2) including a restart that must reuse every run."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+from helpers import load_script, run_isolated
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "experiments.py")
+
+
+@pytest.fixture(scope="module")
+def exp():
+    return load_script(SCRIPT, "experiments_under_test")
+
+
+def test_t_interval_by_hand(exp):
+    mean, half = exp.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == pytest.approx(3.0)
+    assert half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5))  # t(0.975, 4) * sd / sqrt(n)
+    mean, half = exp.t_interval([0.1, -0.3])
+    assert mean == pytest.approx(-0.1) and half == pytest.approx(12.706 * math.sqrt(0.08) / math.sqrt(2))
+    assert math.isnan(exp.t_interval([1.0])[1])
+
+
+def test_count_spikes(exp):
+    # warm-up 2: steps 1-2 ignored; step 4 (3.1 > 1.5 * 2.0) is a spike, step 5 (2.9 < 3.0) is not
+    assert exp.count_spikes([9.0, 5.0, 2.0, 3.1, 2.9], warmup=2) == (1, pytest.approx(3.1 / 2.0))
+    assert exp.count_spikes([9.0, 8.0, 7.0], warmup=1)[0] == 0
+
+
+def test_summary_and_torn_results_file(exp, tmp_path):
+    path = tmp_path / "runs.jsonl"
+    for seed, (t, d) in enumerate([(2.0, 1.9), (2.1, 2.15), (2.2, 2.0)], 1):
+        exp.append_run(str(path), dict(cell="c", seed=seed, valid_topk=t, valid_default=d,
+                                       spikes_topk=seed, spikes_default=0))
+    with open(path, "a") as f:
+        f.write('{"cell": "c", "se')  # a kill in mid-write
+    runs = exp.load_runs(str(path))
+    assert len(runs) == 3
+    cell = dict(name="c", router="paper", lr=3e-3, weighting="uniform", beta=0.9)
+    s = exp.summarise(cell, runs)
+    diffs = [-0.1, 0.05, -0.2]
+    assert s["diff_mean"] == pytest.approx(sum(diffs) / 3)
+    assert (s["wins"], s["spikes_topk"], s["spikes_default"]) == (2, 6, 0)
+    assert exp.verdict(s) == "no difference"
+
+
+def test_grid(exp):
+    cells = exp.grid()
+    assert len(cells) == 12 and len({c["name"] for c in cells}) == 12
+    assert sum(c["router"] == "paper" for c in cells) == 8  # 2 lr x 2 weightings x 2 betas
+    assert {c["lr"] for c in cells} == {exp.BASE_LR, 4 * exp.BASE_LR}
+
+
+@pytest.mark.distributed
+def test_quick_sweep_end_to_end_and_restart(exp, tmp_path):
+    cmd = [sys.executable, SCRIPT, "--quick", "--out", str(tmp_path)]
+    out = run_isolated(cmd, 240, cwd=ROOT)
+    runs = exp.load_runs(str(tmp_path / "runs.jsonl"))
+    assert len(runs) == 4 and {r["seed"] for r in runs} == {1, 2}
+    for r in runs:
+        assert r["world_size"] == 2 and len(r["train_topk"]) == len(r["train_default"]) == 6
+        assert all(math.isfinite(r[k]) for k in ("valid_topk", "valid_default"))
+        assert r["spikes_topk"] >= 0 and r["spikes_default"] >= 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["cells"]) == 2
+    for s in summary["cells"]:
+        mine = [r for r in runs if r["cell"] == s["cell"]]
+        d = [r["valid_default"] - r["valid_topk"] for r in mine]
+        mean, sd = sum(d) / 2, math.sqrt(sum((x - sum(d) / 2) ** 2 for x in d))
+        assert s["diff_mean"] == pytest.approx(mean)
+        assert s["diff_ci95"] == pytest.approx(12.706 * sd / math.sqrt(2))
+        assert s["wins"] == sum(x < 0 for x in d)
+    assert "Dflt-TopK [95% CI]" in out and (tmp_path / "paired_diff.png").stat().st_size > 1000
+
+    log_size = (tmp_path / "worker.log").stat().st_size
+    again = run_isolated(cmd + ["--no-plot"], 60, cwd=ROOT)
+    assert "4 runs reused" in again
+    assert len(exp.load_runs(str(tmp_path / "runs.jsonl"))) == 4  # no new runs
+    assert (tmp_path / "worker.log").stat().st_size == log_size  # no launch at all

@@ -125,10 +125,12 @@ model = GPTModel(TransformerConfig(**base, moe_default_vectors=True), spec, voca
 assert [type(l.mlp).__name__ for l in model.decoder.layers] == ["MLP", "DefaultMoELayer", "DefaultMoELayer"]
 
 # 4. Unsupported combinations are rejected when the config is made, flag named.
-try:
-    TransformerConfig(**{**base, "moe_router_pre_softmax": False}, moe_default_vectors=True)
+TransformerConfig(**{**base, "moe_router_pre_softmax": False, "moe_router_topk": 2}, moe_default_vectors=True)
+try:  # a renormalised router with the default term in the forward
+    TransformerConfig(**{**base, "moe_router_pre_softmax": False, "moe_router_topk": 2},
+                      moe_default_vectors=True, moe_default_mode="forward")
 except ValueError as e:
-    assert "--moe-router-pre-softmax" in str(e), e
+    assert "--moe-default-mode" in str(e), e
 else:
     raise AssertionError("not rejected")
 

@@ -87,6 +87,7 @@ def parse_args(argv=None):
     g.add_argument("--moe-default-ema-weighting", default="uniform", choices=("uniform", "router"))
     g.add_argument("--moe-default-update", default="microbatch", choices=("microbatch", "step"))
     g.add_argument("--moe-default-mode", default="auto", choices=("auto", "forward", "backward-only"))
+    g.add_argument("--moe-default-normaliser", default="selected", choices=("selected", "all"))
     return p.parse_args(argv)
 
 
@@ -182,6 +183,7 @@ def build_model(args, default_moe):
             ema_weighting=args.moe_default_ema_weighting,
             update=args.moe_default_update,
             mode=args.moe_default_mode,
+            normaliser=args.moe_default_normaliser,
         )
         spec = to_default_moe_spec(spec, dm_config)
     torch.manual_seed(args.seed)

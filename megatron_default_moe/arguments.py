@@ -21,7 +21,7 @@ from megatron.training.models.gpt import GPTModelBuilder
 
 from megatron_default_moe.compat import escape_stray_help_percents, gpt_builder_mtp_spec
 from megatron_default_moe.config import UPDATES, DefaultMoEConfig
-from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES
+from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, NORMALISERS
 
 # (flag, args attribute, DefaultMoEConfig field, argparse kwargs)
 _FLAGS = (
@@ -64,6 +64,18 @@ _FLAGS = (
             help="'forward' adds the default term to the output; 'backward-only' adds only its gradient; "
             "'auto' (default): forward for softmax with --moe-router-pre-softmax, backward-only for "
             "renormalised and sigmoid routers.",
+        ),
+    ),
+    (
+        "--moe-default-normaliser",
+        "moe_default_normaliser",
+        "normaliser",
+        dict(
+            type=str,
+            default="selected",
+            choices=NORMALISERS,
+            help="Renormalised routers only: divide the default weights by the selected experts' score "
+            "sum ('selected', DenseMixer's rule) or by all experts' ('all': a smaller extra router gradient).",
         ),
     ),
 )

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, forward_mode_allowed
+from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, NORMALISERS, forward_mode_allowed
 
 UPDATES = ("microbatch", "step")
 
@@ -86,12 +86,16 @@ class DefaultMoEConfig:
         mode: ``forward`` adds the default term; ``backward-only`` adds only its gradient;
             ``auto`` is ``forward`` for softmax with pre-softmax (the paper's router) and
             ``backward-only`` for every renormalised or sigmoid router (``resolved_mode``).
+        normaliser: for renormalised routers, divide the default weights by the selected experts'
+            score sum (``selected``, DenseMixer's rule, the default) or by all experts' (``all``:
+            smaller extra router gradient; see the README's router evidence).
     """
 
     beta: float = 0.9
     ema_weighting: str = "uniform"
     update: str = "microbatch"
     mode: str = "auto"
+    normaliser: str = "selected"
 
     def __post_init__(self):
         if not 0.0 <= float(self.beta) <= 1.0:
@@ -100,6 +104,7 @@ class DefaultMoEConfig:
             ("--moe-default-ema-weighting", self.ema_weighting, EMA_WEIGHTINGS),
             ("--moe-default-update", self.update, UPDATES),
             ("--moe-default-mode", self.mode, MODES),
+            ("--moe-default-normaliser", self.normaliser, NORMALISERS),
         ):
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {allowed}, got {value!r}")

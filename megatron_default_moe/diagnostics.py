@@ -124,7 +124,10 @@ def _densemixer_forward(layer):
 
     def dense_routing(logits, *args, **kwargs):
         probs_TE, routing_map_TE = routing(logits, *args, **kwargs)
-        weights_TE = default_weights_of(layer.router, logits.view(probs_TE.shape), probs_TE, routing_map_TE)
+        # DenseMixer's weights, whatever normaliser the layer trains with
+        weights_TE = default_weights_of(
+            layer.router, logits.view(probs_TE.shape), probs_TE, routing_map_TE, normaliser="selected"
+        )
         return probs_TE + weights_TE.to(probs_TE.dtype), torch.ones_like(routing_map_TE)
 
     def dense_forward(hidden_states, *args, **kwargs):

@@ -24,6 +24,7 @@ import torch
 
 from megatron_default_moe.statistics import EMA_WEIGHTINGS, expert_output_stats_EH1, mm_fp32  # noqa: F401
 MODES = ("auto", "forward", "backward-only")
+NORMALISERS = ("selected", "all")  # N of a renormalised router: S_A (DenseMixer) or the sum over all
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 SIGMOID_EPS = 1e-20  # Megatron's epsilon in the sigmoid / sqrt-softplus normaliser
 
@@ -67,16 +68,20 @@ def default_weights_TE(
     scale: float = 1.0,
     renormalise: bool = False,
     eps: float = 0.0,
+    normaliser: str = "selected",
 ) -> torch.Tensor:
     """``w = c·f / sg(N)`` where the TopK probs are 0, else 0 (fp32, differentiable in ``f``).
 
-    ``N`` is 1, or (``renormalise``) ``Σ f + eps`` over ``selected_TE``, the pre-drop top-K set.
-    A dropped pair so gets exactly the prob it lost. ``N`` is detached (DenseMixer's rule), so
-    selected experts' router gradients keep their stock form.
+    ``N`` is 1, or (``renormalise``) ``Σ f + eps`` over ``selected_TE``, the pre-drop top-K set:
+    a dropped pair so gets exactly the prob it lost. ``N`` is detached (DenseMixer's rule), so
+    selected experts' router gradients keep their stock form. ``normaliser="all"`` sums ``f`` over
+    all experts instead (smaller weights by ``S_A / S_all``: the remedy for many unselected sigmoid
+    experts swamping the stock router gradient; dropped pairs then get less than they lost).
     """
     weights_TE = scores_TE
     if renormalise:
-        norm_T1 = (scores_TE.detach() * selected_TE).sum(dim=-1, keepdim=True).add_(eps)
+        kept_TE = scores_TE.detach() if normaliser == "all" else scores_TE.detach() * selected_TE
+        norm_T1 = kept_TE.sum(dim=-1, keepdim=True).add_(eps)
         weights_TE = weights_TE * (scale / norm_T1)
     elif scale != 1.0:
         weights_TE = weights_TE * scale

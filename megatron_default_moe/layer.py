@@ -72,6 +72,7 @@ class DefaultMoELayer(MoELayer):
         self.dm_config.validate(config)
         self.mode = self.dm_config.resolved_mode(config)  # "forward" or "backward-only"
         super().__init__(config, with_default_moe_router(submodules), *args, **kwargs)
+        self.router.default_normaliser = self.dm_config.normaliser
         self.stats_group = self.router.tp_dp_cp_group
         self.counts_rows = _group_rank(self.token_dispatcher.tp_group) == 0  # once per ETP group
         self.token_dispatcher.__class__ = with_default_moe_mixin(type(self.token_dispatcher))

@@ -7,8 +7,9 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron_default_moe import functional as F
 
 
-def default_weights_of(router: TopKRouter, logits_TE, probs_TE, routing_map_TE) -> torch.Tensor:
-    """``c·f / sg(N)`` where ``probs_TE`` is 0, for any Megatron ``TopKRouter`` (see the class)."""
+def default_weights_of(router: TopKRouter, logits_TE, probs_TE, routing_map_TE, normaliser=None) -> torch.Tensor:
+    """``c·f / sg(N)`` where ``probs_TE`` is 0, for any Megatron ``TopKRouter`` (see the class);
+    ``normaliser`` defaults to the router's ``default_normaliser`` (``"selected"`` if it has none)."""
     config = router.config
     renormalise = F.renormalises(router.score_function, config.moe_router_pre_softmax, router.topk)
     selected_TE = routing_map_TE
@@ -32,6 +33,7 @@ def default_weights_of(router: TopKRouter, logits_TE, probs_TE, routing_map_TE) 
         scale=config.moe_router_topk_scaling_factor or 1.0,
         renormalise=renormalise,
         eps=F.SIGMOID_EPS if router.score_function != "softmax" else 0.0,
+        normaliser=normaliser or getattr(router, "default_normaliser", "selected"),
     )
 
 
@@ -50,6 +52,7 @@ class DefaultMoERouter(TopKRouter):
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, **kwargs):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kwargs)
         self.default_weights = None
+        self.default_normaliser = "selected"  # set by the layer from DefaultMoEConfig.normaliser
         self.track_extra_grad = False  # set by the layer on steps whose metrics are logged
         self.last_extra_grad_ratio = None  # ‖extra logit gradient‖ / ‖stock logit gradient‖
 

@@ -438,3 +438,26 @@ def test_extra_router_gradient_ratio_is_logged(family):
     assert float(want) > 0
     assert layer.router.last_extra_grad_ratio == pytest.approx(float(want), rel=1e-4)
     assert layer_stats(layer)["extra_router_grad_ratio"] == pytest.approx(float(want), rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_normaliser_all_divides_by_every_experts_score(family):
+    """``--moe-default-normaliser all``: ``w = c·f / sg(Σ_all f)``; smaller than DenseMixer's, the
+    stock forward untouched, ``K = N`` still stock."""
+    stock, layer = build(family_config(family), DefaultMoEConfig(beta=0.5, normaliser="all"))
+    x, g = inputs(0)
+    logits = layer.router.gating(x)
+    probs, routing_map = layer.router.routing(logits)
+    f, mask, p, c, N = ref_routing(layer, x.reshape(-1, 16))
+    eps = 1e-20 if layer.config.moe_router_score_function != "softmax" else 0.0
+    want = c * f / (f.sum(-1, keepdim=True) + eps) * ~mask
+    torch.testing.assert_close(layer.router.default_weights, want.detach(), atol=1e-6, rtol=1e-5)
+    assert (want <= c * f / N * ~mask + 1e-7).all()
+    out_s, _, _ = run(stock, x, g)
+    out_d, _, _ = run(layer, x, g)
+    assert torch.equal(out_s, out_d)
+
+
+def test_bad_normaliser_names_the_flag():
+    with pytest.raises(ValueError, match="--moe-default-normaliser"):
+        DefaultMoEConfig(normaliser="none")

@@ -474,9 +474,10 @@ def fidelity_worker(spec):
                 history[run.name][step] = m
             cpu_demo.log(f"step {step}: " + ", ".join(f"{r.name} {history[r.name][step]['valid']:.4f}" for r in runs)
                          + f" ({time.time() - t0:.0f} s)")
-    if cpu_demo.is_rank0():
-        with open(spec["results"], "w") as f:
-            json.dump({"args": vars(d), "variants": FIDELITY_VARIANTS, "history": history}, f, indent=1)
+            if cpu_demo.is_rank0():  # after every checkpoint: a killed run keeps what it measured
+                with open(spec["results"] + ".tmp", "w") as f:
+                    json.dump({"args": vars(d), "variants": FIDELITY_VARIANTS, "history": history}, f, indent=1)
+                os.replace(spec["results"] + ".tmp", spec["results"])
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

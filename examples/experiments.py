@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Paired TopK vs Default MoE runs with error bars, and per-layer fidelity over training.
 
-    python examples/experiments.py              # the whole grid: 12 cells x 5 seeds (~45 min, 2 idle CPU cores)
+    python examples/experiments.py              # the whole grid: 12 cells x 5 seeds (~45-55 min, 2 idle CPU cores)
     python examples/experiments.py --seeds 3 --cells "b=0.9$|mixtral|deepseek"   # a subset (regex on cell names)
     python examples/experiments.py --quick      # tiny model, 2 cells x 2 seeds (the test suite runs it)
     python examples/experiments.py --fidelity   # per-layer router-gradient cosine and default-vector bias
@@ -16,9 +16,10 @@ settings, so a killed sweep loses at most the run in progress.
 Grid: router families paper (softmax, pre-softmax, top-1), mixtral (softmax, renormalised, top-2)
 and deepseek-v3 (sigmoid, bias, groups, scaling 2.5, shared expert, top-2) x learning rate (the
 demo's 3e-3 and 4x) and, for the paper router, EMA weighting (uniform, router) x beta (0.9, 0.99).
-Model at defaults, sized so the grid fits in ~45 min on 2 CPU cores: 3 layers (first dense, 2 MoE
-layers of 8 experts), hidden 64, 200 steps of 16 x 64 byte tokens, valid loss on 4 x 2 x 8
-sequences. Per cell: final valid loss of each method, the paired difference (Default - TopK) with
+Model at defaults, sized for the grid to take about 45-55 min on 2 idle CPU cores (estimated from
+the demo's speed, not measured idle; on a shared, loaded 2-core machine a run took 135-290 s):
+3 layers (first dense, 2 MoE layers of 8 experts), hidden 64, 200 steps of 16 x 64 byte tokens,
+valid loss on 2 x 2 x 8 sequences of 64 bytes. Per cell: final valid loss of each method, the paired difference (Default - TopK) with
 its mean and 95% t-interval over seeds, wins (seeds where Default is lower), and loss spikes: steps
 after warm-up whose train loss exceeds 1.5x the running minimum of the steps before.
 """
@@ -63,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--fidelity", action="store_true", help="per-layer cosine and bias over training")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="summarise the runs on file, launch nothing")
     # internal: one torchrun launch
     p.add_argument("--worker", choices=("cell", "fidelity"), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -267,7 +269,7 @@ def sweep(args):
 
     # seed-major order: a sweep stopped early still has every cell at the first seeds
     jobs = [dict(cell=c, seeds=[seed]) for seed in seeds for c, s in todo if seed in s]
-    if jobs:  # one torchrun launch for all missing runs
+    if jobs and not args.report_only:  # one torchrun launch for all missing runs
         launch(args, dict(kind="cell", jobs=jobs, flags=flags, fingerprint=fp,
                           results=os.path.abspath(path), out=os.path.abspath(args.out)), on_line)
     bar.close()

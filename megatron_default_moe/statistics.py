@@ -85,7 +85,7 @@ def expert_output_stats_EH1(
     matrix_2LSR.scatter_(1, ids_R.view(1, 1, 1, rows).expand(2, 1, 2, rows), split_2SR.unsqueeze(1))
     stats_EH1 = torch.zeros(num_experts, hidden + 1, dtype=torch.float32, device=device)
     mine_LH1 = stats_EH1[first_expert : first_expert + local]
-    sums_LSH = mm_fp32(matrix_2LSR[0].reshape(-1, rows), out_RH).view(local + 1, 2, hidden)
+    sums_LSH = mm_fp32(matrix_2LSR[0].reshape(2 * (local + 1), rows), out_RH).view(local + 1, 2, hidden)
     torch.sum(sums_LSH[:local], dim=1, out=mine_LH1[:, :hidden])
     if count_rows:
         torch.sum(matrix_2LSR[1, :local], dim=(1, 2), dtype=torch.float32, out=mine_LH1[:, hidden])

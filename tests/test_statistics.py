@@ -140,3 +140,12 @@ def test_rows_grouped_by_megatrons_permute():
 def test_bad_weighting_names_the_flag():
     with pytest.raises(ValueError, match="ema_weighting"):
         S.expert_output_stats_EH1(torch.zeros(2, 3), torch.ones(2), [2], 0, 1, "mean")
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "router"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_rows_give_zero_statistics(weighting, dtype):
+    """A rank whose local experts got no token this micro-batch (EP: common)."""
+    for counts in ([0, 0], torch.tensor([0, 0])):
+        stats = S.expert_output_stats_EH1(torch.zeros(0, 8, dtype=dtype), torch.zeros(0), counts, 1, 4, weighting)
+        assert stats.shape == (4, 9) and not stats.any()

@@ -12,8 +12,9 @@ def default_weights_of(router: TopKRouter, logits_TE, probs_TE, routing_map_TE, 
     ``normaliser`` defaults to the router's ``default_normaliser`` (``"selected"`` if it has none)."""
     config = router.config
     renormalise = F.renormalises(router.score_function, config.moe_router_pre_softmax, router.topk)
+    normaliser = normaliser or getattr(router, "default_normaliser", "selected")
     selected_TE = routing_map_TE
-    if renormalise and config.moe_expert_capacity_factor is not None:
+    if renormalise and normaliser == "selected" and config.moe_expert_capacity_factor is not None:
         with torch.no_grad():  # the top-K set before capacity dropping (same bias and groups)
             _, selected_TE = topk_routing_with_score_function(
                 logits_TE.detach(),
@@ -33,7 +34,7 @@ def default_weights_of(router: TopKRouter, logits_TE, probs_TE, routing_map_TE, 
         scale=config.moe_router_topk_scaling_factor or 1.0,
         renormalise=renormalise,
         eps=F.SIGMOID_EPS if router.score_function != "softmax" else 0.0,
-        normaliser=normaliser or getattr(router, "default_normaliser", "selected"),
+        normaliser=normaliser,
     )
 
 

@@ -78,6 +78,17 @@ _FLAGS = (
             "sum ('selected', DenseMixer's rule) or by all experts' ('all': a smaller extra router gradient).",
         ),
     ),
+    (
+        "--moe-default-stats-stride",
+        "moe_default_stats_stride",
+        "stats_stride",
+        dict(
+            type=int,
+            default=1,
+            help="Statistics of the default vectors from every N-th expert-output row (offset rotating per "
+            "update): 1/N of the expert output is read. 1 (default, the paper) takes every row.",
+        ),
+    ),
 )
 
 

@@ -89,6 +89,10 @@ class DefaultMoEConfig:
         normaliser: for renormalised routers, divide the default weights by the selected experts'
             score sum (``selected``, DenseMixer's rule, the default) or by all experts' (``all``:
             smaller extra router gradient; see the README's router evidence).
+        stats_stride: statistics from every ``stats_stride``-th expert-output row (offset rotating
+            per update), so they read ``1 / stats_stride`` of the expert output; 1 (the paper)
+            takes every row. The mean is over the whole stage's rows, so at scale a stride of 8
+            still averages thousands of rows per expert (see the README's cost section).
     """
 
     beta: float = 0.9
@@ -96,8 +100,11 @@ class DefaultMoEConfig:
     update: str = "microbatch"
     mode: str = "auto"
     normaliser: str = "selected"
+    stats_stride: int = 1
 
     def __post_init__(self):
+        if isinstance(self.stats_stride, bool) or int(self.stats_stride) != self.stats_stride or self.stats_stride < 1:
+            raise ValueError(f"--moe-default-stats-stride must be an integer >= 1, got {self.stats_stride!r}")
         if not 0.0 <= float(self.beta) <= 1.0:
             raise ValueError(f"--moe-default-ema-beta must lie in [0, 1], got {self.beta}")
         for flag, value, allowed in (

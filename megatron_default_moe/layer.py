@@ -28,6 +28,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_default_moe import functional as F
+from megatron_default_moe import fused
 from megatron_default_moe.checkpoint import fill_missing_default_vectors
 from megatron_default_moe.config import DefaultMoEConfig
 from megatron_default_moe.dispatcher import with_default_moe_mixin
@@ -92,6 +93,7 @@ class DefaultMoELayer(MoELayer):
         self._pending = None  # (work handle or None, stats_EH1) between experts and postprocess
         self._recompute_snapshots = collections.deque()
         self._step_stats_EH1 = None
+        self._stats_updates = 0  # rotates the sampled rows' offset under stats_stride
         self.track_metrics = False  # set by the logging hook: keep the norm ratio below
         self.last_term_norm_ratio = None  # ‖default term‖ / ‖MoE output‖ of the last forward
 
@@ -153,7 +155,10 @@ class DefaultMoELayer(MoELayer):
             self.config.num_moe_experts,
             weighting=self.dm_config.ema_weighting,
             count_rows=self.counts_rows,
+            row_stride=self.dm_config.stats_stride,
+            row_offset=self._stats_updates % self.dm_config.stats_stride,
         )
+        self._stats_updates += 1
         if self._phase == "accumulate":
             if self._step_stats_EH1 is None:
                 self._step_stats_EH1 = torch.zeros_like(stats_EH1)
@@ -164,12 +169,14 @@ class DefaultMoELayer(MoELayer):
             work = torch.distributed.all_reduce(stats_EH1, group=self.stats_group, async_op=True)
         self._pending = (work, stats_EH1)
 
-    def apply_ema(self, stats_EH1: torch.Tensor) -> None:
-        """EMA step from statistics already reduced over the stage (identical on every rank)."""
+    def apply_ema(self, stats_EH1: torch.Tensor, snapshot_dtype=torch.float32) -> torch.Tensor:
+        """EMA step from statistics already reduced over the stage (identical on every rank);
+        returns a copy of the new vectors in ``snapshot_dtype`` (one fused op on CUDA)."""
         with torch.no_grad():
-            updated_E, nonfinite_E = F.ema_update_(self.default_vectors, stats_EH1, self.dm_config.beta)
-        self.nonfinite_skips += nonfinite_E
-        self.experts_updated = updated_E
+            snapshot_EH, self.experts_updated = fused.ema_update(
+                self.default_vectors, stats_EH1, float(self.dm_config.beta), self.nonfinite_skips, snapshot_dtype
+            )
+        return snapshot_EH
 
     def _snapshot_for_this_pass(self, dtype):
         if self._phase == "recompute":
@@ -180,8 +187,9 @@ class DefaultMoELayer(MoELayer):
             (work, stats_EH1), self._pending = self._pending, None
             if work is not None:
                 work.wait()
-            self.apply_ema(stats_EH1)
-        snapshot_EH = self.default_vectors.detach().to(dtype, copy=True)  # cast once per pass
+            snapshot_EH = self.apply_ema(stats_EH1, dtype)
+        else:
+            snapshot_EH = self.default_vectors.detach().to(dtype, copy=True)  # cast once per pass
         if self._phase == "update" and not torch.is_grad_enabled():
             self._recompute_snapshots.append(snapshot_EH)  # first pass of activation recompute
         return snapshot_EH

@@ -5,7 +5,8 @@ carry their routing prob: ``out_r = p_r · o_r``. Per local expert the EMA needs
 (``uniform``: ``w = 1/p``; ``router``: ``w = 1``) and a count (``Σ [p ≠ 0]``, or ``Σ p``), over rows
 with ``p ≠ 0`` (padding rows have ``p = 0``). Both come from one small weight matrix ``[2·L, R]``
 (``L`` local experts) and one matmul with ``out_RH`` in its own dtype, accumulated and returned in
-fp32: no fp32 copy of ``[R, H]``, no boolean selection, no host sync.
+fp32: no fp32 copy of ``[R, H]``, no boolean selection, no host sync. The small steps around the
+matmul are ``fused`` ops (one kernel each on CUDA).
 
 - Precision: a bf16 copy of ``1/p`` is off by up to 2^-9; each weight is split into two terms of
   the output's dtype, ``hi + lo`` (exact to about 2^-17), as two rows of the same matmul.
@@ -51,42 +52,30 @@ def expert_output_stats_EH1(
     num_experts: int,
     weighting: str = "uniform",
     count_rows: bool = True,
+    row_stride: int = 1,
+    row_offset: int = 0,
 ) -> torch.Tensor:
     """Per-expert ``[sum | count]`` of this rank's expert outputs, fp32 ``[E, H+1]`` (see module).
 
     Local expert ``l`` is global expert ``first_expert + l``; other experts' rows stay zero, ready
     for the all-reduce over the stage. ``count_rows=False`` leaves the count column zero
     (expert-tensor-parallel ranks other than the first hold partial sums of rows counted elsewhere).
+    ``row_stride > 1`` takes the rows ``row_offset, row_offset + row_stride, ...`` only: the matmul
+    reads a strided view, so the expert output is read ``1 / row_stride`` times.
     """
     if weighting not in EMA_WEIGHTINGS:
         raise ValueError(f"ema_weighting must be one of {EMA_WEIGHTINGS}, got {weighting!r}")
-    device, dtype = out_RH.device, out_RH.dtype
-    counts_L, total = counts_on(tokens_per_expert, device)
-    out_RH, p_R = out_RH.detach(), probs_R.detach().reshape(-1)
-    if total is not None:
-        out_RH, p_R = out_RH[:total], p_R[:total]
-    (rows, hidden), local = out_RH.shape, counts_L.numel()
-    # row -> local expert; rows past the counts get id L, a row of weights that is dropped
-    ids_R = torch.searchsorted(counts_L.cumsum(0), torch.arange(rows, device=device), right=True)
-    p_R = p_R.float()
-    # per row: [sum weight, count weight] x [hi, lo] (lo: what the output's dtype lost of hi)
-    split_2SR = out_RH.new_empty(2, 2, rows)
-    weights_2R = torch.empty(2, rows, device=device)
-    if weighting == "uniform":
-        torch.reciprocal(p_R, out=weights_2R[0]).nan_to_num_(posinf=0.0)  # 1/p; padding (p = 0): 0
-        torch.sign(p_R, out=weights_2R[1])
-    else:
-        torch.sign(p_R, out=weights_2R[0])
-        weights_2R[1].copy_(p_R)
-    split_2SR[:, 0].copy_(weights_2R)
-    torch.sub(weights_2R, split_2SR[:, 0], out=split_2SR[:, 1])
-    # [sums | counts] x [local expert (+1 for rows past the counts)] x [hi, lo] x rows
-    matrix_2LSR = out_RH.new_zeros(2, local + 1, 2, rows)
-    matrix_2LSR.scatter_(1, ids_R.view(1, 1, 1, rows).expand(2, 1, 2, rows), split_2SR.unsqueeze(1))
-    stats_EH1 = torch.zeros(num_experts, hidden + 1, dtype=torch.float32, device=device)
-    mine_LH1 = stats_EH1[first_expert : first_expert + local]
-    sums_LSH = mm_fp32(matrix_2LSR[0].reshape(2 * (local + 1), rows), out_RH).view(local + 1, 2, hidden)
-    torch.sum(sums_LSH[:local], dim=1, out=mine_LH1[:, :hidden])
-    if count_rows:
-        torch.sum(matrix_2LSR[1, :local], dim=(1, 2), dtype=torch.float32, out=mine_LH1[:, hidden])
-    return stats_EH1
+    if not 0 <= row_offset < row_stride:
+        raise ValueError(f"need 0 <= row_offset < row_stride, got {row_offset}, {row_stride}")
+    from megatron_default_moe import fused
+
+    counts_L, total = counts_on(tokens_per_expert, out_RH.device)
+    out_RH, p_R = out_RH.detach(), probs_R.detach().reshape(-1).contiguous()
+    rows = out_RH.shape[0] if total is None else min(total, out_RH.shape[0])
+    cols = max(0, -(-(rows - row_offset) // row_stride))
+    uniform = weighting == "uniform"
+    matrix_LSC = fused.stats_weights(p_R, counts_L, row_offset, row_stride, cols, uniform, out_RH.dtype)
+    sampled_CH = out_RH[row_offset:rows:row_stride]
+    sums_LSH = mm_fp32(matrix_LSC.view(2 * counts_L.numel() + 2, cols), sampled_CH).view(counts_L.numel() + 1, 2, -1)
+    return fused.stats_finish(sums_LSH, p_R, counts_L, rows, row_offset, row_stride, first_expert, num_experts,
+                              uniform, count_rows)  # fmt: skip

@@ -44,9 +44,9 @@ def _instrument(layer, phases, ema_steps):
         phases.append(layer._phase)
         return out
 
-    def counting_apply_ema(stats_EH1):
+    def counting_apply_ema(stats_EH1, *args):
         ema_steps.append(stats_EH1.clone())
-        return apply_ema(stats_EH1)
+        return apply_ema(stats_EH1, *args)
 
     layer.route, layer.apply_ema = recording_route, counting_apply_ema
 

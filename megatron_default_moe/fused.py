@@ -1,0 +1,126 @@
+"""The hot path's small steps as custom ops: one Triton kernel each on CUDA, their torch reference
+(the code below) elsewhere (pure torch, no Megatron).
+
+Between the expert output and the default vectors Default MoE does ~25 small elementwise steps
+(row weights, the weight matrix, hi/lo sums, counts, the EMA and its bookkeeping, the bf16
+snapshot). On a GPU each would be a kernel launch (~4 µs): more than the one read of the expert
+output they serve. Three ops cover them, each a single kernel (``triton_kernels.py``) on CUDA:
+
+- ``stats_weights``: the ``[L+1, 2, C]`` weight matrix of ``statistics.expert_output_stats_EH1``
+  (row -> local expert, ``hi``/``lo`` split of each row's weight); the matmul follows it;
+- ``stats_finish``: ``[E, H+1]`` from the matmul's hi/lo sums and each expert's count;
+- ``ema_update``: ``functional.ema_update_`` plus the skip counter and the snapshot cast.
+
+Rows are sampled ``offset, offset + stride, ...`` (``C`` of them); ``stride = 1`` takes all.
+Each op is an opaque ``torch.library`` op, so ``examples/benchmark_cost.py`` counts it as the one
+kernel it is on a GPU.
+"""
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def row_weights(p_R: torch.Tensor, uniform: bool):
+    """Per row ``(sum weight, count weight)`` from its prob (fp32): ``uniform`` ``(1/p, 1)``,
+    ``router`` ``(1, p)``; a padding row (``p = 0``) gets ``(0, 0)``, a NaN prob stays NaN."""
+    one_R = torch.where(p_R == 0, 0.0, p_R / p_R)
+    if uniform:
+        return torch.where(p_R == 0, 0.0, p_R.reciprocal()), one_R
+    return one_R, p_R
+
+
+def _sampled(p_R, offset, stride, cols):
+    """Probs (fp32) and row indices of the ``cols`` sampled rows."""
+    rows_C = torch.arange(cols, device=p_R.device) * stride + offset
+    return p_R[offset::stride][:cols].float(), rows_C
+
+
+@torch.library.custom_op("default_moe::stats_weights", mutates_args=())
+def stats_weights(
+    p_R: torch.Tensor, counts_L: torch.Tensor, offset: int, stride: int, cols: int, uniform: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[L+1, 2, C]`` in ``dtype``: sampled row ``c`` of local expert ``l`` (``L``: past the
+    counts, dropped) holds ``hi, lo`` of its sum weight at ``[l, :, c]``, zeros elsewhere."""
+    p_C, rows_C = _sampled(p_R, offset, stride, cols)
+    ids_C = torch.searchsorted(counts_L.cumsum(0), rows_C, right=True)
+    w_C, _ = row_weights(p_C, uniform)
+    split_2C = torch.empty(2, cols, dtype=dtype, device=p_R.device)
+    split_2C[0].copy_(w_C)
+    torch.sub(w_C, split_2C[0], out=split_2C[1])
+    matrix = torch.zeros(counts_L.numel() + 1, 2, cols, dtype=dtype, device=p_R.device)
+    return matrix.scatter_(0, ids_C.view(1, 1, cols).expand(1, 2, cols), split_2C.unsqueeze(0))
+
+
+@stats_weights.register_fake
+def _(p_R, counts_L, offset, stride, cols, uniform, dtype):
+    return p_R.new_empty(counts_L.numel() + 1, 2, cols, dtype=dtype)
+
+
+@torch.library.custom_op("default_moe::stats_finish", mutates_args=())
+def stats_finish(
+    sums_LSH: torch.Tensor,
+    p_R: torch.Tensor,
+    counts_L: torch.Tensor,
+    rows: int,
+    offset: int,
+    stride: int,
+    first: int,
+    num_experts: int,
+    uniform: bool,
+    count_rows: bool,
+) -> torch.Tensor:
+    """fp32 ``[E, H+1]``: local expert ``l`` at row ``first + l``: ``hi + lo`` of its sums and the
+    count weight summed over its sampled rows (0 unless ``count_rows``); other rows 0."""
+    local, hidden = counts_L.numel(), sums_LSH.shape[-1]
+    out_EH1 = torch.zeros(num_experts, hidden + 1, dtype=torch.float32, device=sums_LSH.device)
+    mine_LH1 = out_EH1[first : first + local]
+    torch.sum(sums_LSH[:local], dim=1, out=mine_LH1[:, :hidden])
+    if count_rows:
+        cols = max(0, -(-(rows - offset) // stride))
+        p_C, rows_C = _sampled(p_R, offset, stride, cols)
+        ids_C = torch.searchsorted(counts_L.cumsum(0), rows_C, right=True)
+        counts = torch.zeros(local + 1, device=sums_LSH.device).index_add_(0, ids_C, row_weights(p_C, uniform)[1])
+        mine_LH1[:, hidden] = counts[:local]
+    return out_EH1
+
+
+@stats_finish.register_fake
+def _(sums_LSH, p_R, counts_L, rows, offset, stride, first, num_experts, uniform, count_rows):
+    return sums_LSH.new_empty(num_experts, sums_LSH.shape[-1] + 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("default_moe::ema_update", mutates_args=("defaults_EH", "skips_E"))
+def ema_update(
+    defaults_EH: torch.Tensor, stats_EH1: torch.Tensor, beta: float, skips_E: torch.Tensor, snapshot_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``functional.ema_update_`` in place, ``skips_E += nonfinite``; returns ``(snapshot`` of the
+    new vectors in ``snapshot_dtype``, ``updated_E)``."""
+    from megatron_default_moe.functional import ema_update_
+
+    updated_E, nonfinite_E = ema_update_(defaults_EH, stats_EH1, beta)
+    skips_E += nonfinite_E
+    return defaults_EH.to(snapshot_dtype, copy=True), updated_E
+
+
+@ema_update.register_fake
+def _(defaults_EH, stats_EH1, beta, skips_E, snapshot_dtype):
+    return defaults_EH.new_empty(defaults_EH.shape, dtype=snapshot_dtype), skips_E.new_empty(skips_E.shape, dtype=torch.bool)
+
+
+def _register_triton():
+    """CUDA: the Triton kernels. Without Triton the references run there too, said once."""
+    try:
+        from megatron_default_moe import triton_kernels as K
+    except ImportError as err:
+        logger.warning("Default MoE: Triton is not importable (%s); the fused ops run as several torch kernels", err)
+        return False
+    stats_weights.register_kernel("cuda")(K.stats_weights)
+    stats_finish.register_kernel("cuda")(K.stats_finish)
+    ema_update.register_kernel("cuda")(K.ema_update_)
+    return True
+
+
+TRITON_ON_CUDA = _register_triton() if torch.cuda.is_available() else None

@@ -34,7 +34,11 @@ A CPU cannot time what a GPU pays: there the expert matmuls dwarf every extra me
    two smaller counts ``E`` and fitted as ``a + b T + c E + d T E``: exact, because every tensor
    of the layer is sized by tokens, experts, or tokens x experts (router ``[E, H]``, logits
    ``[T, E]``, per-expert weights, the ``[E, H+1]`` statistics), and rows ``T K`` do not depend on E.
-5. Roofline per op: ``max(bytes / HBM bandwidth, FLOPs / bf16 dense peak) + launch`` per kernel,
+5. Expert parallelism: the figures are per GPU at ``EP`` (``--ep``): ``E / EP`` local experts and,
+   balanced, the same ``T K`` rows. The experts' region scales as in 3/4; Default's statistics are
+   handed the rows grouped into ``E / EP`` experts (``count_as_ep_rank``), so their weight matrix
+   is the ``[E/EP + 1, 2, rows]`` one such a rank builds.
+6. Roofline per op: ``max(bytes / HBM bandwidth, FLOPs / bf16 dense peak) + launch`` per kernel,
    on ``--gpu`` figures (printed). Peak memory: live bytes of the storages the step allocated
    (activations, saved tensors, gradients), tracked by the same mode, plus the layer's parameters,
    buffers and input, like ``torch.cuda.max_memory_allocated``.
@@ -336,19 +340,40 @@ def resolve_router(spec, experts):
         return transformer_config(spec, experts, PAPER_ROUTER), note
 
 
-def build_layer(config, default_moe: bool, device, seed=1234):
+def build_layer(config, default_moe: bool, device, seed=1234, stats_stride=1, local_experts=None):
     """A stock ``MoELayer`` or a ``DefaultMoELayer``, same seed, so the same weights (checked)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from megatron_default_moe import DefaultMoELayer
+    from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
 
     subs = get_gpt_layer_local_spec(num_experts=config.num_moe_experts).submodules.mlp.keywords["submodules"]
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layer = DefaultMoELayer(config, subs, layer_number=1) if default_moe else MoELayer(config, subs, layer_number=1)
+        if default_moe:
+            dm_config = DefaultMoEConfig(stats_stride=stats_stride)
+            layer = DefaultMoELayer(config, subs, layer_number=1, dm_config=dm_config)
+            if local_experts:
+                count_as_ep_rank(layer, local_experts)
+        else:
+            layer = MoELayer(config, subs, layer_number=1)
     return layer.to(device=device, dtype=torch.bfloat16)
+
+
+def count_as_ep_rank(layer, local_experts):
+    """Hand the statistics this process's rows grouped into ``local_experts`` experts, as one rank
+    of EP = E / local holds them: the same ``T K`` rows (balanced), ``local`` segments (the weight
+    matrix is ``[local+1, 2, rows]``). Costs as on that rank; the vectors' values are not used."""
+    on_output = layer.token_dispatcher.on_expert_output
+
+    def regrouped(out_RH, probs_R, tokens_per_expert):
+        counts = torch.as_tensor(tokens_per_expert)
+        if counts.numel() != local_experts:
+            counts = counts.view(local_experts, -1).sum(1)
+        return on_output(out_RH, probs_R, counts)
+
+    layer.token_dispatcher.on_expert_output = regrouped
 
 
 def weights_fingerprint(layer):
@@ -532,8 +557,9 @@ def reduced_experts(spec):
 
 
 # -- one shape -------------------------------------------------------------------------------------
-def measure_points(spec, args, device):
-    """Counted runs of both layers at (T, E) points; E reduced where the weights would not fit."""
+def measure_points(spec, args, device, local):
+    """Counted runs of both layers at (T, E) points; E reduced where the weights would not fit.
+    Default's statistics see ``local`` experts (``count_as_ep_rank``)."""
     E = spec["experts"]
     per_expert = expert_weight_bytes(spec)
     if E * per_expert * 2 <= args.max_expert_gb * 2**30:  # weights + their gradients
@@ -549,7 +575,8 @@ def measure_points(spec, args, device):
         if note and note not in notes:
             notes.append(note)
         for variant in ("topk", "default"):
-            layer = build_layer(config, variant == "default", device)
+            layer = build_layer(config, variant == "default", device, stats_stride=args.stats_stride,
+                                local_experts=local)
             base.setdefault(variant, {})[e] = state_bytes(layer)
             if variant == "topk":
                 fingerprint = weights_fingerprint(layer)
@@ -582,10 +609,10 @@ def ep_of(args, name, spec):
 
 def run_shape(name, args, device, gpu):
     spec = shape_spec(args, name)
-    points, peaks, base, es, ts, notes = measure_points(spec, args, device)
-    target = (args.target_tokens, spec["experts"])
     ep = ep_of(args, name, spec)
     local = spec["experts"] // ep
+    points, peaks, base, es, ts, notes = measure_points(spec, args, device, local)
+    target = (args.target_tokens, spec["experts"])
     fitted, tot, mism = {}, {}, {}
     for variant in ("topk", "default"):
         fitted[variant], mism[variant] = fit(points[variant], target, local, args.experts_impl)
@@ -601,7 +628,7 @@ def run_shape(name, args, device, gpu):
     k, d = tot["topk"], tot["default"]
     result = dict(
         shape=name, spec={k_: v for k_, v in spec.items()}, notes=notes, measured_tokens=ts, measured_experts=es,
-        target_tokens=args.target_tokens, experts_impl=args.experts_impl, ep=ep, local_experts=local, topk=k, default=d,
+        target_tokens=args.target_tokens, experts_impl=args.experts_impl, stats_stride=args.stats_stride, ep=ep, local_experts=local, topk=k, default=d,
         ratio_time=d["time_s"] / k["time_s"], ratio_bytes=d["bytes"] / k["bytes"],
         extra_kernels=d["kernels"] - k["kernels"], extra_syncs=d["syncs"] - k["syncs"],
         extra_peak_bytes=d["peak_bytes"] - k["peak_bytes"],
@@ -640,7 +667,7 @@ def cuda_measure(name, args, device):
 def _cuda_measure_at(spec, e, args, device):
     config, note = resolve_router(spec, e)
     out = dict(experts=e, tokens=args.target_tokens, note=note, iters=args.iters)
-    layers = [build_layer(config, False, device), build_layer(config, True, device)]
+    layers = [build_layer(config, False, device), build_layer(config, True, device, stats_stride=args.stats_stride)]
     x, g = tokens_for(spec["hidden"], args.target_tokens, device)
     times = [[], []]
     for it in range(args.warmup + args.iters):
@@ -684,7 +711,7 @@ def print_shape(r, gpu, top):
     print(f"\n== {r['shape']}: hidden {s['hidden']}, {s['experts']} experts, FFN {s['ffn']}, top-{s['topk']}, "
           f"{'SwiGLU' if s['glu'] else 'GeLU'}; per GPU at EP={r['ep']} ({r['local_experts']} local experts, "
           f"{r['target_tokens']} tokens); measured at T={r['measured_tokens']}, E={r['measured_experts']}; "
-          f"experts as {r['experts_impl']} kernels")
+          f"experts as {r['experts_impl']} kernels; Default with --moe-default-stats-stride {r['stats_stride']}")
     for note in r["notes"]:
         print(f"   NOTE: {note}")
     print(f"   {'':9} {'HBM bytes':>11} {'GFLOP':>9} {'kernels':>8} {'syncs':>6} {'time µs':>9} {'peak mem':>11}")
@@ -732,6 +759,8 @@ def parse_args(argv=None):
                    help="expert-parallel size: per-GPU figures with E/EP local experts (default: per shape, "
                         "paper-8c1 1, qwen3 8, deepseek-v3 64; custom 1)")
     p.add_argument("--experts-impl", default="grouped", choices=("grouped", "sequential"))
+    p.add_argument("--stats-stride", type=int, default=1,
+                   help="Default MoE's --moe-default-stats-stride: statistics from every N-th expert-output row")
     p.add_argument("--top", type=int, default=8, help="top extra ops to print")
     p.add_argument("--iters", type=int, default=20, help="CUDA timing iterations")
     p.add_argument("--warmup", type=int, default=5)

@@ -4,12 +4,15 @@
 Between the expert output and the default vectors Default MoE does ~25 small elementwise steps
 (row weights, the weight matrix, hi/lo sums, counts, the EMA and its bookkeeping, the bf16
 snapshot). On a GPU each would be a kernel launch (~4 µs): more than the one read of the expert
-output they serve. Three ops cover them, each a single kernel (``triton_kernels.py``) on CUDA:
+output they serve. These ops cover them, each a single kernel (``triton_kernels.py``) on CUDA:
 
 - ``stats_weights``: the ``[L+1, 2, C]`` weight matrix of ``statistics.expert_output_stats_EH1``
   (row -> local expert, ``hi``/``lo`` split of each row's weight); the matmul follows it;
 - ``stats_finish``: ``[E, H+1]`` from the matmul's hi/lo sums and each expert's count;
-- ``ema_update``: ``functional.ema_update_`` plus the skip counter and the snapshot cast.
+- ``ema_update``: ``functional.ema_update_`` plus the skip counter and the snapshot cast;
+- ``default_weights`` / ``default_weights_backward``: the router's default weights
+  (``functional.router_scores_TE`` + ``default_weights_TE``) and their logits gradient, scores
+  recomputed in the backward.
 
 Rows are sampled ``offset, offset + stride, ...`` (``C`` of them); ``stride = 1`` takes all.
 Each op is an opaque ``torch.library`` op, so ``examples/benchmark_cost.py`` counts it as the one
@@ -110,6 +113,81 @@ def _(defaults_EH, stats_EH1, beta, skips_E, snapshot_dtype):
     return defaults_EH.new_empty(defaults_EH.shape, dtype=snapshot_dtype), skips_E.new_empty(skips_E.shape, dtype=torch.bool)
 
 
+@torch.library.custom_op("default_moe::default_weights", mutates_args=())
+def default_weights(
+    logits_TE: torch.Tensor,
+    probs_TE: torch.Tensor,
+    selected_TE: torch.Tensor,
+    score_function: str,
+    renormalise: bool,
+    all_experts: bool,
+    scale: float,
+    eps: float,
+) -> torch.Tensor:
+    """``functional.default_weights_TE(router_scores_TE(logits))`` as one op (fp32 ``[T, E]``),
+    differentiable in the logits; its backward is one op too (``default_weights_backward``)."""
+    from megatron_default_moe import functional as F
+
+    scores_TE = F.router_scores_TE(logits_TE, score_function)
+    normaliser = "all" if all_experts else "selected"
+    return F.default_weights_TE(scores_TE, probs_TE, selected_TE, scale, renormalise, eps, normaliser)
+
+
+@default_weights.register_fake
+def _(logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps):
+    return logits_TE.new_empty(logits_TE.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("default_moe::default_weights_backward", mutates_args=())
+def default_weights_backward(
+    grad_TE: torch.Tensor,
+    logits_TE: torch.Tensor,
+    probs_TE: torch.Tensor,
+    selected_TE: torch.Tensor,
+    score_function: str,
+    renormalise: bool,
+    all_experts: bool,
+    scale: float,
+    eps: float,
+) -> torch.Tensor:
+    """``dL/dlogits`` of ``default_weights`` (in the logits' dtype): ``dL/df = g · c/sg(N)`` where
+    the prob is 0, then the score function's backward (scores recomputed, nothing extra saved)."""
+    from megatron_default_moe import functional as F
+
+    f_TE = F.router_scores_TE(logits_TE, score_function)
+    coef_TE = torch.where(probs_TE != 0, 0.0, scale)
+    if renormalise:
+        kept_TE = f_TE if all_experts else f_TE * selected_TE
+        coef_TE = coef_TE / (kept_TE.sum(dim=-1, keepdim=True) + eps)
+    df_TE = grad_TE.float() * coef_TE
+    if score_function == "softmax":
+        dz_TE = f_TE * (df_TE - (f_TE * df_TE).sum(dim=-1, keepdim=True))
+    elif score_function == "sigmoid":
+        dz_TE = df_TE * (1.0 - f_TE) * f_TE
+    else:  # f = sqrt(softplus(z)): df/dz = sigmoid(z) / (2 f)
+        dz_TE = df_TE * torch.sigmoid(logits_TE.float()) / (2.0 * f_TE)
+    return dz_TE.to(logits_TE.dtype)
+
+
+@default_weights_backward.register_fake
+def _(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps):
+    return torch.empty_like(logits_TE)
+
+
+def _weights_setup(ctx, inputs, output):
+    logits_TE, probs_TE, selected_TE, *ctx.options = inputs
+    ctx.save_for_backward(logits_TE, probs_TE, selected_TE)
+
+
+def _weights_backward(ctx, grad_TE):
+    logits_TE, probs_TE, selected_TE = ctx.saved_tensors
+    dz_TE = default_weights_backward(grad_TE, logits_TE, probs_TE, selected_TE, *ctx.options)
+    return (dz_TE,) + (None,) * 7
+
+
+default_weights.register_autograd(_weights_backward, setup_context=_weights_setup)
+
+
 def _register_triton():
     """CUDA: the Triton kernels. Without Triton the references run there too, said once."""
     try:
@@ -120,6 +198,8 @@ def _register_triton():
     stats_weights.register_kernel("cuda")(K.stats_weights)
     stats_finish.register_kernel("cuda")(K.stats_finish)
     ema_update.register_kernel("cuda")(K.ema_update_)
+    default_weights.register_kernel("cuda")(K.default_weights)
+    default_weights_backward.register_kernel("cuda")(K.default_weights_backward)
     return True
 
 

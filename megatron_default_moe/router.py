@@ -5,6 +5,7 @@ from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_func
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_default_moe import functional as F
+from megatron_default_moe import fused
 
 
 def default_weights_of(router: TopKRouter, logits_TE, probs_TE, routing_map_TE, normaliser=None) -> torch.Tensor:
@@ -27,14 +28,15 @@ def default_weights_of(router: TopKRouter, logits_TE, probs_TE, routing_map_TE, 
                 expert_bias=router.expert_bias,
                 fused=config.moe_router_fusion,
             )
-    return F.default_weights_TE(
-        F.router_scores_TE(logits_TE, router.score_function),
-        probs_TE,
+    return fused.default_weights(  # F.default_weights_TE(F.router_scores_TE(logits_TE), ...) in one op
+        logits_TE,
+        probs_TE.detach(),
         selected_TE,
-        scale=config.moe_router_topk_scaling_factor or 1.0,
-        renormalise=renormalise,
-        eps=F.SIGMOID_EPS if router.score_function != "softmax" else 0.0,
-        normaliser=normaliser,
+        router.score_function,
+        renormalise,
+        normaliser == "all",
+        float(config.moe_router_topk_scaling_factor or 1.0),
+        F.SIGMOID_EPS if router.score_function != "softmax" else 0.0,
     )
 
 

@@ -131,3 +131,85 @@ def ema_update_(defaults_EH, stats_EH1, beta, skips_E, snapshot_dtype):
     updated = torch.empty(E, dtype=torch.bool, device=defaults_EH.device)
     _ema_kernel[(E,)](defaults_EH, stats_EH1, snapshot, updated, skips_E, H, 1.0 - beta, BLOCK_H=BLOCK_H)
     return snapshot, updated
+
+
+@triton.jit
+def _scores(z, m, SCORE: tl.constexpr):
+    """Megatron's unbiased score ``f`` of one token's logits (fp32); see ``functional.router_scores_TE``."""
+    if SCORE == 0:  # softmax
+        e = tl.where(m, tl.exp(z - tl.max(tl.where(m, z, float("-inf")), axis=0)), 0.0)
+        return e / tl.sum(e, axis=0)
+    if SCORE == 1:  # sigmoid
+        return tl.sigmoid(z)
+    x = tl.exp(z)
+    u = 1.0 + x
+    log1p = tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))  # Kahan's accurate log1p(x)
+    return tl.sqrt(tl.where(z > 20.0, z, log1p))  # sqrt-softplus (torch's threshold 20)
+
+
+@triton.jit
+def _coefficient(f, m, p_ptr, sel_ptr, idx, scale, eps, RENORM: tl.constexpr, ALL: tl.constexpr):
+    """``c / N`` where the prob is 0, else 0 (``N`` detached)."""
+    p = tl.load(p_ptr + idx, mask=m, other=1.0)
+    c = scale
+    if RENORM:
+        if ALL:
+            n = tl.sum(tl.where(m, f, 0.0), axis=0) + eps
+        else:
+            sel = tl.load(sel_ptr + idx, mask=m, other=0)
+            n = tl.sum(tl.where(m & (sel != 0), f, 0.0), axis=0) + eps
+        c = scale / n
+    return tl.where(p != 0.0, 0.0, c)
+
+
+@triton.jit
+def _weights_fwd_kernel(z_ptr, p_ptr, sel_ptr, w_ptr, E, scale, eps, SCORE: tl.constexpr, RENORM: tl.constexpr,
+                        ALL: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+    offs = tl.arange(0, BLOCK_E)
+    m = offs < E
+    idx = tl.program_id(0).to(tl.int64) * E + offs
+    z = tl.load(z_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    f = _scores(z, m, SCORE)
+    tl.store(w_ptr + idx, f * _coefficient(f, m, p_ptr, sel_ptr, idx, scale, eps, RENORM, ALL), mask=m)
+
+
+@triton.jit
+def _weights_bwd_kernel(g_ptr, z_ptr, p_ptr, sel_ptr, dz_ptr, E, scale, eps, SCORE: tl.constexpr,
+                        RENORM: tl.constexpr, ALL: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+    offs = tl.arange(0, BLOCK_E)
+    m = offs < E
+    idx = tl.program_id(0).to(tl.int64) * E + offs
+    z = tl.load(z_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    f = _scores(z, m, SCORE)
+    df = tl.load(g_ptr + idx, mask=m, other=0.0) * _coefficient(f, m, p_ptr, sel_ptr, idx, scale, eps, RENORM, ALL)
+    if SCORE == 0:
+        dz = f * (df - tl.sum(tl.where(m, f * df, 0.0), axis=0))
+    elif SCORE == 1:
+        dz = df * (1.0 - f) * f
+    else:
+        dz = df * tl.sigmoid(z) / (2.0 * f)
+    tl.store(dz_ptr + idx, dz.to(dz_ptr.dtype.element_ty), mask=m)
+
+
+SCORES = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
+
+
+def default_weights(logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps):
+    T, E = logits_TE.shape
+    w = torch.empty(T, E, dtype=torch.float32, device=logits_TE.device)
+    if T:
+        _weights_fwd_kernel[(T,)](logits_TE.contiguous(), probs_TE.contiguous(), selected_TE.contiguous(), w, E,
+                                  scale, eps, SCORE=SCORES[score_function], RENORM=renormalise, ALL=all_experts,
+                                  BLOCK_E=triton.next_power_of_2(E))  # fmt: skip
+    return w
+
+
+def default_weights_backward(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts,
+                             scale, eps):  # fmt: skip
+    T, E = logits_TE.shape
+    dz = torch.empty(T, E, dtype=logits_TE.dtype, device=logits_TE.device)
+    if T:
+        _weights_bwd_kernel[(T,)](grad_TE.contiguous(), logits_TE.contiguous(), probs_TE.contiguous(),
+                                  selected_TE.contiguous(), dz, E, scale, eps, SCORE=SCORES[score_function],
+                                  RENORM=renormalise, ALL=all_experts, BLOCK_E=triton.next_power_of_2(E))  # fmt: skip
+    return dz

@@ -15,8 +15,8 @@ output they serve. These ops cover them, each a single kernel (``triton_kernels.
   recomputed in the backward.
 
 Rows are sampled ``offset, offset + stride, ...`` (``C`` of them); ``stride = 1`` takes all.
-Each op is an opaque ``torch.library`` op, so ``examples/benchmark_cost.py`` counts it as the one
-kernel it is on a GPU.
+Each op is an opaque ``torch.library`` op (its torch body: ``<op>_reference``), so
+``examples/benchmark_cost.py`` counts it as the one kernel it is on a GPU.
 """
 
 import logging
@@ -41,8 +41,7 @@ def _sampled(p_R, offset, stride, cols):
     return p_R[offset::stride][:cols].float(), rows_C
 
 
-@torch.library.custom_op("default_moe::stats_weights", mutates_args=())
-def stats_weights(
+def stats_weights_reference(
     p_R: torch.Tensor, counts_L: torch.Tensor, offset: int, stride: int, cols: int, uniform: bool, dtype: torch.dtype
 ) -> torch.Tensor:
     """``[L+1, 2, C]`` in ``dtype``: sampled row ``c`` of local expert ``l`` (``L``: past the
@@ -57,13 +56,17 @@ def stats_weights(
     return matrix.scatter_(0, ids_C.view(1, 1, cols).expand(1, 2, cols), split_2C.unsqueeze(0))
 
 
+stats_weights = torch.library.custom_op(
+    "default_moe::stats_weights", mutates_args=()
+)(stats_weights_reference)
+
+
 @stats_weights.register_fake
 def _(p_R, counts_L, offset, stride, cols, uniform, dtype):
     return p_R.new_empty(counts_L.numel() + 1, 2, cols, dtype=dtype)
 
 
-@torch.library.custom_op("default_moe::stats_finish", mutates_args=())
-def stats_finish(
+def stats_finish_reference(
     sums_LSH: torch.Tensor,
     p_R: torch.Tensor,
     counts_L: torch.Tensor,
@@ -90,13 +93,17 @@ def stats_finish(
     return out_EH1
 
 
+stats_finish = torch.library.custom_op(
+    "default_moe::stats_finish", mutates_args=()
+)(stats_finish_reference)
+
+
 @stats_finish.register_fake
 def _(sums_LSH, p_R, counts_L, rows, offset, stride, first, num_experts, uniform, count_rows):
     return sums_LSH.new_empty(num_experts, sums_LSH.shape[-1] + 1, dtype=torch.float32)
 
 
-@torch.library.custom_op("default_moe::ema_update", mutates_args=("defaults_EH", "skips_E"))
-def ema_update(
+def ema_update_reference(
     defaults_EH: torch.Tensor, stats_EH1: torch.Tensor, beta: float, skips_E: torch.Tensor, snapshot_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``functional.ema_update_`` in place, ``skips_E += nonfinite``; returns ``(snapshot`` of the
@@ -108,13 +115,18 @@ def ema_update(
     return defaults_EH.to(snapshot_dtype, copy=True), updated_E
 
 
+ema_update = torch.library.custom_op(
+    "default_moe::ema_update", mutates_args=("defaults_EH", "skips_E")
+)(ema_update_reference)
+
+
 @ema_update.register_fake
 def _(defaults_EH, stats_EH1, beta, skips_E, snapshot_dtype):
-    return defaults_EH.new_empty(defaults_EH.shape, dtype=snapshot_dtype), skips_E.new_empty(skips_E.shape, dtype=torch.bool)
+    snapshot_EH = defaults_EH.new_empty(defaults_EH.shape, dtype=snapshot_dtype)
+    return snapshot_EH, skips_E.new_empty(skips_E.shape, dtype=torch.bool)
 
 
-@torch.library.custom_op("default_moe::default_weights", mutates_args=())
-def default_weights(
+def default_weights_reference(
     logits_TE: torch.Tensor,
     probs_TE: torch.Tensor,
     selected_TE: torch.Tensor,
@@ -133,13 +145,17 @@ def default_weights(
     return F.default_weights_TE(scores_TE, probs_TE, selected_TE, scale, renormalise, eps, normaliser)
 
 
+default_weights = torch.library.custom_op(
+    "default_moe::default_weights", mutates_args=()
+)(default_weights_reference)
+
+
 @default_weights.register_fake
 def _(logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps):
     return logits_TE.new_empty(logits_TE.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("default_moe::default_weights_backward", mutates_args=())
-def default_weights_backward(
+def default_weights_backward_reference(
     grad_TE: torch.Tensor,
     logits_TE: torch.Tensor,
     probs_TE: torch.Tensor,
@@ -167,6 +183,11 @@ def default_weights_backward(
     else:  # f = sqrt(softplus(z)): df/dz = sigmoid(z) / (2 f)
         dz_TE = df_TE * torch.sigmoid(logits_TE.float()) / (2.0 * f_TE)
     return dz_TE.to(logits_TE.dtype)
+
+
+default_weights_backward = torch.library.custom_op(
+    "default_moe::default_weights_backward", mutates_args=()
+)(default_weights_backward_reference)
 
 
 @default_weights_backward.register_fake

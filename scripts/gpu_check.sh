@@ -8,7 +8,8 @@
 #   1. records the machine (python, torch, CUDA, GPU);
 #   2. installs megatron-core 0.19.2 (and pytest, numpy, psutil where missing) from wheels/ into a
 #      private --target folder on PYTHONPATH: no venv, no network, the system's torch untouched;
-#   3. runs examples/benchmark_cost.py on CUDA at the three shapes: the op counts, plus CUDA-event
+#   3. runs tests/test_fused.py on the GPU: the fused ops' Triton kernels against their references;
+#   3b. runs examples/benchmark_cost.py on CUDA at the three shapes: the op counts, plus CUDA-event
 #      times and torch.cuda.max_memory_allocated of TopK vs Default MoE at 16,384 tokens;
 #   4. runs examples/benchmark_scale.py on those layer times;
 #   5. runs the layer and distributed-free tests as they are built (CPU shim, GPU hidden), and
@@ -115,10 +116,12 @@ COST_TESTS=(tests/test_benchmark_cost.py tests/test_benchmark_scale.py)
 
 run_step machine 30 machine
 run_step install 60 install_wheels
+# the fused ops' Triton kernels against their torch references, on the GPU (first: new code)
+run_step fused 90 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests_fused.xml" tests/test_fused.py
 if [[ -n "${TESTS:-}" ]]; then read -r -a LAYER_TESTS <<<"$TESTS" && COST_TESTS=(); fi
 read -r -a cost_args <<<"${COST_ARGS:-}"
 cost_rc=0
-run_step cost 330 "$PY" examples/benchmark_cost.py --gpu h200 --max-expert-gb 48 --json "$OUT_DIR/cost.json" \
+run_step cost 270 "$PY" examples/benchmark_cost.py --gpu h200 --max-expert-gb 48 --json "$OUT_DIR/cost.json" \
   "${cost_args[@]}" || cost_rc=$?
 if [[ -f "$OUT_DIR/cost.json" ]]; then
   run_step scale 30 "$PY" examples/benchmark_scale.py --cost-json "$OUT_DIR/cost.json" --json "$OUT_DIR/scale.json"
@@ -153,7 +156,8 @@ report = dict(
     machine=next((json.loads(l) for l in machine_log.splitlines() if l.startswith("{")), None),
     nvidia_smi=[l for l in machine_log.splitlines() if not l.startswith("{")],
     steps=[dict(s, log_tail=read(f"{s['name']}.log")) for s in steps],
-    tests_cpu=junit("tests_cpu.xml"), tests_gpu_visible=junit("tests_gpu_visible.xml"),
+    tests_fused=junit("tests_fused.xml"), tests_cpu=junit("tests_cpu.xml"),
+    tests_gpu_visible=junit("tests_gpu_visible.xml"),
     cost=load("cost.json"), scale=load("scale.json"),
 )
 with open(os.path.join(out, "gpu_check.json"), "w") as f:

@@ -190,3 +190,46 @@ def test_triton_kernels_match_references_in_the_interpreter():
     proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "CHECKED 32" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused ops' Triton kernels on a GPU")
+def test_cuda_ops_match_their_references():
+    """On CUDA the ops run Triton; each must match its torch reference on the same device."""
+    assert fused.TRITON_ON_CUDA, "Triton kernels were not registered on this CUDA machine"
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    counts = torch.tensor([900, 0, 3000, 411, 77], device=dev)
+    rows = int(counts.sum()) + 29
+    p = torch.rand(rows, device=dev) * 0.9 + 0.05
+    p[::7] = 0.0
+    for uniform in (True, False):
+        for stride, offset in ((1, 0), (8, 3)):
+            cols = -(-(rows - offset) // stride)
+            ref = fused.stats_weights_reference(p, counts, offset, stride, cols, uniform, torch.bfloat16)
+            assert torch.equal(fused.stats_weights(p, counts, offset, stride, cols, uniform, torch.bfloat16), ref)
+            sums = torch.randn(counts.numel() + 1, 2, 1024, device=dev)
+            args = (sums, p, counts, rows - 29, offset, stride, 3, 16, uniform, True)
+            got, ref = fused.stats_finish(*args), fused.stats_finish_reference(*args)
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    stats = torch.randn(16, 1025, device=dev)
+    stats[:, -1] = torch.arange(16, device=dev) % 3
+    stats[5, 7] = float("nan")
+    d_ref = torch.randn(16, 1024, device=dev)
+    d_got = d_ref.clone()
+    s_ref, s_got = (torch.zeros(16, dtype=torch.long, device=dev) for _ in range(2))
+    snap_ref, up_ref = fused.ema_update_reference(d_ref, stats, 0.9, s_ref, torch.bfloat16)
+    snap_got, up_got = fused.ema_update(d_got, stats, 0.9, s_got, torch.bfloat16)
+    torch.testing.assert_close(d_got, d_ref, rtol=2e-7, atol=1e-7)
+    assert torch.equal(up_got, up_ref) and torch.equal(s_got, s_ref)
+    torch.testing.assert_close(snap_got.float(), snap_ref.float(), rtol=2**-8, atol=0)
+    for score in ("softmax", "sigmoid", "sqrtsoftplus"):
+        z = torch.randn(4096, 128, device=dev) * 3
+        sel = torch.zeros_like(z, dtype=torch.bool).scatter_(1, z.topk(8, dim=1).indices, True)
+        probs = torch.where(sel, torch.rand_like(z) + 0.1, 0.0)
+        opts = (score, score != "softmax", False, 2.5, 1e-20 if score != "softmax" else 0.0)
+        torch.testing.assert_close(fused.default_weights(z, probs, sel, *opts),
+                                   fused.default_weights_reference(z, probs, sel, *opts), rtol=1e-5, atol=1e-7)
+        g = torch.randn_like(z)
+        got = fused.default_weights_backward(g, z, probs, sel, *opts)
+        ref = fused.default_weights_backward_reference(g, z, probs, sel, *opts)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)

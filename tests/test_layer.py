@@ -120,6 +120,32 @@ def test_first_step_default_vectors_are_one_minus_beta_times_mean_output():
         torch.testing.assert_close(layer.default_vectors[i], 0.1 * mean.detach(), atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_stats_stride_averages_every_nth_row_with_a_rotating_offset(dispatcher):
+    """``stats_stride=3``: the EMA sees permuted rows ``o, o+3, ...`` (expert-major, token order),
+    ``o`` = 0 on the first update, 1 on the second."""
+    config = moe_config(moe_router_topk=1, moe_token_dispatcher_type=dispatcher)
+    _, layer = build_layers(config, DefaultMoEConfig(beta=0.9, stats_stride=3))
+    x, g = inputs(seed=3, seq=12)
+    x_TH = x.reshape(-1, 16)
+    chosen_T = (x_TH @ layer.router.weight.T).argmax(-1)
+    rows = [(i, t) for i in range(4) for t in range(len(x_TH)) if chosen_T[t] == i]  # permuted order
+    expected = torch.zeros(4, 16)
+    for offset in (0, 1):
+        run(layer, x, g)
+        means = torch.zeros(4, 16)
+        for i in range(4):
+            mlp = layer.experts.local_experts[i]
+            picked = [t for i_, t in rows[offset::3] if i_ == i]
+            if picked:
+                out = TF.gelu(x_TH[picked] @ mlp.linear_fc1.weight.T) @ mlp.linear_fc2.weight.T
+                means[i] = out.detach().mean(0)
+            expected[i] = 0.9 * expected[i] + 0.1 * means[i] if picked else expected[i]
+        torch.testing.assert_close(layer.default_vectors, expected, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="--moe-default-stats-stride"):
+        DefaultMoEConfig(stats_stride=0)
+
+
 def test_default_term_adds_no_expert_gradient():
     """Expert grads equal the stock layer's (the term is stop-gradient); the router's differ."""
     config = moe_config(moe_router_topk=1, num_moe_experts=8)

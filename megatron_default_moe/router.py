@@ -28,9 +28,13 @@ def default_weights_of(router: TopKRouter, logits_TE, probs_TE, routing_map_TE, 
                 expert_bias=router.expert_bias,
                 fused=config.moe_router_fusion,
             )
+    # where the probs are nonzero: the routing map itself unless a capacity factor drops pairs (or
+    # pads with prob-0 pairs); a bool read instead of an fp32 one (a zero prob of a routed pair has
+    # f = 0, so its weight is 0 either way)
+    chosen_TE = routing_map_TE if config.moe_expert_capacity_factor is None else probs_TE.detach()
     return fused.default_weights(  # F.default_weights_TE(F.router_scores_TE(logits_TE), ...) in one op
         logits_TE,
-        probs_TE.detach(),
+        chosen_TE,
         selected_TE,
         router.score_function,
         renormalise,

@@ -172,6 +172,8 @@ TRITON_CHECK = textwrap.dedent(
                 ref = fused.default_weights(z, probs, sel, *opts)
                 got = K.default_weights(z, probs, sel, *opts)
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+                ref_map = fused.default_weights(z, sel, sel, *opts)  # the routing map as "probs != 0"
+                torch.testing.assert_close(K.default_weights(z, sel, sel, *opts), ref_map, rtol=1e-5, atol=1e-7)
                 g = torch.randn(37, 12)
                 ref = fused.default_weights_backward(g, z, probs, sel, *opts)
                 got = K.default_weights_backward(g, z, probs, sel, *opts)

@@ -10,6 +10,8 @@ matmul are ``fused`` ops (one kernel each on CUDA).
 
 - Precision: a bf16 copy of ``1/p`` is off by up to 2^-9; each weight is split into two terms of
   the output's dtype, ``hi + lo`` (exact to about 2^-17), as two rows of the same matmul.
+- ``row_stride = s``: only rows ``o, o + s, ...`` enter (the matmul reads a strided view: ``1/s``
+  of the bytes); the layer rotates ``o`` per update (``--moe-default-stats-stride``).
 - Rows beyond ``Σ tokens_per_expert`` (HybridEP's static budget, NCCL-EP static shapes) belong to
   no expert and get weight 0. With host-side counts they are sliced off first; with device-side
   counts (no sync) they stay in the matmul, so their contents must be finite: a NaN there reaches

@@ -88,6 +88,7 @@ def parse_args(argv=None):
     g.add_argument("--moe-default-update", default="microbatch", choices=("microbatch", "step"))
     g.add_argument("--moe-default-mode", default="auto", choices=("auto", "forward", "backward-only"))
     g.add_argument("--moe-default-normaliser", default="selected", choices=("selected", "all"))
+    g.add_argument("--moe-default-stats-stride", type=int, default=1)
     return p.parse_args(argv)
 
 
@@ -184,6 +185,7 @@ def build_model(args, default_moe):
             update=args.moe_default_update,
             mode=args.moe_default_mode,
             normaliser=args.moe_default_normaliser,
+            stats_stride=args.moe_default_stats_stride,
         )
         spec = to_default_moe_spec(spec, dm_config)
     torch.manual_seed(args.seed)

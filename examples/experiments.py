@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="override the size's step count")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 cells, 2 seeds (test suite)")
     p.add_argument("--fidelity", action="store_true", help="per-layer cosine and bias over training")
+    p.add_argument("--stats-stride", type=int, default=1,
+                   help="Default MoE's --moe-default-stats-stride for every cell (names tagged stride=N)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--report-only", action="store_true", help="summarise the runs on file, launch nothing")
@@ -75,15 +77,18 @@ def parse_args(argv=None):
 
 
 # -- the grid and its statistics -------------------------------------------------------------------
-def grid(quick=False):
-    """The cells: dicts of router, lr, ema weighting, beta, and a readable name."""
+def grid(quick=False, stats_stride=1):
+    """The cells: dicts of router, lr, ema weighting, beta, and a readable name (tagged
+    ``stride=N`` when Default MoE runs with ``--moe-default-stats-stride N``)."""
     cells = []
     for router in ("paper", "mixtral", "deepseek-v3"):
         for lr in (BASE_LR, 4 * BASE_LR):
             ema = [(w, b) for w in ("uniform", "router") for b in (0.9, 0.99)] if router == "paper" else [("uniform", 0.9)]
             for weighting, beta in ema:
                 name = f"{router} lr={lr:g}" + (f" {weighting} b={beta}" if router == "paper" else "")
-                cells.append(dict(name=name, router=router, lr=lr, weighting=weighting, beta=beta))
+                name += f" stride={stats_stride}" if stats_stride != 1 else ""
+                cells.append(dict(name=name, router=router, lr=lr, weighting=weighting, beta=beta,
+                                  stride=stats_stride))
     if quick:
         return [cells[0], next(c for c in cells if c["router"] == "mixtral")]
     return cells
@@ -250,7 +255,7 @@ def sweep(args):
     flags = size_flags(args)
     fp = fingerprint(flags)
     path = os.path.join(args.out, "runs.jsonl")
-    cells = [c for c in grid(args.quick) if re.search(args.cells, c["name"])]
+    cells = [c for c in grid(args.quick, args.stats_stride) if re.search(args.cells, c["name"])]
     seeds = list(range(1, args.seeds + 1))
     done = {(r["cell"], r["seed"]) for r in load_runs(path) if r.get("fingerprint") == fp}
     todo = [(c, [s for s in seeds if (c["name"], s) not in done]) for c in cells]
@@ -297,7 +302,8 @@ def demo_args(flags, cell, seed, out):
     return cpu_demo.parse_args(flags + [
         "--router", cell["router"], "--topk", str(TOPK[cell["router"]]), "--lr", str(cell["lr"]),
         "--moe-default-ema-weighting", cell["weighting"], "--moe-default-ema-beta", str(cell["beta"]),
-        "--seed", str(seed), "--out", out, "--no-plot", "--no-diagnostics"])
+        "--moe-default-stats-stride", str(cell.get("stride", 1)), "--seed", str(seed), "--out", out,
+        "--no-plot", "--no-diagnostics"])
 
 
 def new_runs(d, variants=None):

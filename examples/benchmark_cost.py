@@ -368,7 +368,7 @@ def count_as_ep_rank(layer, local_experts):
     on_output = layer.token_dispatcher.on_expert_output
 
     def regrouped(out_RH, probs_R, tokens_per_expert):
-        counts = [int(c) for c in tokens_per_expert]  # host ints: no op of ours to count
+        counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
         group = len(counts) // local_experts
         return on_output(out_RH, probs_R, [sum(counts[i : i + group]) for i in range(0, len(counts), group)])
 

@@ -43,65 +43,18 @@ def parse_and_configure(base):
     Returns ``(args, model_cfg, dm_config)``; ``dm_config`` is ``None`` without the flag.
     """
     from megatron.training.argument_utils import gpt_config_from_args
-    from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_default_moe.arguments import (
-        add_default_moe_args,
-        configure_gpt_model_config,
-        default_moe_config_from_args,
-    )
+    from megatron_default_moe.arguments import configure_gpt_model_config
+    from megatron_default_moe.entry import parse_and_configure as parse
 
-    def extra_args_provider(parser):
-        if base.has_nvidia_modelopt:
-            parser = base.add_modelopt_args(parser)
-        return add_default_moe_args(parser)
-
-    args = parse_and_validate_args(
-        extra_args_provider=extra_args_provider,
-        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-    )
-    if base.has_nvidia_modelopt:
-        base.maybe_enable_modelopt(args)
-    if base.has_nvidia_modelopt and getattr(args, "modelopt_enabled", False):
-        model_cfg = gpt_config_from_args(args, model_config_cls=base.ModelOptModelConfig)
-    else:
-        model_cfg = gpt_config_from_args(args)
-    dm_config = default_moe_config_from_args(args)
-    configure_gpt_model_config(model_cfg, dm_config, log_interval=args.log_interval)
-    return args, model_cfg, dm_config
+    return parse(base, gpt_config_from_args, "ModelOptModelConfig", configure_gpt_model_config)
 
 
 def main() -> None:
+    from megatron_default_moe.entry import run_pretrain
+
     base = import_pretrain_gpt()
-
-    from megatron.core.enums import ModelType
-    from megatron.training import inprocess_restart, pretrain, print_rank_0, set_startup_timestamps
-    from megatron.training.argument_utils import pretrain_cfg_container_from_args
-
-    from megatron_default_moe.checkpoint import load_checkpoints_without_default_vectors
-
-    print_rank_0(f"> PyTorch version ................ {base.get_torch_version()}")
-    print_rank_0(f"> Megatron-Core version .......... {base.mcore_version}")
-    print_rank_0(f"> Transformer Engine version ... {base.get_te_version()}")
-    set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
-    setattr(base.train_valid_test_datasets_provider, "is_distributed", True)
-    # Our parser first: Megatron's in-process-restart check parses without our flags and would
-    # answer --help (or fail on it) before them.
-    args, model_cfg, dm_config = parse_and_configure(base)
-    pretrain_fn, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
-    if dm_config is not None:
-        load_checkpoints_without_default_vectors()
-        print_rank_0(f"> Default MoE ..................... {dm_config}")
-
-    full_config = pretrain_cfg_container_from_args(args, model_cfg)
-    pretrain_fn(
-        full_config,
-        base.train_valid_test_datasets_provider,
-        ModelType.encoder_or_decoder,
-        base.forward_step,
-        store=store,
-        get_embedding_ranks=base.get_embedding_ranks,
-    )
+    run_pretrain(base, parse_and_configure, _PROGRAM_START_TIME, get_embedding_ranks=base.get_embedding_ranks)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Paired TopK vs Default MoE runs with error bars, and per-layer fidelity over training.
 
-    python examples/experiments.py              # the whole grid: 12 cells x 5 seeds (~45-55 min, 2 idle CPU cores)
+    python examples/experiments.py              # the whole grid: 12 cells x 5 seeds (60 paired runs, 70-110 min)
     python examples/experiments.py --seeds 3 --cells "b=0.9$|mixtral|deepseek"   # a subset (regex on cell names)
     python examples/experiments.py --quick      # tiny model, 2 cells x 2 seeds (the test suite runs it)
     python examples/experiments.py --fidelity   # per-layer router-gradient cosine and default-vector bias
@@ -16,8 +16,8 @@ settings, so a killed sweep loses at most the run in progress.
 Grid: router families paper (softmax, pre-softmax, top-1), mixtral (softmax, renormalised, top-2)
 and deepseek-v3 (sigmoid, bias, groups, scaling 2.5, shared expert, top-2) x learning rate (the
 demo's 3e-3 and 4x) and, for the paper router, EMA weighting (uniform, router) x beta (0.9, 0.99).
-Model at defaults, sized for the grid to take about 45-55 min on 2 idle CPU cores (estimated from
-the demo's speed, not measured idle; on a shared, loaded 2-core machine a run took 135-290 s):
+Model at defaults (measured on a shared 2-core machine: 70-290 s per paired run, 95 s on average
+over the last 42, so the whole grid takes 70-110 min; ``--seeds 3`` about 45-65 min):
 3 layers (first dense, 2 MoE layers of 8 experts), hidden 64, 200 steps of 16 x 64 byte tokens,
 valid loss on 2 x 2 x 8 sequences of 64 bytes. Per cell: final valid loss of each method, the paired difference (Default - TopK) with
 its mean and 95% t-interval over seeds, wins (seeds where Default is lower), and loss spikes: steps

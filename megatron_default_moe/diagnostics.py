@@ -34,7 +34,7 @@ import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_default_moe import functional as F
-from megatron_default_moe.layer import DefaultMoELayer
+from megatron_default_moe.layer import DefaultMoELayer, _group_size
 from megatron_default_moe.router import default_weights_of
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -171,7 +171,7 @@ def router_gradients(model, loss_fn: Callable, dense=(), topk=()) -> Dict[int, t
     for i, (layer, weight, grad) in enumerate(zip(layers, weights, grads)):
         grad = torch.zeros_like(weight) if grad is None else grad.detach().clone()
         group = getattr(layer.router, "tp_dp_cp_group", None)
-        if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+        if _group_size(group) > 1:
             torch.distributed.all_reduce(grad, group=group)
         out[_layer_key(layer, i)] = grad
     return out
@@ -265,10 +265,10 @@ def plot_router_gradient_cosines(history, path: str, title: Optional[str] = None
 # -- default-vector bias -----------------------------------------------------------------------------
 def _gather_rows(x_TC: torch.Tensor, group) -> torch.Tensor:
     """Rows of ``x`` from every rank of ``group`` (uneven row counts allowed: pad, gather, trim)."""
-    if group is None or not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) == 1:
+    if _group_size(group) == 1:
         return x_TC
     size = torch.tensor([x_TC.shape[0]], dtype=torch.long, device=x_TC.device)
-    sizes = [torch.zeros_like(size) for _ in range(torch.distributed.get_world_size(group))]
+    sizes = [torch.zeros_like(size) for _ in range(_group_size(group))]
     torch.distributed.all_gather(sizes, size, group=group)
     rows = max(int(s) for s in sizes)
     padded = x_TC.new_zeros((rows,) + tuple(x_TC.shape[1:]))
@@ -304,7 +304,7 @@ def expert_output_moments(model, forward_fn: Callable) -> Dict[int, Dict[str, to
         return route_and_record
 
     for layer in layers:
-        if _group_size_of(layer.token_dispatcher.tp_group) > 1:
+        if _group_size(layer.token_dispatcher.tp_group) > 1:
             raise ValueError("expert_output_moments: expert tensor parallelism is not supported")
     with _eval_mode(model), _patched([(layer, "route", recording_route(layer)) for layer in layers]), torch.no_grad():
         forward_fn(model)
@@ -327,7 +327,7 @@ def expert_output_moments(model, forward_fn: Callable) -> Dict[int, Dict[str, to
             table[e, 2 * h : 3 * h] = o_TH[~unchosen_T].sum(0)
             table[e, 3 * h] = unchosen_T.sum()
             table[e, 3 * h + 1] = (~unchosen_T).sum()
-        if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+        if _group_size(group) > 1:
             torch.distributed.all_reduce(table, group=group)
         nu, nc = table[:, 3 * h], table[:, 3 * h + 1]
         out[_layer_key(layer, i)] = {
@@ -339,12 +339,6 @@ def expert_output_moments(model, forward_fn: Callable) -> Dict[int, Dict[str, to
             "default_vectors": layer.default_vectors.detach().double().clone(),
         }
     return out
-
-
-def _group_size_of(group) -> int:
-    if group is None or not torch.distributed.is_initialized():
-        return 1
-    return torch.distributed.get_world_size(group)
 
 
 def default_vector_bias(model, forward_fn: Callable) -> Dict[int, Dict[str, float]]:

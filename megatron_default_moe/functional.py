@@ -78,14 +78,18 @@ def default_weights_TE(
     all experts instead (smaller weights by ``S_A / S_all``: the remedy for many unselected sigmoid
     experts swamping the stock router gradient; dropped pairs then get less than they lost).
     """
-    weights_TE = scores_TE
-    if renormalise:
-        kept_TE = scores_TE.detach() if normaliser == "all" else scores_TE.detach() * selected_TE
-        norm_T1 = kept_TE.sum(dim=-1, keepdim=True).add_(eps)
-        weights_TE = weights_TE * (scale / norm_T1)
-    elif scale != 1.0:
-        weights_TE = weights_TE * scale
+    c_over_n = default_scale_T1(scores_TE, selected_TE, scale, renormalise, eps, normaliser)
+    weights_TE = scores_TE * c_over_n if renormalise or scale != 1.0 else scores_TE
     return weights_TE.masked_fill(probs_TE.detach() != 0, 0.0)
+
+
+def default_scale_T1(scores_TE, selected_TE, scale: float, renormalise: bool, eps: float, normaliser: str):
+    """``c / sg(N)`` of ``default_weights_TE``: per token ``[T, 1]`` (detached) when ``renormalise``,
+    else the float ``c``."""
+    if not renormalise:
+        return scale
+    kept_TE = scores_TE.detach() if normaliser == "all" else scores_TE.detach() * selected_TE
+    return scale / kept_TE.sum(dim=-1, keepdim=True).add_(eps)
 
 
 def ema_update_(defaults_EH: torch.Tensor, stats_EH1: torch.Tensor, beta: float):

@@ -171,11 +171,9 @@ def default_weights_backward_reference(
     from megatron_default_moe import functional as F
 
     f_TE = F.router_scores_TE(logits_TE, score_function)
-    coef_TE = torch.where(probs_TE != 0, 0.0, scale)
-    if renormalise:
-        kept_TE = f_TE if all_experts else f_TE * selected_TE
-        coef_TE = coef_TE / (kept_TE.sum(dim=-1, keepdim=True) + eps)
-    df_TE = grad_TE.float() * coef_TE
+    normaliser = "all" if all_experts else "selected"
+    c_over_n = F.default_scale_T1(f_TE, selected_TE, scale, renormalise, eps, normaliser)
+    df_TE = grad_TE.float() * torch.where(probs_TE != 0, 0.0, c_over_n)
     if score_function == "softmax":
         dz_TE = f_TE * (df_TE - (f_TE * df_TE).sum(dim=-1, keepdim=True))
     elif score_function == "sigmoid":

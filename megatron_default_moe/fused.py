@@ -35,6 +35,11 @@ def row_weights(p_R: torch.Tensor, uniform: bool):
     return one_R, p_R
 
 
+def sampled_rows(rows: int, offset: int, stride: int) -> int:
+    """How many of rows ``0 .. rows-1`` are ``offset, offset + stride, ...``."""
+    return max(0, -(-(rows - offset) // stride))
+
+
 def _sampled(p_R, offset, stride, cols):
     """Probs (fp32) and row indices of the ``cols`` sampled rows."""
     rows_C = torch.arange(cols, device=p_R.device) * stride + offset
@@ -85,7 +90,7 @@ def stats_finish_reference(
     mine_LH1 = out_EH1[first : first + local]
     torch.sum(sums_LSH[:local], dim=1, out=mine_LH1[:, :hidden])
     if count_rows:
-        cols = max(0, -(-(rows - offset) // stride))
+        cols = sampled_rows(rows, offset, stride)
         p_C, rows_C = _sampled(p_R, offset, stride, cols)
         ids_C = torch.searchsorted(counts_L.cumsum(0), rows_C, right=True)
         counts = torch.zeros(local + 1, device=sums_LSH.device).index_add_(0, ids_C, row_weights(p_C, uniform)[1])

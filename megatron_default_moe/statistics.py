@@ -3,8 +3,8 @@
 The rows a rank's experts processed (``R``, grouped by expert in ``tokens_per_expert`` order) each
 carry their routing prob: ``out_r = p_r · o_r``. Per local expert the EMA needs ``Σ w_r out_r``
 (``uniform``: ``w = 1/p``; ``router``: ``w = 1``) and a count (``Σ [p ≠ 0]``, or ``Σ p``), over rows
-with ``p ≠ 0`` (padding rows have ``p = 0``). Both come from one small weight matrix ``[2·L, R]``
-(``L`` local experts) and one matmul with ``out_RH`` in its own dtype, accumulated and returned in
+with ``p ≠ 0`` (padding rows have ``p = 0``). Both come from one small weight matrix ``[L+1, 2, R]``
+(``L`` local experts, one row for rows past the counts, ``hi``/``lo``) and one matmul with ``out_RH`` in its own dtype, accumulated and returned in
 fp32: no fp32 copy of ``[R, H]``, no boolean selection, no host sync. The small steps around the
 matmul are ``fused`` ops (one kernel each on CUDA).
 
@@ -21,6 +21,8 @@ matmul are ``fused`` ops (one kernel each on CUDA).
 from typing import Sequence, Tuple, Union
 
 import torch
+
+from megatron_default_moe import fused
 
 EMA_WEIGHTINGS = ("uniform", "router")
 
@@ -69,15 +71,13 @@ def expert_output_stats_EH1(
         raise ValueError(f"ema_weighting must be one of {EMA_WEIGHTINGS}, got {weighting!r}")
     if not 0 <= row_offset < row_stride:
         raise ValueError(f"need 0 <= row_offset < row_stride, got {row_offset}, {row_stride}")
-    from megatron_default_moe import fused
-
     counts_L, total = counts_on(tokens_per_expert, out_RH.device)
     out_RH, p_R = out_RH.detach(), probs_R.detach().reshape(-1).contiguous()
     rows = out_RH.shape[0] if total is None else min(total, out_RH.shape[0])
-    cols = max(0, -(-(rows - row_offset) // row_stride))
+    cols, local = fused.sampled_rows(rows, row_offset, row_stride), counts_L.numel()
     uniform = weighting == "uniform"
     matrix_LSC = fused.stats_weights(p_R, counts_L, row_offset, row_stride, cols, uniform, out_RH.dtype)
     sampled_CH = out_RH[row_offset:rows:row_stride]
-    sums_LSH = mm_fp32(matrix_LSC.view(2 * counts_L.numel() + 2, cols), sampled_CH).view(counts_L.numel() + 1, 2, -1)
+    sums_LSH = mm_fp32(matrix_LSC.view(2 * (local + 1), cols), sampled_CH).view(local + 1, 2, -1)
     return fused.stats_finish(sums_LSH, p_R, counts_L, rows, row_offset, row_stride, first_expert, num_experts,
                               uniform, count_rows)  # fmt: skip

@@ -17,7 +17,8 @@ pre-drop top-K, and ``c`` the top-k scaling factor. Forward of one layer, as the
    finite statistics.
 4. ``add_default_term``: ``w @ sg(Ê)`` added to the TopK output in one ``addmm`` (``forward`` mode:
    only where the mixture mass stays ``c``, softmax with pre-softmax), or only its gradient
-   (``backward-only``: the forward is the stock layer's, bit for bit).
+   (``backward-only``: the forward is the stock layer's, bit for bit). In the layer ``dL/dw``
+   reaches the logits in the same pass as Megatron's own logits gradient (``router``).
 """
 
 import torch
@@ -115,12 +116,16 @@ def default_term_TH(weights_TE: torch.Tensor, defaults_snapshot_EH: torch.Tensor
 
 class _DefaultTerm(torch.autograd.Function):
     """``y + w @ Ê`` in one ``addmm`` (forward mode) or ``y`` itself (backward-only); either way the
-    backward passes ``dL/dy`` through and gives ``dL/dw = dL/dy @ Êᵀ``, nothing to ``Ê``."""
+    backward passes ``dL/dy`` through and forms ``dL/dw = dL/dy @ Êᵀ`` (fp32), nothing to ``Ê``.
+    ``dL/dw`` is ``w``'s gradient, or is handed to ``grad_sink`` (the layer: it then reaches the
+    logits in the router's own backward pass, ``router.DefaultLogitGradient``); ``after`` is an
+    input only so that pass runs after this one."""
 
     @staticmethod
-    def forward(ctx, y_TH, weights_TE, defaults_EH, add_to_forward):
+    def forward(ctx, y_TH, weights_TE, defaults_EH, add_to_forward, grad_sink, after):
         ctx.save_for_backward(defaults_EH)
-        ctx.weights_dtype = weights_TE.dtype
+        ctx.grad_sink = grad_sink
+        ctx.weights_dtype = None if weights_TE is None else weights_TE.dtype
         if add_to_forward:
             return torch.addmm(y_TH, weights_TE.to(y_TH.dtype), defaults_EH)
         return y_TH  # returned as is, like Megatron's MoEAuxLossAutoScaler: no kernel
@@ -129,16 +134,21 @@ class _DefaultTerm(torch.autograd.Function):
     def backward(ctx, grad_TH):
         (defaults_EH,) = ctx.saved_tensors
         grad_w_TE = None
-        if ctx.needs_input_grad[1]:
+        if ctx.grad_sink is not None:
+            ctx.grad_sink(mm_fp32(grad_TH, defaults_EH.t()))
+        elif ctx.needs_input_grad[1]:
             grad_w_TE = mm_fp32(grad_TH, defaults_EH.t()).to(ctx.weights_dtype)
-        return grad_TH, grad_w_TE, None, None
+        return grad_TH, grad_w_TE, None, None, None, None
 
 
-def add_default_term(y_TH: torch.Tensor, weights_TE: torch.Tensor, defaults_EH: torch.Tensor, mode: str):
+def add_default_term(y_TH, weights_TE, defaults_EH, mode: str, grad_sink=None, after=None):
     """``y`` plus the default term ``w @ sg(Ê)`` (``forward``), or plus only its gradient
-    (``backward-only``; the forward value is ``y`` bit for bit). ``defaults_EH`` should already be
-    in ``y``'s dtype (the layer casts its fp32 snapshot once per pass)."""
+    (``backward-only``; the forward value is ``y`` bit for bit, and ``w`` may be None with a
+    ``grad_sink``). ``defaults_EH`` should already be in ``y``'s dtype (the layer casts its fp32
+    snapshot once per pass), ``w`` too (then no cast)."""
     if mode not in ("forward", "backward-only"):
         raise ValueError(f"mode must be 'forward' or 'backward-only' here, got {mode!r}")
+    if weights_TE is None and (mode == "forward" or grad_sink is None):
+        raise ValueError("the default term needs its weights in forward mode or without a grad_sink")
     defaults_EH = defaults_EH.detach().to(y_TH.dtype)
-    return _DefaultTerm.apply(y_TH, weights_TE, defaults_EH, mode == "forward")
+    return _DefaultTerm.apply(y_TH, weights_TE, defaults_EH, mode == "forward", grad_sink, after)

@@ -11,8 +11,8 @@ output they serve. These ops cover them, each a single kernel (``triton_kernels.
 - ``stats_finish``: ``[E, H+1]`` from the matmul's hi/lo sums and each expert's count;
 - ``ema_update``: ``functional.ema_update_`` plus the skip counter and the snapshot cast;
 - ``default_weights`` / ``default_weights_backward``: the router's default weights
-  (``functional.router_scores_TE`` + ``default_weights_TE``) and their logits gradient, scores
-  recomputed in the backward.
+  (``functional.router_scores_TE`` + ``default_weights_TE``), written in the dtype that reads
+  them, and their logits gradient (scores recomputed) added to Megatron's own logits gradient.
 
 Rows are sampled ``offset, offset + stride, ...`` (``C`` of them); ``stride = 1`` takes all.
 Each op is an opaque ``torch.library`` op (its torch body: ``<op>_reference``), so
@@ -20,6 +20,7 @@ Each op is an opaque ``torch.library`` op (its torch body: ``<op>_reference``), 
 """
 
 import logging
+from typing import Optional
 
 import torch
 
@@ -140,14 +141,17 @@ def default_weights_reference(
     all_experts: bool,
     scale: float,
     eps: float,
+    dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """``functional.default_weights_TE(router_scores_TE(logits))`` as one op (fp32 ``[T, E]``),
-    differentiable in the logits; its backward is one op too (``default_weights_backward``)."""
+    """``functional.default_weights_TE(router_scores_TE(logits))`` as one op, ``[T, E]`` in
+    ``dtype`` (fp32 if None), differentiable in the logits; its backward is one op too
+    (``default_weights_backward``)."""
     from megatron_default_moe import functional as F
 
     scores_TE = F.router_scores_TE(logits_TE, score_function)
     normaliser = "all" if all_experts else "selected"
-    return F.default_weights_TE(scores_TE, probs_TE, selected_TE, scale, renormalise, eps, normaliser)
+    weights_TE = F.default_weights_TE(scores_TE, probs_TE, selected_TE, scale, renormalise, eps, normaliser)
+    return weights_TE if dtype is None else weights_TE.to(dtype)
 
 
 default_weights = torch.library.custom_op(
@@ -156,8 +160,8 @@ default_weights = torch.library.custom_op(
 
 
 @default_weights.register_fake
-def _(logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps):
-    return logits_TE.new_empty(logits_TE.shape, dtype=torch.float32)
+def _(logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps, dtype=None):
+    return logits_TE.new_empty(logits_TE.shape, dtype=dtype or torch.float32)
 
 
 def default_weights_backward_reference(
@@ -170,9 +174,11 @@ def default_weights_backward_reference(
     all_experts: bool,
     scale: float,
     eps: float,
+    base_TE: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``dL/dlogits`` of ``default_weights`` (in the logits' dtype): ``dL/df = g · c/sg(N)`` where
-    the prob is 0, then the score function's backward (scores recomputed, nothing extra saved)."""
+    the prob is 0, then the score function's backward (scores recomputed, nothing extra saved),
+    plus ``base_TE`` (the logits' other gradient: Megatron's routing) in the same pass."""
     from megatron_default_moe import functional as F
 
     f_TE = F.router_scores_TE(logits_TE, score_function)
@@ -185,6 +191,8 @@ def default_weights_backward_reference(
         dz_TE = df_TE * (1.0 - f_TE) * f_TE
     else:  # f = sqrt(softplus(z)): df/dz = sigmoid(z) / (2 f)
         dz_TE = df_TE * torch.sigmoid(logits_TE.float()) / (2.0 * f_TE)
+    if base_TE is not None:
+        dz_TE = dz_TE + base_TE.float()
     return dz_TE.to(logits_TE.dtype)
 
 
@@ -194,19 +202,20 @@ default_weights_backward = torch.library.custom_op(
 
 
 @default_weights_backward.register_fake
-def _(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps):
+def _(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps, base_TE=None):
     return torch.empty_like(logits_TE)
 
 
 def _weights_setup(ctx, inputs, output):
-    logits_TE, probs_TE, selected_TE, *ctx.options = inputs
+    logits_TE, probs_TE, selected_TE, *options, _ = inputs  # options without the output dtype
+    ctx.options = options
     ctx.save_for_backward(logits_TE, probs_TE, selected_TE)
 
 
 def _weights_backward(ctx, grad_TE):
     logits_TE, probs_TE, selected_TE = ctx.saved_tensors
     dz_TE = default_weights_backward(grad_TE, logits_TE, probs_TE, selected_TE, *ctx.options)
-    return (dz_TE,) + (None,) * 7
+    return (dz_TE,) + (None,) * 8
 
 
 default_weights.register_autograd(_weights_backward, setup_context=_weights_setup)

@@ -2,13 +2,15 @@
 
 Forward of one training micro-batch (``update="microbatch"``, the paper's setting):
 
-1. ``route``: the ``DefaultMoERouter`` leaves ``default_weights_TE`` (π where TopK probs are 0).
+1. ``route``: the ``DefaultMoERouter`` leaves ``default_term``: what the default weights (π where
+   TopK probs are 0) and their logits gradient need.
 2. Experts run as usual. On the expert rank the dispatcher mixin hands their output to
    ``_on_expert_output``, which scatters per-expert ``[sum | count]`` into an fp32 ``[E, H+1]``
    tensor and launches its all-reduce over all ranks of the pipeline stage (``tp_dp_cp``)
    asynchronously, so it overlaps the combine.
 3. ``postprocess`` (token's home rank): wait, EMA-update ``default_vectors`` (update before use),
-   take a detached snapshot, add ``default_weights_TE @ snapshot`` to the combined output.
+   take a detached snapshot, add ``weights_TE @ snapshot`` to the combined output (``forward``
+   mode); in backward, ``dL/dy @ snapshotᵀ`` reaches the logits with Megatron's gradient.
 
 Activation recompute runs the forward twice: first under ``no_grad`` (the update happens here and
 the snapshot is queued), then again with grad in backward (the queued snapshot is reused, nothing
@@ -197,14 +199,20 @@ class DefaultMoELayer(MoELayer):
     def postprocess(self, output, shared_expert_output):
         """Combined TopK output plus the default term, on the token's home rank."""
         output = super().postprocess(output, shared_expert_output)
-        weights_TE, self.router.default_weights = self.router.default_weights, None
+        (inputs, routed_logits), self.router.default_term = self.router.default_term, None
         snapshot_EH = self._snapshot_for_this_pass(output.dtype)
         y_TH = output.view(-1, output.shape[-1])
         if self.track_metrics:
             with torch.no_grad():
-                term_TH = F.default_term_TH(weights_TE, snapshot_EH.float())
+                term_TH = F.default_term_TH(inputs.weights(), snapshot_EH.float())
                 self.last_term_norm_ratio = term_TH.norm() / y_TH.float().norm().clamp_min(1e-30)
-        return F.add_default_term(y_TH, weights_TE, snapshot_EH, self.mode).view(output.shape)
+        wants_grad = torch.is_grad_enabled() and routed_logits.requires_grad
+        if self.mode == "backward-only" and not wants_grad:
+            return output  # the stock forward, and no router gradient to add to
+        weights_TE = inputs.weights(output.dtype) if self.mode == "forward" else None
+        sink = inputs.receive_grad if wants_grad else None
+        y_TH = F.add_default_term(y_TH, weights_TE, snapshot_EH, self.mode, grad_sink=sink, after=routed_logits)
+        return y_TH.view(output.shape)
 
     # -- step mode -----------------------------------------------------------------------------
     def take_step_stats(self) -> torch.Tensor:

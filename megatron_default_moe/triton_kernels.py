@@ -170,12 +170,14 @@ def _weights_fwd_kernel(z_ptr, p_ptr, sel_ptr, w_ptr, E, scale, eps, SCORE: tl.c
     idx = tl.program_id(0).to(tl.int64) * E + offs
     z = tl.load(z_ptr + idx, mask=m, other=0.0).to(tl.float32)
     f = _scores(z, m, SCORE)
-    tl.store(w_ptr + idx, f * _coefficient(f, m, p_ptr, sel_ptr, idx, scale, eps, RENORM, ALL), mask=m)
+    w = f * _coefficient(f, m, p_ptr, sel_ptr, idx, scale, eps, RENORM, ALL)
+    tl.store(w_ptr + idx, w.to(w_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _weights_bwd_kernel(g_ptr, z_ptr, p_ptr, sel_ptr, dz_ptr, E, scale, eps, SCORE: tl.constexpr,
-                        RENORM: tl.constexpr, ALL: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+def _weights_bwd_kernel(g_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E, scale, eps, SCORE: tl.constexpr,
+                        RENORM: tl.constexpr, ALL: tl.constexpr, HAS_BASE: tl.constexpr,
+                        BLOCK_E: tl.constexpr):  # fmt: skip
     offs = tl.arange(0, BLOCK_E)
     m = offs < E
     idx = tl.program_id(0).to(tl.int64) * E + offs
@@ -188,15 +190,18 @@ def _weights_bwd_kernel(g_ptr, z_ptr, p_ptr, sel_ptr, dz_ptr, E, scale, eps, SCO
         dz = df * (1.0 - f) * f
     else:
         dz = df * tl.sigmoid(z) / (2.0 * f)
+    if HAS_BASE:  # Megatron's own logits gradient, added in this pass
+        dz += tl.load(base_ptr + idx, mask=m, other=0.0).to(tl.float32)
     tl.store(dz_ptr + idx, dz.to(dz_ptr.dtype.element_ty), mask=m)
 
 
 SCORES = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
 
 
-def default_weights(logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps):
+def default_weights(logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps,
+                    dtype=None):  # fmt: skip
     T, E = logits_TE.shape
-    w = torch.empty(T, E, dtype=torch.float32, device=logits_TE.device)
+    w = torch.empty(T, E, dtype=dtype or torch.float32, device=logits_TE.device)
     if T:
         _weights_fwd_kernel[(T,)](logits_TE.contiguous(), probs_TE.contiguous(), selected_TE.contiguous(), w, E,
                                   scale, eps, SCORE=SCORES[score_function], RENORM=renormalise, ALL=all_experts,
@@ -205,11 +210,13 @@ def default_weights(logits_TE, probs_TE, selected_TE, score_function, renormalis
 
 
 def default_weights_backward(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts,
-                             scale, eps):  # fmt: skip
+                             scale, eps, base_TE=None):  # fmt: skip
     T, E = logits_TE.shape
     dz = torch.empty(T, E, dtype=logits_TE.dtype, device=logits_TE.device)
+    base = dz if base_TE is None else base_TE.contiguous()
     if T:
         _weights_bwd_kernel[(T,)](grad_TE.contiguous(), logits_TE.contiguous(), probs_TE.contiguous(),
-                                  selected_TE.contiguous(), dz, E, scale, eps, SCORE=SCORES[score_function],
-                                  RENORM=renormalise, ALL=all_experts, BLOCK_E=triton.next_power_of_2(E))  # fmt: skip
+                                  selected_TE.contiguous(), base, dz, E, scale, eps, SCORE=SCORES[score_function],
+                                  RENORM=renormalise, ALL=all_experts, HAS_BASE=base_TE is not None,
+                                  BLOCK_E=triton.next_power_of_2(E))  # fmt: skip
     return dz

@@ -89,6 +89,11 @@ def test_default_weights_op_gradient_is_autograd_of_the_rule(score, renorm, all_
     (dz_op,) = torch.autograd.grad(w_op, z_op, g)
     torch.testing.assert_close(w_op.double(), w_ref, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(dz_op.double(), dz_ref, rtol=1e-5, atol=1e-7)
+    base = torch.randn(19, 8, dtype=torch.float64)  # Megatron's own logits gradient, added in the op
+    dz_sum = fused.default_weights_backward(g, z.detach(), probs, sel, score, renorm, all_experts, scale, eps, base)
+    torch.testing.assert_close(dz_sum, dz_ref + base, rtol=1e-5, atol=1e-7)
+    w_bf16 = fused.default_weights(z.detach(), probs, sel, score, renorm, all_experts, scale, eps, torch.bfloat16)
+    assert w_bf16.dtype == torch.bfloat16 and torch.equal(w_bf16, w_op.detach().bfloat16())
 
 
 def test_fused_ops_are_single_opaque_ops():
@@ -180,6 +185,13 @@ TRITON_CHECK = textwrap.dedent(
                 assert got.dtype == dtype
                 tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
                 torch.testing.assert_close(got.float(), ref.float(), **tol)
+                base = torch.randn(37, 12).to(dtype)  # Megatron's own logits gradient, added in the pass
+                got = K.default_weights_backward(g, z, probs, sel, *opts, base)
+                torch.testing.assert_close(got.float(), (ref.float() + base.float()).to(dtype).float(), **tol)
+                got = K.default_weights(z, probs, sel, *opts, torch.bfloat16)  # written in the reader's dtype
+                assert got.dtype == torch.bfloat16
+                torch.testing.assert_close(got.float(), fused.default_weights(z, probs, sel, *opts).float(),
+                                           rtol=2**-7, atol=1e-7)  # fmt: skip
                 checked += 1
     print("CHECKED", checked)
     """

@@ -2,13 +2,12 @@
 (the code below) elsewhere (pure torch, no Megatron).
 
 Between the expert output and the default vectors Default MoE does ~25 small elementwise steps
-(row weights, the weight matrix, hi/lo sums, counts, the EMA and its bookkeeping, the bf16
-snapshot). On a GPU each would be a kernel launch (~4 µs): more than the one read of the expert
-output they serve. These ops cover them, each a single kernel (``triton_kernels.py``) on CUDA:
+(row weights, per-expert sums and counts, the EMA and its bookkeeping, the bf16 snapshot). On a
+GPU each would be a kernel launch (~4 µs): more than the one read of the expert output they
+serve. These ops cover them, each a single kernel (``triton_kernels.py``) on CUDA:
 
-- ``stats_weights``: the ``[L+1, 2, C]`` weight matrix of ``statistics.expert_output_stats_EH1``
-  (row -> local expert, ``hi``/``lo`` split of each row's weight); the matmul follows it;
-- ``stats_finish``: ``[E, H+1]`` from the matmul's hi/lo sums and each expert's count;
+- ``expert_stats``: the ``[E, H+1]`` statistics of ``statistics.expert_output_stats_EH1``, one
+  read of the sampled expert-output rows (its reference: one matmul with a weight matrix);
 - ``ema_update``: ``functional.ema_update_`` plus the skip counter and the snapshot cast;
 - ``default_weights`` / ``default_weights_backward``: the router's default weights
   (``functional.router_scores_TE`` + ``default_weights_TE``), written in the dtype that reads
@@ -47,33 +46,24 @@ def _sampled(p_R, offset, stride, cols):
     return p_R[offset::stride][:cols].float(), rows_C
 
 
-def stats_weights_reference(
-    p_R: torch.Tensor, counts_L: torch.Tensor, offset: int, stride: int, cols: int, uniform: bool, dtype: torch.dtype
-) -> torch.Tensor:
-    """``[L+1, 2, C]`` in ``dtype``: sampled row ``c`` of local expert ``l`` (``L``: past the
-    counts, dropped) holds ``hi, lo`` of its sum weight at ``[l, :, c]``, zeros elsewhere."""
-    p_C, rows_C = _sampled(p_R, offset, stride, cols)
-    ids_C = torch.searchsorted(counts_L.cumsum(0), rows_C, right=True)
-    w_C, _ = row_weights(p_C, uniform)
-    split_2C = torch.empty(2, cols, dtype=dtype, device=p_R.device)
-    split_2C[0].copy_(w_C)
-    torch.sub(w_C, split_2C[0], out=split_2C[1])
-    matrix = torch.zeros(counts_L.numel() + 1, 2, cols, dtype=dtype, device=p_R.device)
-    return matrix.scatter_(0, ids_C.view(1, 1, cols).expand(1, 2, cols), split_2C.unsqueeze(0))
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32, reading ``b`` in its own dtype where the backend
+    has such a kernel (CUDA: ``aten::mm.dtype``); elsewhere via fp32 copies."""
+    if a.dtype == b.dtype == torch.float32:
+        return a @ b
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (NotImplementedError, RuntimeError):
+        return a.float() @ b.float()
 
 
-stats_weights = torch.library.custom_op(
-    "default_moe::stats_weights", mutates_args=()
-)(stats_weights_reference)
+def _row_ids(counts_L, rows_C):
+    """Local expert of each row (``L``: past the counts)."""
+    return torch.searchsorted(counts_L.cumsum(0), rows_C, right=True)
 
 
-@stats_weights.register_fake
-def _(p_R, counts_L, offset, stride, cols, uniform, dtype):
-    return p_R.new_empty(counts_L.numel() + 1, 2, cols, dtype=dtype)
-
-
-def stats_finish_reference(
-    sums_LSH: torch.Tensor,
+def expert_stats_reference(
+    out_CH: torch.Tensor,
     p_R: torch.Tensor,
     counts_L: torch.Tensor,
     rows: int,
@@ -84,29 +74,39 @@ def stats_finish_reference(
     uniform: bool,
     count_rows: bool,
 ) -> torch.Tensor:
-    """fp32 ``[E, H+1]``: local expert ``l`` at row ``first + l``: ``hi + lo`` of its sums and the
-    count weight summed over its sampled rows (0 unless ``count_rows``); other rows 0."""
-    local, hidden = counts_L.numel(), sums_LSH.shape[-1]
-    out_EH1 = torch.zeros(num_experts, hidden + 1, dtype=torch.float32, device=sums_LSH.device)
+    """fp32 ``[E, H+1]`` (``statistics.expert_output_stats_EH1``): local expert ``l`` at row
+    ``first + l`` holds the weighted sum of its sampled rows ``out_CH`` (rows ``offset, offset +
+    stride, ...`` of the ``rows`` counted ones) and its count weight summed (0 unless
+    ``count_rows``); other rows 0. Here one matmul in ``out_CH``'s dtype: a ``[L+1, 2, C]``
+    weight matrix holds ``hi, lo`` (in that dtype) of each row's weight, ``L`` rows past the
+    counts; the CUDA kernel reads each row once and weights it in fp32 instead."""
+    local, cols, hidden = counts_L.numel(), out_CH.shape[0], out_CH.shape[1]
+    p_C, rows_C = _sampled(p_R, offset, stride, cols)
+    ids_C = _row_ids(counts_L, rows_C)
+    w_C, count_w_C = row_weights(p_C, uniform)
+    split_2C = torch.empty(2, cols, dtype=out_CH.dtype, device=p_R.device)
+    split_2C[0].copy_(w_C)
+    torch.sub(w_C, split_2C[0], out=split_2C[1])
+    matrix = torch.zeros(local + 1, 2, cols, dtype=out_CH.dtype, device=p_R.device)
+    matrix.scatter_(0, ids_C.view(1, 1, cols).expand(1, 2, cols), split_2C.unsqueeze(0))
+    sums_LSH = mm_fp32(matrix.view(2 * (local + 1), cols), out_CH).view(local + 1, 2, hidden)
+    out_EH1 = torch.zeros(num_experts, hidden + 1, dtype=torch.float32, device=out_CH.device)
     mine_LH1 = out_EH1[first : first + local]
     torch.sum(sums_LSH[:local], dim=1, out=mine_LH1[:, :hidden])
     if count_rows:
-        cols = sampled_rows(rows, offset, stride)
-        p_C, rows_C = _sampled(p_R, offset, stride, cols)
-        ids_C = torch.searchsorted(counts_L.cumsum(0), rows_C, right=True)
-        counts = torch.zeros(local + 1, device=sums_LSH.device).index_add_(0, ids_C, row_weights(p_C, uniform)[1])
+        counts = torch.zeros(local + 1, device=out_CH.device).index_add_(0, ids_C, count_w_C)
         mine_LH1[:, hidden] = counts[:local]
     return out_EH1
 
 
-stats_finish = torch.library.custom_op(
-    "default_moe::stats_finish", mutates_args=()
-)(stats_finish_reference)
+expert_stats = torch.library.custom_op(
+    "default_moe::expert_stats", mutates_args=()
+)(expert_stats_reference)
 
 
-@stats_finish.register_fake
-def _(sums_LSH, p_R, counts_L, rows, offset, stride, first, num_experts, uniform, count_rows):
-    return sums_LSH.new_empty(num_experts, sums_LSH.shape[-1] + 1, dtype=torch.float32)
+@expert_stats.register_fake
+def _(out_CH, p_R, counts_L, rows, offset, stride, first, num_experts, uniform, count_rows):
+    return out_CH.new_empty(num_experts, out_CH.shape[1] + 1, dtype=torch.float32)
 
 
 def ema_update_reference(
@@ -228,8 +228,7 @@ def _register_triton():
     except ImportError as err:
         logger.warning("Default MoE: Triton is not importable (%s); the fused ops run as several torch kernels", err)
         return False
-    stats_weights.register_kernel("cuda")(K.stats_weights)
-    stats_finish.register_kernel("cuda")(K.stats_finish)
+    expert_stats.register_kernel("cuda")(K.expert_stats)
     ema_update.register_kernel("cuda")(K.ema_update_)
     default_weights.register_kernel("cuda")(K.default_weights)
     default_weights_backward.register_kernel("cuda")(K.default_weights_backward)

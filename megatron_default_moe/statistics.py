@@ -3,19 +3,19 @@
 The rows a rank's experts processed (``R``, grouped by expert in ``tokens_per_expert`` order) each
 carry their routing prob: ``out_r = p_r · o_r``. Per local expert the EMA needs ``Σ w_r out_r``
 (``uniform``: ``w = 1/p``; ``router``: ``w = 1``) and a count (``Σ [p ≠ 0]``, or ``Σ p``), over rows
-with ``p ≠ 0`` (padding rows have ``p = 0``). Both come from one small weight matrix ``[L+1, 2, R]``
-(``L`` local experts, one row for rows past the counts, ``hi``/``lo``) and one matmul with ``out_RH`` in its own dtype, accumulated and returned in
-fp32: no fp32 copy of ``[R, H]``, no boolean selection, no host sync. The small steps around the
-matmul are ``fused`` ops (one kernel each on CUDA).
+with ``p ≠ 0`` (padding rows have ``p = 0``). One op, ``fused.expert_stats``, reads the rows once
+in their own dtype and returns fp32 ``[E, H+1]``: no fp32 copy of ``[R, H]``, no boolean
+selection, no host sync. On CUDA it is one Triton kernel (rows weighted in fp32); its torch
+reference is one matmul with a ``[L+1, 2, R]`` weight matrix whose ``hi + lo`` terms in the
+output's dtype give each weight to about 2^-17 (a bf16 ``1/p`` alone is off by up to 2^-9).
 
-- Precision: a bf16 copy of ``1/p`` is off by up to 2^-9; each weight is split into two terms of
-  the output's dtype, ``hi + lo`` (exact to about 2^-17), as two rows of the same matmul.
-- ``row_stride = s``: only rows ``o, o + s, ...`` enter (the matmul reads a strided view: ``1/s``
-  of the bytes); the layer rotates ``o`` per update (``--moe-default-stats-stride``).
+- ``row_stride = s``: only rows ``o, o + s, ...`` enter (a strided view: ``1/s`` of the bytes);
+  the layer rotates ``o`` per update (``--moe-default-stats-stride``).
 - Rows beyond ``Σ tokens_per_expert`` (HybridEP's static budget, NCCL-EP static shapes) belong to
   no expert and get weight 0. With host-side counts they are sliced off first; with device-side
-  counts (no sync) they stay in the matmul, so their contents must be finite: a NaN there reaches
-  every expert's sum and the EMA skips that update (``functional.ema_update_``).
+  counts (no sync) they stay in the op, so their contents must be finite: in the matmul a NaN
+  there reaches every expert's sum (the CUDA kernel never reads them), and the EMA skips that
+  update (``functional.ema_update_``).
 """
 
 from typing import Sequence, Tuple, Union
@@ -23,6 +23,7 @@ from typing import Sequence, Tuple, Union
 import torch
 
 from megatron_default_moe import fused
+from megatron_default_moe.fused import mm_fp32  # noqa: F401  (functional's backward uses it)
 
 EMA_WEIGHTINGS = ("uniform", "router")
 
@@ -35,17 +36,6 @@ def counts_on(tokens_per_expert: Union[torch.Tensor, Sequence[int]], device) -> 
         return tokens_per_expert.to(device=device, dtype=torch.long, non_blocking=True), total
     counts = [int(c) for c in tokens_per_expert]
     return torch.tensor(counts, dtype=torch.long).to(device, non_blocking=True), sum(counts)
-
-
-def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` accumulated and returned in fp32, reading ``b`` in its own dtype where the backend
-    has such a kernel (CUDA: ``aten::mm.dtype``); elsewhere via fp32 copies."""
-    if a.dtype == b.dtype == torch.float32:
-        return a @ b
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (NotImplementedError, RuntimeError):
-        return a.float() @ b.float()
 
 
 def expert_output_stats_EH1(
@@ -64,7 +54,7 @@ def expert_output_stats_EH1(
     Local expert ``l`` is global expert ``first_expert + l``; other experts' rows stay zero, ready
     for the all-reduce over the stage. ``count_rows=False`` leaves the count column zero
     (expert-tensor-parallel ranks other than the first hold partial sums of rows counted elsewhere).
-    ``row_stride > 1`` takes the rows ``row_offset, row_offset + row_stride, ...`` only: the matmul
+    ``row_stride > 1`` takes the rows ``row_offset, row_offset + row_stride, ...`` only: the op
     reads a strided view, so the expert output is read ``1 / row_stride`` times.
     """
     if weighting not in EMA_WEIGHTINGS:
@@ -74,10 +64,5 @@ def expert_output_stats_EH1(
     counts_L, total = counts_on(tokens_per_expert, out_RH.device)
     out_RH, p_R = out_RH.detach(), probs_R.detach().reshape(-1).contiguous()
     rows = out_RH.shape[0] if total is None else min(total, out_RH.shape[0])
-    cols, local = fused.sampled_rows(rows, row_offset, row_stride), counts_L.numel()
-    uniform = weighting == "uniform"
-    matrix_LSC = fused.stats_weights(p_R, counts_L, row_offset, row_stride, cols, uniform, out_RH.dtype)
-    sampled_CH = out_RH[row_offset:rows:row_stride]
-    sums_LSH = mm_fp32(matrix_LSC.view(2 * (local + 1), cols), sampled_CH).view(local + 1, 2, -1)
-    return fused.stats_finish(sums_LSH, p_R, counts_L, rows, row_offset, row_stride, first_expert, num_experts,
-                              uniform, count_rows)  # fmt: skip
+    return fused.expert_stats(out_RH[row_offset:rows:row_stride], p_R, counts_L, rows, row_offset, row_stride,
+                              first_expert, num_experts, weighting == "uniform", count_rows)  # fmt: skip

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_ROWS = 256
-BLOCK_H = 512
+BLOCK_H = 512  # 1-D passes over a row of H
+STATS_BLOCK_R, STATS_BLOCK_H = 32, 128  # expert_stats: a [rows, H] tile per step
 
 
 @triton.jit
@@ -23,57 +23,35 @@ def _row_weights(p, UNIFORM: tl.constexpr):
 
 
 @triton.jit
-def _stats_weights_kernel(p_ptr, counts_ptr, m_ptr, offset, stride, cols, L, UNIFORM: tl.constexpr,
-                          BLOCK: tl.constexpr):  # fmt: skip
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = j < cols
-    r = offset + j.to(tl.int64) * stride
-    p = tl.load(p_ptr + r, mask=valid, other=0.0).to(tl.float32)
-    ids = tl.zeros([BLOCK], dtype=tl.int32)
-    cum = tl.load(counts_ptr) * 0
-    for e in range(0, L):  # searchsorted(cumsum(counts), r, right=True)
-        cum += tl.load(counts_ptr + e)
-        ids += (r >= cum).to(tl.int32)
-    w, _ = _row_weights(p, UNIFORM)
-    hi = w.to(m_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-    lo = (w - hi.to(tl.float32)).to(m_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-    zero = tl.zeros([BLOCK], dtype=tl.float32).to(m_ptr.dtype.element_ty)
-    for e in range(0, L + 1):
-        base = m_ptr + e * 2 * cols
-        tl.store(base + j, tl.where(ids == e, hi, zero), mask=valid)
-        tl.store(base + cols + j, tl.where(ids == e, lo, zero), mask=valid)
-
-
-@triton.jit
-def _stats_finish_kernel(sums_ptr, p_ptr, counts_ptr, out_ptr, H, rows, offset, stride, first, L,
+def _expert_stats_kernel(out_ptr, ld, p_ptr, counts_ptr, stats_ptr, H, rows, offset, stride, first, L,
                          UNIFORM: tl.constexpr, COUNT_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_R: tl.constexpr):  # fmt: skip
-    e = tl.program_id(0)
-    row = out_ptr + e.to(tl.int64) * (H + 1)
+    """Program (expert ``e``, columns ``h``): its sampled rows' weighted sum, read once, in fp32."""
+    e, hb = tl.program_id(0), tl.program_id(1)
     local = e - first
     is_local = (local >= 0) & (local < L)
-    for h0 in range(0, H, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        m = (h < H) & is_local
-        hi = tl.load(sums_ptr + local * 2 * H + h, mask=m, other=0.0)
-        lo = tl.load(sums_ptr + (local * 2 + 1) * H + h, mask=m, other=0.0)
-        tl.store(row + h, hi + lo, mask=h < H)
-    count = 0.0
-    if COUNT_ROWS:
-        start = tl.load(counts_ptr) * 0
-        for k in range(0, tl.where(is_local, local, 0)):
-            start += tl.load(counts_ptr + k)
-        end = tl.where(is_local, tl.minimum(start + tl.load(counts_ptr + local, mask=is_local, other=0), rows), 0)
-        j0 = tl.maximum(start - offset + stride - 1, 0) // stride  # first sampled row >= start
-        j1 = tl.maximum(end - offset + stride - 1, 0) // stride
-        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for jb in range(j0, j1, BLOCK_R):
-            j = jb + tl.arange(0, BLOCK_R)
-            p = tl.load(p_ptr + offset + j * stride, mask=j < j1, other=0.0).to(tl.float32)
-            _, cw = _row_weights(p, UNIFORM)
-            acc += tl.where(j < j1, cw, 0.0)
-        count = tl.sum(acc, axis=0)
-    tl.store(row + H, count)
+    start = tl.load(counts_ptr) * 0
+    for k in range(0, tl.where(is_local, local, 0)):
+        start += tl.load(counts_ptr + k)
+    end = tl.where(is_local, tl.minimum(start + tl.load(counts_ptr + local, mask=is_local, other=0), rows), 0)
+    j0 = tl.maximum(start - offset + stride - 1, 0) // stride  # first sampled row >= start
+    j1 = tl.maximum(end - offset + stride - 1, 0) // stride
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    count = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for jb in range(j0, j1, BLOCK_R):
+        j = jb + tl.arange(0, BLOCK_R)
+        m = j < j1
+        p = tl.load(p_ptr + offset + j.to(tl.int64) * stride, mask=m, other=0.0).to(tl.float32)
+        w, cw = _row_weights(p, UNIFORM)
+        x = tl.load(out_ptr + j.to(tl.int64)[:, None] * ld + h[None, :], mask=m[:, None] & (h[None, :] < H),
+                    other=0.0).to(tl.float32)  # fmt: skip
+        acc += tl.sum(x * w[:, None], axis=0)
+        count += tl.where(m, cw, 0.0)
+    row = stats_ptr + e.to(tl.int64) * (H + 1)
+    tl.store(row + h, acc, mask=h < H)
+    if hb == 0:
+        tl.store(row + H, tl.sum(count, axis=0) if COUNT_ROWS else 0.0)
 
 
 @triton.jit
@@ -107,22 +85,16 @@ def _ema_kernel(defaults_ptr, stats_ptr, snapshot_ptr, updated_ptr, skips_ptr, H
     tl.store(skips_ptr + e, tl.load(skips_ptr + e) + skipped.to(tl.int64))
 
 
-def stats_weights(p_R, counts_L, offset, stride, cols, uniform, dtype):
-    L = counts_L.numel()
-    matrix = torch.empty(L + 1, 2, cols, dtype=dtype, device=p_R.device)
-    if cols:
-        grid = (triton.cdiv(cols, BLOCK_ROWS),)
-        _stats_weights_kernel[grid](p_R, counts_L, matrix, offset, stride, cols, L, UNIFORM=uniform, BLOCK=BLOCK_ROWS)
-    return matrix
-
-
-def stats_finish(sums_LSH, p_R, counts_L, rows, offset, stride, first, num_experts, uniform, count_rows):
-    H = sums_LSH.shape[-1]
-    out = torch.empty(num_experts, H + 1, dtype=torch.float32, device=sums_LSH.device)
-    _stats_finish_kernel[(num_experts,)](sums_LSH, p_R, counts_L, out, H, rows, offset, stride, first,
-                                         counts_L.numel(), UNIFORM=uniform, COUNT_ROWS=count_rows,
-                                         BLOCK_H=BLOCK_H, BLOCK_R=BLOCK_ROWS)  # fmt: skip
-    return out
+def expert_stats(out_CH, p_R, counts_L, rows, offset, stride, first, num_experts, uniform, count_rows):
+    C, H = out_CH.shape
+    if out_CH.stride(1) != 1:
+        out_CH = out_CH.contiguous()
+    stats = torch.empty(num_experts, H + 1, dtype=torch.float32, device=out_CH.device)
+    grid = (num_experts, triton.cdiv(H, STATS_BLOCK_H))
+    _expert_stats_kernel[grid](out_CH, out_CH.stride(0), p_R, counts_L, stats, H, rows, offset, stride, first,
+                               counts_L.numel(), UNIFORM=uniform, COUNT_ROWS=count_rows,
+                               BLOCK_H=STATS_BLOCK_H, BLOCK_R=STATS_BLOCK_R)  # fmt: skip
+    return stats
 
 
 def ema_update_(defaults_EH, stats_EH1, beta, skips_E, snapshot_dtype):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from megatron_default_moe import fused
 from megatron_default_moe import statistics as S
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "item", "is_nonzero", "equal"}
@@ -104,8 +105,12 @@ def test_device_counts_need_no_host_sync_and_no_fp32_copy_of_the_rows(weighting,
     with _Ops() as ops:
         stats = S.expert_output_stats_EH1(out, p, torch.tensor(counts), 0, 3, weighting)
     assert not SYNC_OPS & set(ops.names), ops.names
-    assert "index" not in ops.names and "index_add" not in ops.names  # no boolean selection
-    assert ops.names.count("mm") == 1
+    assert ops.names.count("expert_stats") == 1 and "index" not in ops.names  # one op, no boolean selection
+    with _Ops() as inner:  # the op's torch reference: one matmul reads the rows in their dtype
+        fused.expert_stats_reference(out, p, torch.tensor(counts), out.shape[0], 0, 1, 0, 3, weighting == "uniform",
+                                     True)  # fmt: skip
+    assert not SYNC_OPS & set(inner.names), inner.names
+    assert inner.names.count("mm") == 1 and "index" not in inner.names and "_to_copy" not in inner.names
     assert relative_error(stats, reference_EH1(out, p, counts, 0, 3, weighting)) < 1e-3
 
 

@@ -35,11 +35,6 @@ def row_weights(p_R: torch.Tensor, uniform: bool):
     return one_R, p_R
 
 
-def sampled_rows(rows: int, offset: int, stride: int) -> int:
-    """How many of rows ``0 .. rows-1`` are ``offset, offset + stride, ...``."""
-    return max(0, -(-(rows - offset) // stride))
-
-
 def _sampled(p_R, offset, stride, cols):
     """Probs (fp32) and row indices of the ``cols`` sampled rows."""
     rows_C = torch.arange(cols, device=p_R.device) * stride + offset
@@ -55,11 +50,6 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.mm(a, b, out_dtype=torch.float32)
     except (NotImplementedError, RuntimeError):
         return a.float() @ b.float()
-
-
-def _row_ids(counts_L, rows_C):
-    """Local expert of each row (``L``: past the counts)."""
-    return torch.searchsorted(counts_L.cumsum(0), rows_C, right=True)
 
 
 def expert_stats_reference(
@@ -82,7 +72,7 @@ def expert_stats_reference(
     counts; the CUDA kernel reads each row once and weights it in fp32 instead."""
     local, cols, hidden = counts_L.numel(), out_CH.shape[0], out_CH.shape[1]
     p_C, rows_C = _sampled(p_R, offset, stride, cols)
-    ids_C = _row_ids(counts_L, rows_C)
+    ids_C = torch.searchsorted(counts_L.cumsum(0), rows_C, right=True)  # local expert; L: past the counts
     w_C, count_w_C = row_weights(p_C, uniform)
     split_2C = torch.empty(2, cols, dtype=out_CH.dtype, device=p_R.device)
     split_2C[0].copy_(w_C)

@@ -1,6 +1,8 @@
 """Single-rank ``DefaultMoELayer`` on real megatron-core (CPU, gloo): paper §1.5 invariants,
 an independent reference of the whole layer, eval freeze, recompute parity, guards."""
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -318,3 +320,45 @@ def test_transformer_engine_grouped_experts():
     layer = DefaultMoELayer(config, spec.submodules.mlp.keywords["submodules"])
     out, _ = layer(torch.randn(4, 2, 16, device=layer.default_vectors.device))
     assert layer.default_vectors.any() and torch.isfinite(out).all()
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["forward", "backward-only"])
+def test_hot_path_ops_per_forward_and_backward(mode):
+    """What Default MoE adds to the stock layer's ops (the benchmark's kernel count): the weights
+    only where the forward reads them, one statistics op, one EMA op, one matmul and one logits
+    op in the backward, and no second gradient summed into the logits (autograd's ``add``)."""
+    config = moe_config()
+    stock, layer = build_layers(config, DefaultMoEConfig(beta=0.5, mode=mode))
+    x, g = inputs(seed=7)
+    counts = {}
+    for name, module in (("stock", stock), ("default", layer)):
+        x_in = x.clone().requires_grad_()
+        with _OpNames() as fwd:
+            out, _ = module(x_in)
+        with _OpNames() as bwd:
+            (out * g).sum().backward()
+        counts[name] = fwd.names, bwd.names
+    (fwd_s, bwd_s), (fwd_d, bwd_d) = counts["stock"], counts["default"]
+    assert fwd_d.count("default_weights") == (mode == "forward")
+    assert fwd_d.count("expert_stats") == 1 and fwd_d.count("ema_update") == 1
+    assert fwd_d.count("addmm") - fwd_s.count("addmm") == (mode == "forward")
+    assert bwd_d.count("default_weights_backward") == 1 and bwd_d.count("mm") - bwd_s.count("mm") == 1
+    assert bwd_d.count("add") == bwd_s.count("add"), "a second logits gradient was summed by autograd"
+    free = {"view", "t", "detach", "slice", "expand", "lift_fresh"}  # metadata only: no kernel
+
+    def extra(ours, stock):
+        return sorted((collections.Counter(n for n in ours if n not in free) - collections.Counter(stock)).elements())
+
+    assert extra(bwd_d, bwd_s) == ["default_weights_backward", "mm"]
+    want = ["addmm", "default_weights"] if mode == "forward" else []
+    assert extra(fwd_d, fwd_s) == sorted(want + ["ema_update", "expert_stats"])

@@ -47,11 +47,12 @@ def _expert_stats_kernel(out_ptr, ld, p_ptr, counts_ptr, stats_ptr, H, rows, off
         x = tl.load(out_ptr + j.to(tl.int64)[:, None] * ld + h[None, :], mask=m[:, None] & (h[None, :] < H),
                     other=0.0).to(tl.float32)  # fmt: skip
         acc += tl.sum(x * w[:, None], axis=0)
-        count += tl.where(m, cw, 0.0)
+        if COUNT_ROWS:
+            count += tl.where(m, cw, 0.0)
     row = stats_ptr + e.to(tl.int64) * (H + 1)
     tl.store(row + h, acc, mask=h < H)
     if hb == 0:
-        tl.store(row + H, tl.sum(count, axis=0) if COUNT_ROWS else 0.0)
+        tl.store(row + H, tl.sum(count, axis=0))
 
 
 @triton.jit

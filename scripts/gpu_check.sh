@@ -11,7 +11,8 @@
 #   3. runs tests/test_fused.py on the GPU: the fused ops' Triton kernels against their references;
 #   3b. runs examples/benchmark_cost.py on CUDA at the three shapes: the op counts, plus CUDA-event
 #      times and torch.cuda.max_memory_allocated of TopK vs Default MoE at 16,384 tokens;
-#   4. runs examples/benchmark_scale.py on those layer times;
+#   4. runs examples/benchmark_scale.py on those layer times, and the cost benchmark again at
+#      --stats-stride 4 (the README's setting for the Qwen3-like and DeepSeek-V3-like shapes);
 #   5. runs the layer and distributed-free tests as they are built (CPU shim, GPU hidden), and
 #      the layer tests again with the GPU visible (informational: the suite is CPU by construction);
 #   6. writes everything into OUT_DIR/gpu_check.json (plus the logs beside it).
@@ -126,6 +127,11 @@ run_step cost 270 "$PY" examples/benchmark_cost.py --gpu h200 --max-expert-gb 48
 if [[ -f "$OUT_DIR/cost.json" ]]; then
   run_step scale 30 "$PY" examples/benchmark_scale.py --cost-json "$OUT_DIR/cost.json" --json "$OUT_DIR/scale.json"
 fi
+# the README's documented setting for the large shapes: statistics from every 4th row
+if [[ -z "${COST_ARGS:-}" ]]; then
+  run_step cost_stride4 150 "$PY" examples/benchmark_cost.py --gpu h200 --max-expert-gb 48 --stats-stride 4 \
+    --shapes qwen3-30b-a3b,deepseek-v3 --json "$OUT_DIR/cost_stride4.json"
+fi
 
 run_step tests_cpu 150 env CUDA_VISIBLE_DEVICES="" "$PY" -m pytest -q -p no:cacheprovider \
   --junitxml="$OUT_DIR/tests_cpu.xml" "${LAYER_TESTS[@]}" "${COST_TESTS[@]}"
@@ -158,7 +164,7 @@ report = dict(
     steps=[dict(s, log_tail=read(f"{s['name']}.log")) for s in steps],
     tests_fused=junit("tests_fused.xml"), tests_cpu=junit("tests_cpu.xml"),
     tests_gpu_visible=junit("tests_gpu_visible.xml"),
-    cost=load("cost.json"), scale=load("scale.json"),
+    cost=load("cost.json"), scale=load("scale.json"), cost_stride4=load("cost_stride4.json"),
 )
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(report, f, indent=1, default=str)

@@ -139,7 +139,7 @@ class DefaultMoERouter(TopKRouter):
         return None if self._tracked is None else self._tracked.extra_grad_ratio
 
     def routing(self, logits: torch.Tensor, padding_mask=None):
-        inputs = DefaultTermInputs(logits.view(-1, self.config.num_moe_experts))
+        inputs = DefaultTermInputs(logits.reshape(-1, self.config.num_moe_experts))
         if torch.is_grad_enabled() and logits.requires_grad:
             logits = DefaultLogitGradient.apply(logits, inputs)
             if self.track_extra_grad:

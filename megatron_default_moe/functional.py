@@ -12,7 +12,7 @@ pre-drop top-K, and ``c`` the top-k scaling factor. Forward of one layer, as the
    dropped by a capacity factor, padding). Gradient flows into ``f``.
 2. ``expert_output_stats_EH1`` (``statistics.py``): per expert, the sum of unweighted outputs
    ``o = out / p`` and a count (``uniform``), or the sum of router-weighted outputs ``p * o = out``
-   and ``Σ p`` (``router``), in one matmul over the expert output.
+   and ``Σ p`` (``router``), in one op over the expert output (one read of it).
 3. ``ema_update_``: ``Ê_i ← β Ê_i + (1-β) sum_i / count_i`` for experts with ``count_i > 0`` and
    finite statistics.
 4. ``add_default_term``: ``w @ sg(Ê)`` added to the TopK output in one ``addmm`` (``forward`` mode:

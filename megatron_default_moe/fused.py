@@ -67,9 +67,11 @@ def expert_stats_reference(
     """fp32 ``[E, H+1]`` (``statistics.expert_output_stats_EH1``): local expert ``l`` at row
     ``first + l`` holds the weighted sum of its sampled rows ``out_CH`` (rows ``offset, offset +
     stride, ...`` of the ``rows`` counted ones) and its count weight summed (0 unless
-    ``count_rows``); other rows 0. Here one matmul in ``out_CH``'s dtype: a ``[L+1, 2, C]``
-    weight matrix holds ``hi, lo`` (in that dtype) of each row's weight, ``L`` rows past the
-    counts; the CUDA kernel reads each row once and weights it in fp32 instead."""
+    ``count_rows``); other rows 0. A NaN/Inf row makes its own expert's sums NaN (the EMA then
+    skips that expert), no other's; rows past the counts never count. Here one matmul in
+    ``out_CH``'s dtype: a ``[L+1, 2, C]`` weight matrix holds ``hi, lo`` (in that dtype) of each
+    row's weight, ``L`` rows past the counts; the CUDA kernel reads each expert's rows once and
+    weights them in fp32 instead."""
     local, cols, hidden = counts_L.numel(), out_CH.shape[0], out_CH.shape[1]
     p_C, rows_C = _sampled(p_R, offset, stride, cols)
     ids_C = torch.searchsorted(counts_L.cumsum(0), rows_C, right=True)  # local expert; L: past the counts
@@ -79,10 +81,15 @@ def expert_stats_reference(
     torch.sub(w_C, split_2C[0], out=split_2C[1])
     matrix = torch.zeros(local + 1, 2, cols, dtype=out_CH.dtype, device=p_R.device)
     matrix.scatter_(0, ids_C.view(1, 1, cols).expand(1, 2, cols), split_2C.unsqueeze(0))
-    sums_LSH = mm_fp32(matrix.view(2 * (local + 1), cols), out_CH).view(local + 1, 2, hidden)
+    # a weight-0 entry times a NaN/Inf row is NaN: zero such rows, then mark their expert only
+    finite_C = torch.isfinite(out_CH).all(dim=1)
+    finite_CH = out_CH.nan_to_num(0.0, 0.0, 0.0)
+    sums_LSH = mm_fp32(matrix.view(2 * (local + 1), cols), finite_CH).view(local + 1, 2, hidden)
+    poisoned_L1 = torch.zeros(local + 1, 1, device=out_CH.device).index_add_(0, ids_C, (~finite_C).float()[:, None])
     out_EH1 = torch.zeros(num_experts, hidden + 1, dtype=torch.float32, device=out_CH.device)
     mine_LH1 = out_EH1[first : first + local]
     torch.sum(sums_LSH[:local], dim=1, out=mine_LH1[:, :hidden])
+    mine_LH1[:, :hidden].masked_fill_(poisoned_L1[:local] > 0, float("nan"))
     if count_rows:
         counts = torch.zeros(local + 1, device=out_CH.device).index_add_(0, ids_C, count_w_C)
         mine_LH1[:, hidden] = counts[:local]

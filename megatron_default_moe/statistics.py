@@ -12,10 +12,10 @@ output's dtype give each weight to about 2^-17 (a bf16 ``1/p`` alone is off by u
 - ``row_stride = s``: only rows ``o, o + s, ...`` enter (a strided view: ``1/s`` of the bytes);
   the layer rotates ``o`` per update (``--moe-default-stats-stride``).
 - Rows beyond ``Σ tokens_per_expert`` (HybridEP's static budget, NCCL-EP static shapes) belong to
-  no expert and get weight 0. With host-side counts they are sliced off first; with device-side
-  counts (no sync) they stay in the op, so their contents must be finite: in the matmul a NaN
-  there reaches every expert's sum (the CUDA kernel never reads them), and the EMA skips that
-  update (``functional.ema_update_``).
+  no expert. With host-side counts they are sliced off first; with device-side counts (no sync)
+  they stay in the op, which never lets them count (whatever they hold, NaN included).
+- A NaN/Inf row makes its own expert's sums NaN, no other expert's, so the EMA skips that
+  expert only (``functional.ema_update_``).
 """
 
 from typing import Sequence, Tuple, Union

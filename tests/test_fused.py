@@ -153,6 +153,16 @@ TRITON_CHECK = textwrap.dedent(
                         assert got[[0, 1, 2, 8, 9, 10]].eq(0).all()  # non-local experts stay zero
                         assert got[3, :600].isnan().all() == (offset <= 5 and (5 - offset) % stride == 0)  # row 5: NaN prob
                         checked += 1
+    # a NaN row poisons its own expert only; rows past the counts never count, NaN or not
+    counts = torch.tensor([9, 0, 300, 41, 77])
+    rows = int(counts.sum()) + 13
+    out, p = torch.randn(rows, 600), torch.rand(rows) * 0.9 + 0.05
+    out[20, 5] = float("nan")  # local expert 2 (rows 9..308)
+    out[-3] = float("nan")
+    for kernel in (K.expert_stats, fused.expert_stats):
+        got = kernel(out, p, counts, rows, 0, 1, 3, 11, True, True)
+        assert torch.isfinite(got[[3, 4, 6, 7]]).all() and not torch.isfinite(got[5, :600]).all(), kernel
+    checked += 1
     for beta in (0.9, 0.3):
         stats = torch.randn(6, 700)
         stats[:, -1] = torch.tensor([3.0, 0.0, 5.0, 2.0, 0.0, 1.0])
@@ -212,7 +222,7 @@ def test_triton_kernels_match_references_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "CHECKED 68" in proc.stdout
+    assert "CHECKED 69" in proc.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused ops' Triton kernels on a GPU")

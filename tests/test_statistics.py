@@ -1,4 +1,4 @@
-"""The one-matmul statistics (``statistics.py``): bf16 precision against fp64, padding rows, rows
+"""The statistics op (``statistics.py``): bf16 precision against fp64, padding rows, rows
 past ``tokens_per_expert`` (HybridEP / NCCL-EP static budgets), device-side counts without a host
 sync, and rows grouped by Megatron's own pure-torch ``permute`` (the flex dispatcher's layout)."""
 
@@ -73,7 +73,9 @@ def test_rows_past_the_counts_are_ignored(counts_as, monkeypatch):
     """HybridEP's static budget / NCCL-EP static shapes: R > Σ tokens_per_expert."""
     counts = [40, 0, 25]
     out, p = problem(counts, extra_rows=30)
-    out[-30:] = 7.0  # finite garbage past the counts
+    out[-30:-15] = 7.0  # garbage past the counts, NaN and Inf included: none of it may count
+    out[-15:-5] = float("nan")
+    out[-5:] = float("inf")
     p[-30:] = 0.5
     want = S.expert_output_stats_EH1(out[:65], p[:65], counts, 1, 4)
     given = counts if counts_as == "list" else torch.tensor(counts)
@@ -84,6 +86,20 @@ def test_rows_past_the_counts_are_ignored(counts_as, monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_nonfinite_row_poisons_its_own_expert_only():
+    """A NaN/Inf row (a loss spike in one expert) makes that expert's sums non-finite, so the EMA
+    skips it; the other experts' statistics stay exact (a weight 0 times NaN must not reach them)."""
+    counts = [40, 10, 25]
+    out, p = problem(counts)
+    clean = S.expert_output_stats_EH1(out, p, counts, 0, 3)
+    out[45, 3] = float("nan")  # expert 1
+    out[60, :] = float("inf")  # expert 2
+    got = S.expert_output_stats_EH1(out, p, counts, 0, 3)
+    assert torch.equal(got[0], clean[0])
+    assert not torch.isfinite(got[1, :-1]).all() and not torch.isfinite(got[2, :-1]).all()
+    assert torch.equal(got[:, -1], clean[:, -1])  # counts stay finite
+
+
 class _Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -91,6 +107,8 @@ class _Ops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func.overloadpacket.__name__)
+        if func.overloadpacket.__name__ == "_to_copy" and args[0].dim() > 1:
+            self.names.append("_to_copy of rows")
         if func is torch.ops.aten.mm.dtype:  # CUDA's kernel, stood in for on CPU
             return torch.mm(args[0].float(), args[1].float())
         return func(*args, **(kwargs or {}))
@@ -110,7 +128,7 @@ def test_device_counts_need_no_host_sync_and_no_fp32_copy_of_the_rows(weighting,
         fused.expert_stats_reference(out, p, torch.tensor(counts), out.shape[0], 0, 1, 0, 3, weighting == "uniform",
                                      True)  # fmt: skip
     assert not SYNC_OPS & set(inner.names), inner.names
-    assert inner.names.count("mm") == 1 and "index" not in inner.names and "_to_copy" not in inner.names
+    assert inner.names.count("mm") == 1 and "index" not in inner.names and "_to_copy of rows" not in inner.names
     assert relative_error(stats, reference_EH1(out, p, counts, 0, 3, weighting)) < 1e-3
 
 

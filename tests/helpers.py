@@ -1,6 +1,7 @@
 """Builders shared by the tests: a small MoE TransformerConfig and real Megatron MoE layers."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def moe_config(**overrides):
@@ -103,3 +104,15 @@ def load_script(path: str, name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every aten / custom op that reaches dispatch (what a GPU would launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

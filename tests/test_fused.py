@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import OpNames
 
 from megatron_default_moe import fused
 from megatron_default_moe.statistics import expert_output_stats_EH1
@@ -98,22 +99,17 @@ def test_default_weights_op_gradient_is_autograd_of_the_rule(score, renorm, all_
 
 def test_fused_ops_are_single_opaque_ops():
     """Each fused op reaches a dispatch mode as one op (the benchmark counts one kernel)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Names(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     defaults, stats = torch.zeros(4, 6), torch.ones(4, 7)
     skips = torch.zeros(4, dtype=torch.long)
-    with Names() as mode:
+    out, p, counts = torch.randn(12, 6).bfloat16(), torch.rand(12), torch.tensor([5, 7])
+    z, sel = torch.randn(12, 4), torch.zeros(12, 4, dtype=torch.bool)
+    opts = ("softmax", False, False, 1.0, 0.0)
+    with OpNames() as mode:
         snapshot, updated = fused.ema_update(defaults, stats, 0.9, skips, torch.bfloat16)
-    assert mode.names == ["ema_update"]
+        fused.expert_stats(out, p, counts, 12, 0, 1, 0, 2, True, True)
+        fused.default_weights(z, sel, sel, *opts, torch.bfloat16)
+        fused.default_weights_backward(z, z, sel, sel, *opts, z)
+    assert mode.names == ["ema_update", "expert_stats", "default_weights", "default_weights_backward"]
     assert snapshot.dtype == torch.bfloat16 and updated.all()
     torch.testing.assert_close(defaults, torch.full((4, 6), 0.1))
 

@@ -6,7 +6,7 @@ import collections
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import build_layers, moe_config
+from helpers import OpNames, build_layers, moe_config
 
 from megatron_default_moe import (
     DefaultMoEConfig,
@@ -322,16 +322,6 @@ def test_transformer_engine_grouped_experts():
     assert layer.default_vectors.any() and torch.isfinite(out).all()
 
 
-class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mode", ["forward", "backward-only"])
 def test_hot_path_ops_per_forward_and_backward(mode):
     """What Default MoE adds to the stock layer's ops (the benchmark's kernel count): the weights
@@ -343,9 +333,9 @@ def test_hot_path_ops_per_forward_and_backward(mode):
     counts = {}
     for name, module in (("stock", stock), ("default", layer)):
         x_in = x.clone().requires_grad_()
-        with _OpNames() as fwd:
+        with OpNames() as fwd:
             out, _ = module(x_in)
-        with _OpNames() as bwd:
+        with OpNames() as bwd:
             (out * g).sum().backward()
         counts[name] = fwd.names, bwd.names
     (fwd_s, bwd_s), (fwd_d, bwd_d) = counts["stock"], counts["default"]

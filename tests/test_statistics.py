@@ -4,7 +4,7 @@ sync, and rows grouped by Megatron's own pure-torch ``permute`` (the flex dispat
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import OpNames
 
 from megatron_default_moe import fused
 from megatron_default_moe import statistics as S
@@ -100,11 +100,7 @@ def test_a_nonfinite_row_poisons_its_own_expert_only():
     assert torch.equal(got[:, -1], clean[:, -1])  # counts stay finite
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
+class _Ops(OpNames):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func.overloadpacket.__name__)
         if func.overloadpacket.__name__ == "_to_copy" and args[0].dim() > 1:

@@ -87,7 +87,7 @@ def _ema_kernel(defaults_ptr, stats_ptr, snapshot_ptr, updated_ptr, skips_ptr, H
 
 
 def expert_stats(out_CH, p_R, counts_L, rows, offset, stride, first, num_experts, uniform, count_rows):
-    C, H = out_CH.shape
+    H = out_CH.shape[1]
     if out_CH.stride(1) != 1:
         out_CH = out_CH.contiguous()
     stats = torch.empty(num_experts, H + 1, dtype=torch.float32, device=out_CH.device)

@@ -56,7 +56,6 @@ def expert_stats_reference(
     out_CH: torch.Tensor,
     p_R: torch.Tensor,
     counts_L: torch.Tensor,
-    rows: int,
     offset: int,
     stride: int,
     first: int,
@@ -66,7 +65,7 @@ def expert_stats_reference(
 ) -> torch.Tensor:
     """fp32 ``[E, H+1]`` (``statistics.expert_output_stats_EH1``): local expert ``l`` at row
     ``first + l`` holds the weighted sum of its sampled rows ``out_CH`` (rows ``offset, offset +
-    stride, ...`` of the ``rows`` counted ones) and its count weight summed (0 unless
+    stride, ...``; ``p_R`` holds every row's prob) and its count weight summed (0 unless
     ``count_rows``); other rows 0. A NaN/Inf row makes its own expert's sums NaN (the EMA then
     skips that expert), no other's; rows past the counts never count. Here one matmul in
     ``out_CH``'s dtype: a ``[L+1, 2, C]`` weight matrix holds ``hi, lo`` (in that dtype) of each
@@ -102,7 +101,7 @@ expert_stats = torch.library.custom_op(
 
 
 @expert_stats.register_fake
-def _(out_CH, p_R, counts_L, rows, offset, stride, first, num_experts, uniform, count_rows):
+def _(out_CH, p_R, counts_L, offset, stride, first, num_experts, uniform, count_rows):
     return out_CH.new_empty(num_experts, out_CH.shape[1] + 1, dtype=torch.float32)
 
 

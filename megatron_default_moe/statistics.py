@@ -64,5 +64,5 @@ def expert_output_stats_EH1(
     counts_L, total = counts_on(tokens_per_expert, out_RH.device)
     out_RH, p_R = out_RH.detach(), probs_R.detach().reshape(-1).contiguous()
     rows = out_RH.shape[0] if total is None else min(total, out_RH.shape[0])
-    return fused.expert_stats(out_RH[row_offset:rows:row_stride], p_R, counts_L, rows, row_offset, row_stride,
-                              first_expert, num_experts, weighting == "uniform", count_rows)  # fmt: skip
+    return fused.expert_stats(out_RH[row_offset:rows:row_stride], p_R, counts_L, row_offset, row_stride, first_expert,
+                              num_experts, weighting == "uniform", count_rows)  # fmt: skip

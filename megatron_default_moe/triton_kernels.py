@@ -23,7 +23,7 @@ def _row_weights(p, UNIFORM: tl.constexpr):
 
 
 @triton.jit
-def _expert_stats_kernel(out_ptr, ld, p_ptr, counts_ptr, stats_ptr, H, rows, offset, stride, first, L,
+def _expert_stats_kernel(out_ptr, ld, cols, p_ptr, counts_ptr, stats_ptr, H, offset, stride, first, L,
                          UNIFORM: tl.constexpr, COUNT_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_R: tl.constexpr):  # fmt: skip
     """Program (expert ``e``, columns ``h``): its sampled rows' weighted sum, read once, in fp32."""
@@ -33,9 +33,9 @@ def _expert_stats_kernel(out_ptr, ld, p_ptr, counts_ptr, stats_ptr, H, rows, off
     start = tl.load(counts_ptr) * 0
     for k in range(0, tl.where(is_local, local, 0)):
         start += tl.load(counts_ptr + k)
-    end = tl.where(is_local, tl.minimum(start + tl.load(counts_ptr + local, mask=is_local, other=0), rows), 0)
+    end = tl.where(is_local, start + tl.load(counts_ptr + local, mask=is_local, other=0), 0)
     j0 = tl.maximum(start - offset + stride - 1, 0) // stride  # first sampled row >= start
-    j1 = tl.maximum(end - offset + stride - 1, 0) // stride
+    j1 = tl.minimum(tl.maximum(end - offset + stride - 1, 0) // stride, cols)  # the view's rows only
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     count = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -86,13 +86,13 @@ def _ema_kernel(defaults_ptr, stats_ptr, snapshot_ptr, updated_ptr, skips_ptr, H
     tl.store(skips_ptr + e, tl.load(skips_ptr + e) + skipped.to(tl.int64))
 
 
-def expert_stats(out_CH, p_R, counts_L, rows, offset, stride, first, num_experts, uniform, count_rows):
+def expert_stats(out_CH, p_R, counts_L, offset, stride, first, num_experts, uniform, count_rows):
     H = out_CH.shape[1]
     if out_CH.stride(1) != 1:
         out_CH = out_CH.contiguous()
     stats = torch.empty(num_experts, H + 1, dtype=torch.float32, device=out_CH.device)
     grid = (num_experts, triton.cdiv(H, STATS_BLOCK_H))
-    _expert_stats_kernel[grid](out_CH, out_CH.stride(0), p_R, counts_L, stats, H, rows, offset, stride, first,
+    _expert_stats_kernel[grid](out_CH, out_CH.stride(0), out_CH.shape[0], p_R, counts_L, stats, H, offset, stride, first,
                                counts_L.numel(), UNIFORM=uniform, COUNT_ROWS=count_rows,
                                BLOCK_H=STATS_BLOCK_H, BLOCK_R=STATS_BLOCK_R)  # fmt: skip
     return stats

@@ -121,8 +121,7 @@ def test_device_counts_need_no_host_sync_and_no_fp32_copy_of_the_rows(weighting,
     assert not SYNC_OPS & set(ops.names), ops.names
     assert ops.names.count("expert_stats") == 1 and "index" not in ops.names  # one op, no boolean selection
     with _Ops() as inner:  # the op's torch reference: one matmul reads the rows in their dtype
-        fused.expert_stats_reference(out, p, torch.tensor(counts), out.shape[0], 0, 1, 0, 3, weighting == "uniform",
-                                     True)  # fmt: skip
+        fused.expert_stats_reference(out, p, torch.tensor(counts), 0, 1, 0, 3, weighting == "uniform", True)
     assert not SYNC_OPS & set(inner.names), inner.names
     assert inner.names.count("mm") == 1 and "index" not in inner.names and "_to_copy of rows" not in inner.names
     assert relative_error(stats, reference_EH1(out, p, counts, 0, 3, weighting)) < 1e-3

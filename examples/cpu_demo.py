@@ -459,7 +459,7 @@ def plot_losses(steps, runs, path):
 def default_vector_report(run, batch):
     """Per-layer statistics of the trained default vectors (and the default term's share)."""
     from megatron_default_moe import default_moe_layers
-    from megatron_default_moe.diagnostics import default_vector_stats
+    from megatron_default_moe.vector_quality import default_vector_stats
 
     layers = default_moe_layers(run.module)
     for layer in layers:

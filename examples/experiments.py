@@ -414,7 +414,7 @@ def _measure(run, batch, oracle):
     with Ê replaced by the exact mean output on the tokens that did not / did choose each expert."""
     import cpu_demo
     from megatron_default_moe import default_moe_layers
-    from megatron_default_moe.diagnostics import default_vector_bias, expert_output_moments
+    from megatron_default_moe.vector_quality import default_vector_bias, expert_output_moments
 
     def forward(model):
         return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])

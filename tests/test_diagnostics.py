@@ -10,11 +10,11 @@ from helpers import build_layers, moe_config
 from megatron_default_moe import DefaultMoEConfig
 from megatron_default_moe.diagnostics import (
     cosine,
-    default_vector_stats,
     plot_router_gradient_cosines,
     router_gradient_cosines,
     router_gradients,
 )
+from megatron_default_moe.vector_quality import default_vector_stats
 
 
 # -- pure helpers -----------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_plot_writes_png(tmp_path):
 
 # -- default-vector bias ------------------------------------------------------------------------------
 def test_default_vector_bias_matches_hand_computation(megatron_cpu):
-    from megatron_default_moe.diagnostics import default_vector_bias, expert_output_moments
+    from megatron_default_moe.vector_quality import default_vector_bias, expert_output_moments
 
     config = moe_config(num_moe_experts=4, moe_router_topk=1)
     _, layer = build_layers(config, DefaultMoEConfig(beta=0.5), seed=11)

@@ -28,43 +28,69 @@ _NVML = {"ready": None}
 
 
 # -- default-vector statistics ---------------------------------------------------------------
-def _mean_pairwise_cosine(vectors_EH: torch.Tensor) -> float:
-    """Mean cosine over pairs of distinct non-zero vectors (0.0 with fewer than two)."""
+def _pairwise_cosine_t(vectors_EH: torch.Tensor) -> torch.Tensor:
+    """Mean cosine over pairs of distinct non-zero vectors (0 with fewer than two), on the device:
+    a masked sum instead of boolean indexing, which would sync to size its result."""
     norms_E = vectors_EH.norm(dim=1)
-    unit_NH = vectors_EH[norms_E > 0] / norms_E[norms_E > 0, None]
-    n = unit_NH.shape[0]
-    if n < 2:
-        return 0.0
-    cos_NN = unit_NH @ unit_NH.T
-    return float((cos_NN.sum() - cos_NN.diagonal().sum()) / (n * (n - 1)))
+    nonzero_E = (norms_E > 0).to(vectors_EH.dtype)
+    unit_EH = vectors_EH / norms_E.clamp_min(1e-30)[:, None] * nonzero_E[:, None]
+    cos_EE = unit_EH @ unit_EH.T
+    n = nonzero_E.sum()
+    pairs = (n * (n - 1)).clamp_min(1.0)
+    return (cos_EE.sum() - cos_EE.diagonal().sum()) / pairs
+
+
+def _mean_pairwise_cosine(vectors_EH: torch.Tensor) -> float:
+    return float(_pairwise_cosine_t(vectors_EH))
+
+
+def _layer_stat_tensors(layer) -> dict:
+    """One ``DefaultMoELayer``'s statistics as 0-d tensors on its device (no host sync)."""
+    vectors_EH = layer.default_vectors.detach().float()
+    zero = vectors_EH.new_zeros(())
+    stats = {
+        "vector_norm": vectors_EH.norm(dim=1).mean(),
+        "pairwise_cosine": _pairwise_cosine_t(vectors_EH),
+        "experts_updated": layer.experts_updated.sum().float() if layer.experts_updated is not None else zero,
+        "nonfinite_skips": layer.nonfinite_skips.sum().float(),
+    }
+    ratio = getattr(layer, "last_term_norm_ratio", None)
+    if ratio is not None:
+        stats["term_norm_ratio"] = torch.as_tensor(ratio, dtype=torch.float32, device=vectors_EH.device)
+    extra = getattr(layer.router, "last_extra_grad_ratio", None)
+    if extra is not None:  # ‖router-logit gradient of the default term‖ / ‖stock one‖ (a device scalar)
+        stats["extra_router_grad_ratio"] = torch.as_tensor(extra, dtype=torch.float32, device=vectors_EH.device)
+    return stats
+
+
+def _to_floats(stats_by_key: dict) -> dict:
+    """``{key: {stat: 0-d tensor}}`` as Python floats, in one device-to-host copy."""
+    flat = [(key, stat, value) for key, stats in stats_by_key.items() for stat, value in stats.items()]
+    if not flat:
+        return {key: {} for key in stats_by_key}
+    values = torch.stack([value.reshape(()).to(flat[0][2].device) for _, _, value in flat]).tolist()
+    out = {key: {} for key in stats_by_key}
+    for (key, stat, _), value in zip(flat, values):
+        out[key][stat] = value
+    return out
 
 
 def layer_stats(layer) -> dict:
     """Statistics of one ``DefaultMoELayer`` as Python floats."""
     with torch.no_grad():
-        vectors_EH = layer.default_vectors.detach().float()
-        stats = {
-            "vector_norm": float(vectors_EH.norm(dim=1).mean()),
-            "pairwise_cosine": _mean_pairwise_cosine(vectors_EH),
-            "experts_updated": float(layer.experts_updated.sum()) if layer.experts_updated is not None else 0.0,
-            "nonfinite_skips": float(layer.nonfinite_skips.sum()),
-        }
-        ratio = getattr(layer, "last_term_norm_ratio", None)
-        if ratio is not None:
-            stats["term_norm_ratio"] = float(ratio)
-        extra = getattr(layer.router, "last_extra_grad_ratio", None)
-        if extra is not None:  # ‖router-logit gradient of the default term‖ / ‖stock one‖
-            stats["extra_router_grad_ratio"] = float(extra)
-    return stats
+        return _to_floats({0: _layer_stat_tensors(layer)})[0]
 
 
 def per_layer_stats(model) -> dict:
-    """``{layer number: layer_stats}`` for the Default MoE layers of ``model`` (or model chunks)."""
-    out = {}
-    for index, layer in enumerate(default_moe_layers(model)):
-        number = getattr(layer, "layer_number", None)
-        out[int(number) if number is not None else index + 1] = layer_stats(layer)
-    return out
+    """``{layer number: layer_stats}`` for the Default MoE layers of ``model`` (or model chunks);
+    the per-step device scalars (e.g. the router's extra-gradient ratio) reach the host here, in
+    one copy for all layers."""
+    tensors = {}
+    with torch.no_grad():
+        for index, layer in enumerate(default_moe_layers(model)):
+            number = getattr(layer, "layer_number", None)
+            tensors[int(number) if number is not None else index + 1] = _layer_stat_tensors(layer)
+    return _to_floats(tensors)
 
 
 def flatten_stats(per_layer: dict) -> dict:

@@ -89,7 +89,8 @@ class DefaultTermInputs:
         if not self.track:
             return fused.default_weights_backward(*args, grad_TE).view(grad.shape)
         extra_TE = fused.default_weights_backward(*args)
-        self.extra_grad_ratio = float(extra_TE.float().norm() / grad_TE.float().norm().clamp_min(1e-30))
+        # a device scalar: no host sync in the backward; metrics.py reads it at log time
+        self.extra_grad_ratio = extra_TE.float().norm() / grad_TE.float().norm().clamp_min(1e-30)
         return (grad_TE + extra_TE).view(grad.shape)
 
 
@@ -135,7 +136,7 @@ class DefaultMoERouter(TopKRouter):
     @property
     def last_extra_grad_ratio(self):
         """‖extra logit gradient‖ / ‖stock logit gradient‖ of the last tracked backward (stock:
-        Megatron's probs, aux and z losses)."""
+        Megatron's probs, aux and z losses), as a 0-d device tensor (read it at log time)."""
         return None if self._tracked is None else self._tracked.extra_grad_ratio
 
     def routing(self, logits: torch.Tensor, padding_mask=None):

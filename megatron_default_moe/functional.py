@@ -10,7 +10,7 @@ pre-drop top-K, and ``c`` the top-k scaling factor. Forward of one layer, as the
 
 1. ``default_weights_TE``: ``w = c·f / sg(N)`` on every pair whose prob is zero (not routed,
    dropped by a capacity factor, padding). Gradient flows into ``f``.
-2. ``expert_output_stats_EH1`` (``statistics.py``): per expert, the sum of unweighted outputs
+2. ``statistics.expert_output_stats_EH1``: per expert, the sum of unweighted outputs
    ``o = out / p`` and a count (``uniform``), or the sum of router-weighted outputs ``p * o = out``
    and ``Σ p`` (``router``), in one op over the expert output (one read of it).
 3. ``ema_update_``: ``Ê_i ← β Ê_i + (1-β) sum_i / count_i`` for experts with ``count_i > 0`` and
@@ -23,11 +23,33 @@ pre-drop top-K, and ``c`` the top-k scaling factor. Forward of one layer, as the
 
 import torch
 
-from megatron_default_moe.statistics import EMA_WEIGHTINGS, expert_output_stats_EH1, mm_fp32  # noqa: F401
+EMA_WEIGHTINGS = ("uniform", "router")
 MODES = ("auto", "forward", "backward-only")
 NORMALISERS = ("selected", "all")  # N of a renormalised router: S_A (DenseMixer) or the sum over all
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 SIGMOID_EPS = 1e-20  # Megatron's epsilon in the sigmoid / sqrt-softplus normaliser
+
+
+_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=) exists (torch >= 2.8); set False by its first TypeError
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32, reading both in their own dtype where the backend
+    has such a kernel (CUDA: ``aten::mm.dtype``); elsewhere via fp32 copies. Torch < 2.8 has no
+    ``out_dtype`` keyword (a ``TypeError``): decided once per process; a backend without the kernel
+    (the CPU) raises ``NotImplementedError`` per call, so a dispatch mode may still count one."""
+    if a.dtype == b.dtype == torch.float32:
+        return a @ b
+    if _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except TypeError:
+            _MM_OUT_DTYPE[0] = False
+        except (NotImplementedError, RuntimeError):
+            pass
+    return a.float() @ b.float()
 
 
 def renormalises(score_function: str, pre_softmax: bool, topk: int) -> bool:

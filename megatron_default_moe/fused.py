@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from megatron_default_moe import functional as F
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,17 +41,6 @@ def _sampled(p_R, offset, stride, cols):
     """Probs (fp32) and row indices of the ``cols`` sampled rows."""
     rows_C = torch.arange(cols, device=p_R.device) * stride + offset
     return p_R[offset::stride][:cols].float(), rows_C
-
-
-def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` accumulated and returned in fp32, reading ``b`` in its own dtype where the backend
-    has such a kernel (CUDA: ``aten::mm.dtype``); elsewhere via fp32 copies."""
-    if a.dtype == b.dtype == torch.float32:
-        return a @ b
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (NotImplementedError, RuntimeError):
-        return a.float() @ b.float()
 
 
 def expert_stats_reference(
@@ -83,7 +74,7 @@ def expert_stats_reference(
     # a weight-0 entry times a NaN/Inf row is NaN: zero such rows, then mark their expert only
     finite_C = torch.isfinite(out_CH).all(dim=1)
     finite_CH = out_CH.nan_to_num(0.0, 0.0, 0.0)
-    sums_LSH = mm_fp32(matrix.view(2 * (local + 1), cols), finite_CH).view(local + 1, 2, hidden)
+    sums_LSH = F.mm_fp32(matrix.view(2 * (local + 1), cols), finite_CH).view(local + 1, 2, hidden)
     poisoned_L1 = torch.zeros(local + 1, 1, device=out_CH.device).index_add_(0, ids_C, (~finite_C).float()[:, None])
     out_EH1 = torch.zeros(num_experts, hidden + 1, dtype=torch.float32, device=out_CH.device)
     mine_LH1 = out_EH1[first : first + local]
@@ -110,9 +101,7 @@ def ema_update_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``functional.ema_update_`` in place, ``skips_E += nonfinite``; returns ``(snapshot`` of the
     new vectors in ``snapshot_dtype``, ``updated_E)``."""
-    from megatron_default_moe.functional import ema_update_
-
-    updated_E, nonfinite_E = ema_update_(defaults_EH, stats_EH1, beta)
+    updated_E, nonfinite_E = F.ema_update_(defaults_EH, stats_EH1, beta)
     skips_E += nonfinite_E
     return defaults_EH.to(snapshot_dtype, copy=True), updated_E
 
@@ -142,8 +131,6 @@ def default_weights_reference(
     """``functional.default_weights_TE(router_scores_TE(logits))`` as one op, ``[T, E]`` in
     ``dtype`` (fp32 if None), differentiable in the logits; its backward is one op too
     (``default_weights_backward``)."""
-    from megatron_default_moe import functional as F
-
     scores_TE = F.router_scores_TE(logits_TE, score_function)
     normaliser = "all" if all_experts else "selected"
     weights_TE = F.default_weights_TE(scores_TE, probs_TE, selected_TE, scale, renormalise, eps, normaliser)
@@ -175,8 +162,6 @@ def default_weights_backward_reference(
     """``dL/dlogits`` of ``default_weights`` (in the logits' dtype): ``dL/df = g · c/sg(N)`` where
     the prob is 0, then the score function's backward (scores recomputed, nothing extra saved),
     plus ``base_TE`` (the logits' other gradient: Megatron's routing) in the same pass."""
-    from megatron_default_moe import functional as F
-
     f_TE = F.router_scores_TE(logits_TE, score_function)
     normaliser = "all" if all_experts else "selected"
     c_over_n = F.default_scale_T1(f_TE, selected_TE, scale, renormalise, eps, normaliser)

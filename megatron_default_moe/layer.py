@@ -35,6 +35,7 @@ from megatron_default_moe.checkpoint import fill_missing_default_vectors
 from megatron_default_moe.config import DefaultMoEConfig
 from megatron_default_moe.dispatcher import with_default_moe_mixin
 from megatron_default_moe.router import DefaultMoERouter
+from megatron_default_moe.statistics import expert_output_stats_EH1
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class DefaultMoELayer(MoELayer):
         """Expert rank: per-expert statistics of this micro-batch, reduced or accumulated."""
         if self._phase not in ("update", "accumulate"):
             return
-        stats_EH1 = F.expert_output_stats_EH1(
+        stats_EH1 = expert_output_stats_EH1(
             out_RH,
             probs_R,
             tokens_per_expert,

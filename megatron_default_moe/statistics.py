@@ -23,9 +23,7 @@ from typing import Sequence, Tuple, Union
 import torch
 
 from megatron_default_moe import fused
-from megatron_default_moe.fused import mm_fp32  # noqa: F401  (functional's backward uses it)
-
-EMA_WEIGHTINGS = ("uniform", "router")
+from megatron_default_moe.functional import EMA_WEIGHTINGS
 
 
 def counts_on(tokens_per_expert: Union[torch.Tensor, Sequence[int]], device) -> Tuple[torch.Tensor, int]:

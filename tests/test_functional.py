@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megatron_default_moe import functional as F
+from megatron_default_moe.statistics import expert_output_stats_EH1
 
 
 def reference_layer(x_TH, router_EH, experts, topk, defaults_EH, beta, weighting="uniform"):
@@ -47,7 +48,7 @@ def functional_layer(x_TH, router_EH, experts, topk, defaults_EH, beta, weightin
     out_RH = torch.stack([experts[e](x_TH[t]) for t, e in zip(token_R.tolist(), expert_R.tolist())])
     out_RH = out_RH * probs_R.unsqueeze(-1)
     tokens_per_expert = torch.bincount(expert_R, minlength=len(experts))
-    stats = F.expert_output_stats_EH1(out_RH, probs_R, tokens_per_expert, 0, len(experts), weighting)
+    stats = expert_output_stats_EH1(out_RH, probs_R, tokens_per_expert, 0, len(experts), weighting)
     new_EH = defaults_EH.clone()
     F.ema_update_(new_EH, stats, beta)
     y_topk = torch.zeros_like(x_TH).index_add(0, token_R, out_RH)
@@ -131,11 +132,11 @@ def test_nonfinite_statistics_skip_the_expert():
 def test_stats_skip_padding_rows_and_count_once_under_expert_tp():
     out = torch.tensor([[2.0, 2.0], [9.0, 9.0], [1.0, 3.0]])
     probs = torch.tensor([0.5, 0.0, 0.25])  # row 1 is capacity padding
-    stats = F.expert_output_stats_EH1(out, probs, [2, 1], first_expert=2, num_experts=4)
+    stats = expert_output_stats_EH1(out, probs, [2, 1], first_expert=2, num_experts=4)
     torch.testing.assert_close(stats, torch.tensor([[0, 0, 0], [0, 0, 0], [4, 4, 1], [4, 12, 1.0]]))
-    partial = F.expert_output_stats_EH1(out, probs, [2, 1], first_expert=2, num_experts=4, count_rows=False)
+    partial = expert_output_stats_EH1(out, probs, [2, 1], first_expert=2, num_experts=4, count_rows=False)
     assert torch.equal(partial[:, :2], stats[:, :2]) and not partial[:, 2].any()
-    router = F.expert_output_stats_EH1(out, probs, [2, 1], first_expert=2, num_experts=4, weighting="router")
+    router = expert_output_stats_EH1(out, probs, [2, 1], first_expert=2, num_experts=4, weighting="router")
     torch.testing.assert_close(router[2:], torch.tensor([[2, 2, 0.5], [1, 3, 0.25]]))
 
 
@@ -147,3 +148,33 @@ def test_backward_only_mode_changes_gradient_not_value():
     assert torch.equal(out, y)
     out.sum().backward()
     torch.testing.assert_close(w.grad, defaults.sum(-1).expand(3, 4))
+
+
+def test_mm_fp32_without_out_dtype_keyword(monkeypatch):
+    """Torch < 2.8: ``torch.mm`` has no ``out_dtype`` (a genuine ``TypeError``); the bf16 backward
+    then takes fp32 copies, and stops trying the keyword after the first call."""
+    real_mm, calls = torch.mm, []
+
+    def old_mm(a, b):  # torch 2.7's signature: no out_dtype
+        calls.append(1)
+        return real_mm(a, b)
+
+    monkeypatch.setattr(F, "_MM_OUT_DTYPE", [True])
+    monkeypatch.setattr(torch, "mm", old_mm)
+    a, b = torch.randn(5, 7).bfloat16(), torch.randn(7, 3).bfloat16()
+    for _ in range(2):
+        got = F.mm_fp32(a, b)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, a.float() @ b.float(), rtol=0, atol=0)
+    assert F._MM_OUT_DTYPE == [False] and calls == []  # the TypeError came before any call went through
+
+
+def test_pure_math_imports_nothing_of_the_package():
+    """``functional`` is the bottom layer: no import cycle through ``statistics`` or ``fused``."""
+    import ast
+    import pathlib
+
+    tree = ast.parse(pathlib.Path(F.__file__).read_text())
+    names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [n for n in names if n and n.startswith("megatron_default_moe")], names

@@ -130,12 +130,11 @@ def _hybrid_final_norm_without_te():
     hybrid_block.TENorm = WrappedTorchNorm
 
 
-def enable() -> None:
-    """Install the CPU stand-ins (no-op with CUDA present or when already enabled)."""
-    global _ENABLED
-    if _ENABLED or torch.cuda.is_available():
-        return
-    torch.cuda.current_device = lambda: "cpu"
+def install_cuda_runtime_stand_ins(current_device="cpu") -> None:
+    """Only the CUDA runtime names Megatron's MoE path calls (device index, streams, events,
+    synchronize, ``record_stream``), no device mapping: also what a fake-CUDA trace
+    (``FakeTensorMode``, ``current_device=0``) needs on a machine without a driver."""
+    torch.cuda.current_device = lambda: current_device
     torch.cuda.current_stream = lambda *a, **k: _FakeStream()
     torch.cuda.default_stream = lambda *a, **k: _FakeStream()
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
@@ -143,6 +142,14 @@ def enable() -> None:
     torch.cuda.Event = _FakeEvent
     torch.cuda.synchronize = lambda *a, **k: None
     torch.Tensor.record_stream = lambda self, stream: None
+
+
+def enable() -> None:
+    """Install the CPU stand-ins (no-op with CUDA present or when already enabled)."""
+    global _ENABLED
+    if _ENABLED or torch.cuda.is_available():
+        return
+    install_cuda_runtime_stand_ins(current_device="cpu")
     torch.distributed.all_to_all_single = _gloo_all_to_all_single(torch.distributed.all_to_all_single)
 
     from megatron.core.tensor_parallel import mappings, random

@@ -1,19 +1,21 @@
-"""Multi-rank Default MoE (design §5.3): torchrun + gloo on CPU, every layout against a one-rank run.
+"""Multi-rank Default MoE (design §5.3): the package's own check, ``python -m
+megatron_default_moe.check``, under torchrun + gloo on CPU, every layout against a one-rank run.
 
-``worker.py`` does the work; here we launch it: once in one process to save the one-rank
-reference, then once per world size, each launch looping over its layouts (a launch costs about
-12 s, a layout about a second).
+The check computes its one-rank reference itself (a child process of rank 0) and broadcasts it;
+here we launch it once per world size, each launch looping over its layouts (a launch costs
+about 12 s plus the reference, a layout about a second). One launch without torchrun covers the
+one-process path users get from ``python -m megatron_default_moe.check``.
 """
 
-import os
 import re
 import sys
 
 import pytest
-from helpers import run_isolated, torchrun
+from helpers import free_port, run_isolated
 
-WORKER = os.path.join(os.path.dirname(__file__), "worker.py")
+CHECK = ("-m", "megatron_default_moe.check", "--routers", "paper")
 LAYOUTS_BY_WORLD_SIZE = {
+    1: ["dp"],
     2: ["ep2", "tp2sp", "etp2", "cp2", "pp2"],
     4: ["ep4", "dp2xep2", "tp2sp-ep2", "tp2sp-ep2-etp2", "etp2-ep2", "cp2-ep2", "pp2-ep2", "pp2-tp2sp"]
     # renormalised softmax (Mixtral-like) and sigmoid with expert bias, groups, scale (DeepSeek-V3-like)
@@ -22,20 +24,50 @@ LAYOUTS_BY_WORLD_SIZE = {
 CHECKS_PER_LAYOUT = 4  # dispatchers (allgather, alltoall) x update modes (microbatch, step)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The one-rank run every layout is compared with (one process, all parallel sizes 1)."""
-    path = tmp_path_factory.mktemp("default_moe_reference") / "reference.pt"
-    run_isolated([sys.executable, WORKER, "--save-reference", str(path)], timeout_s=240)
-    return path
+def check_command(world_size, layouts):
+    if world_size == 1:  # no launcher: the check runs as one process on its own store
+        return [sys.executable, *CHECK, "--layouts", *layouts]
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(world_size), "--master-port", str(free_port())]
+    return [sys.executable, *launcher, *CHECK, "--layouts", *layouts]
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size", sorted(LAYOUTS_BY_WORLD_SIZE))
-def test_every_layout_matches_one_rank_run(reference, world_size):
+def test_every_layout_matches_one_rank_run(world_size):
     layouts = LAYOUTS_BY_WORLD_SIZE[world_size]
-    out = run_isolated(torchrun(world_size, WORKER, "--reference", reference, "--layouts", *layouts), 420)
+    out = run_isolated(check_command(world_size, layouts), 480)
     passed = re.findall(r"^ok +(\S+) ", out, flags=re.MULTILINE)
     assert len(passed) == len(layouts) * CHECKS_PER_LAYOUT, out[-6000:]
-    assert {p.split("/")[0] for p in passed} == set(layouts)
-    assert f"PASSED: {len(layouts)} layouts on {world_size} ranks" in out
+    want = {spec if ":" in spec else f"{spec}:paper" for spec in layouts}
+    assert {p.split("/")[0] for p in passed} == want
+    assert re.search(rf"^PASSED: {len(layouts)} layout/router pairs, {len(passed)} runs, on {world_size} ranks$",
+                     out, flags=re.MULTILINE)  # fmt: skip
+    table = re.findall(r"^(\S+) +(\S+) +(allgather|alltoall) +(microbatch|step) +pass ", out, flags=re.MULTILINE)
+    assert len(table) == len(passed)  # the summary table has a passing row per run
+
+
+BROKEN_EMA = """
+import sys
+from megatron_default_moe import fused
+from megatron_default_moe.check.cli import main
+ema_update = fused.ema_update
+fused.ema_update = lambda vectors, stats, beta, *args: ema_update(vectors, stats, beta * 0.9, *args)
+main(sys.argv[1:])
+"""
+
+
+def test_check_fails_when_the_package_is_wrong():
+    """The check can fail: with the EMA's beta off by 10% in the checking process (the reference
+    child runs the package unchanged) the vectors, outputs and gradients leave the one-rank run:
+    the table says FAIL and the exit code is 1."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-c", BROKEN_EMA, "--routers", "paper", "--layouts", "dp", "--dispatchers", "alltoall"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for update in ("microbatch", "step"):
+        assert re.search(rf"^dp +paper +alltoall +{update} +FAIL ", proc.stdout, flags=re.MULTILINE), proc.stdout
+    assert "default_vectors off by" in proc.stdout and "FAILED: 1 layout/router pairs" in proc.stdout

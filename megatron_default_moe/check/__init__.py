@@ -1,0 +1,18 @@
+"""Default MoE's distributed correctness check, for your own cluster and for the test suite.
+
+``torchrun --nproc-per-node 8 -m megatron_default_moe.check`` runs every parallel layout that fits
+the world size (TP+SP, EP, expert TP, CP, PP, DP and their combinations), with both dispatchers
+(allgather, alltoall), both update modes (microbatch, step) and three router families (paper,
+renormalised softmax, DeepSeek-V3-like sigmoid). Each trains a two-layer Default MoE stack for
+three optimizer steps of two micro-batches with Megatron's own schedule and compares it, after
+every step, with a one-rank run over the same global batch that the check computes itself
+(``runtime``): default vectors bit-identical on every rank and equal to the reference's, outputs
+and gradients within the dtype's tolerance (``compare``). It prints a table and exits non-zero on
+any failure.
+
+On CUDA it runs NCCL, bf16 and the package's Triton kernels (TE grouped experts when Transformer
+Engine imports); on a CPU machine gloo with ``megatron_default_moe.testing.cpu``. Modules:
+``model`` (layouts, config, the layer stack), ``train`` (schedule, data shares, the reference
+run), ``compare`` (the assertions), ``runtime`` (process groups, the reference's child process and
+broadcast), ``cli``.
+"""

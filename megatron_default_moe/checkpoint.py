@@ -26,6 +26,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 BUFFER = "default_vectors"
+BUFFERS = (BUFFER, "sample_counter")  # the layer's checkpointed buffers (the counter: since 0.3)
 
 _logged_for = None  # ``missing_keys`` list of the last load that logged: one line per load
 
@@ -55,7 +56,7 @@ def fill_missing_default_vectors(layer, key: str, missing_keys: list) -> None:
 
 def _is_default_vectors(sharded) -> bool:
     key = getattr(sharded, "key", None)
-    return isinstance(key, str) and (key == BUFFER or key.endswith("." + BUFFER))
+    return isinstance(key, str) and any(key == name or key.endswith("." + name) for name in BUFFERS)
 
 
 def drop_absent_default_vectors(sharded_state_dict: dict, checkpoint_dir) -> dict:

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, NORMALISERS, forward_mode_allowed
+from megatron_default_moe.probes import PROBE_DRAWS
 
 UPDATES = ("microbatch", "step")
 
@@ -93,6 +94,12 @@ class DefaultMoEConfig:
             per update), so they read ``1 / stats_stride`` of the expert output; 1 (the paper)
             takes every row. The mean is over the whole stage's rows, so at scale a stride of 8
             still averages thousands of rows per expert (see the README's cost section).
+        probes: unchosen (token, expert) pairs each rank sends to the experts per micro-batch for
+            the default vectors only (``probes.py``); the vectors then average the experts'
+            outputs on tokens that did *not* choose them, where the default term uses them. 0: off.
+        probe_draw: ``uniform`` over the pairs with a nonzero default weight, or ``weighted``
+            (proportional to it: the vectors then estimate the weight-averaged unchosen output).
+        probe_seed: seeds the draws with the checkpointed micro-batch counter (a resume is exact).
     """
 
     beta: float = 0.9
@@ -101,8 +108,13 @@ class DefaultMoEConfig:
     mode: str = "auto"
     normaliser: str = "selected"
     stats_stride: int = 1
+    probes: int = 0
+    probe_draw: str = "uniform"
+    probe_seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.probes, bool) or int(self.probes) != self.probes or self.probes < 0:
+            raise ValueError(f"--moe-default-probes must be an integer >= 0, got {self.probes!r}")
         if isinstance(self.stats_stride, bool) or int(self.stats_stride) != self.stats_stride or self.stats_stride < 1:
             raise ValueError(f"--moe-default-stats-stride must be an integer >= 1, got {self.stats_stride!r}")
         if not 0.0 <= float(self.beta) <= 1.0:
@@ -112,6 +124,7 @@ class DefaultMoEConfig:
             ("--moe-default-update", self.update, UPDATES),
             ("--moe-default-mode", self.mode, MODES),
             ("--moe-default-normaliser", self.normaliser, NORMALISERS),
+            ("--moe-default-probe-draw", self.probe_draw, PROBE_DRAWS),
         ):
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {allowed}, got {value!r}")
@@ -143,10 +156,29 @@ class DefaultMoEConfig:
                 "default term to the forward would inflate the mixture mass beyond the scaling factor; "
                 "use --moe-default-mode auto or backward-only."
             )
+        if self.probes:
+            _validate_probes(config)
         scopes = _cuda_graph_moe_scopes(config)
         if scopes:
             raise ValueError(
                 f"Default MoE does not support --cuda-graph-modules {scopes} with "
                 f"--cuda-graph-impl={config.cuda_graph_impl!r} (TransformerConfig.cuda_graph_modules): "
                 "only 'attn' may be captured; the MoE forward updates the default vectors."
+            )
+
+
+def _validate_probes(config) -> None:
+    """Probes ride Megatron's dropless dispatch as extra routed pairs; reject where they cannot."""
+    for field, flag, unsupported, why in (
+        ("moe_expert_capacity_factor", "--moe-expert-capacity-factor", lambda v: v is not None,
+         "probe pairs would compete with routed pairs for expert capacity"),
+        ("moe_pad_expert_input_to_capacity", "--moe-pad-expert-input-to-capacity", bool,
+         "probe pairs would compete with routed pairs for expert capacity"),
+        ("moe_token_dispatcher_type", "--moe-token-dispatcher-type", lambda v: v not in ("allgather", "alltoall"),
+         "probes are routed through the allgather and alltoall dispatchers only"),
+    ):
+        value = getattr(config, field, None)
+        if unsupported(value):
+            raise ValueError(
+                f"--moe-default-probes does not support {flag}={value!r} (TransformerConfig.{field}): {why}."
             )

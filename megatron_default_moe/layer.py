@@ -34,6 +34,7 @@ from megatron_default_moe import fused
 from megatron_default_moe.checkpoint import fill_missing_default_vectors
 from megatron_default_moe.config import DefaultMoEConfig
 from megatron_default_moe.dispatcher import with_default_moe_mixin
+from megatron_default_moe.probes import ProbeSampler
 from megatron_default_moe.router import DefaultMoERouter
 from megatron_default_moe.statistics import expert_output_stats_EH1
 
@@ -96,9 +97,24 @@ class DefaultMoELayer(MoELayer):
         self._pending = None  # (work handle or None, stats_EH1) between experts and postprocess
         self._recompute_snapshots = collections.deque()
         self._step_stats_EH1 = None
-        self._stats_updates = 0  # rotates the sampled rows' offset under stats_stride
+        # Training micro-batches whose statistics were taken: rotates the sampled rows' offset
+        # under stats_stride and seeds the probe draws; checkpointed (``sample_counter``).
+        self._stats_updates = 0
+        self.register_buffer("sample_counter", torch.zeros(1, dtype=torch.long, device=device))
+        self.probes = self._probe_sampler() if self.dm_config.probes else None
         self.track_metrics = False  # set by the logging hook: keep the norm ratio below
         self.last_term_norm_ratio = None  # ‖default term‖ / ‖MoE output‖ of the last forward
+
+    def _probe_sampler(self) -> ProbeSampler:
+        """Probes of this layer: ranks routing the same tokens (TP peers without sequence
+        parallelism) draw alike; probes reach this rank's experts from its expert-TP × EP group."""
+        token_set = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        tp_group = self.router.tp_group
+        if _group_size(tp_group) > 1 and not self.config.sequence_parallel:
+            token_set = min(torch.distributed.get_process_group_ranks(tp_group))
+        sources = _group_size(self.token_dispatcher.tp_ep_group)
+        dm = self.dm_config
+        return ProbeSampler(dm.probes, dm.probe_draw, dm.probe_seed, sources, token_set)
 
     # -- buffers -------------------------------------------------------------------------------
     def _keep_fp32_on(self, device):
@@ -130,6 +146,15 @@ class DefaultMoELayer(MoELayer):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         if key in missing_keys:
             fill_missing_default_vectors(self, key, missing_keys)
+        counter_key = prefix + "sample_counter"
+        if counter_key in missing_keys:  # a checkpoint from before the counter: start it at 0
+            missing_keys.remove(counter_key)
+            self.sample_counter.zero_()
+        self._stats_updates = int(self.sample_counter.item())  # the one read, at load time
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.sample_counter.fill_(self._stats_updates)  # a host value: no sync
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     # -- forward -------------------------------------------------------------------------------
     def route(self, hidden_states, padding_mask=None):
@@ -144,12 +169,26 @@ class DefaultMoELayer(MoELayer):
             self._phase = "recompute"
         else:
             self._phase = "update"
-        return super().route(hidden_states, padding_mask)
+        probs, routing_map = super().route(hidden_states, padding_mask)
+        self.token_dispatcher.extra_routed_pairs = 0
+        if self.probes is not None and self._phase in ("update", "accumulate"):
+            weights_TE = self.router.default_term[0].weights()
+            probs, routing_map, self.token_dispatcher.extra_routed_pairs = self.probes.add(
+                probs, routing_map, weights_TE, self.router.topk, self._stats_updates, self.layer_number
+            )
+        return probs, routing_map
 
     def _on_expert_output(self, out_RH, probs_R, tokens_per_expert):
-        """Expert rank: per-expert statistics of this micro-batch, reduced or accumulated."""
+        """Expert rank: per-expert statistics of this micro-batch, reduced or accumulated; returns
+        the rows the combine takes (probe rows zeroed)."""
         if self._phase not in ("update", "accumulate"):
-            return
+            return out_RH
+        probe_stats_EH1 = None
+        if self.probes is not None:
+            out_RH, probs_R, probe_stats_EH1 = self.probes.exclude(
+                out_RH, probs_R, tokens_per_expert, self.local_expert_indices[0], self.config.num_moe_experts,
+                self.counts_rows,
+            )
         stats_EH1 = expert_output_stats_EH1(
             out_RH,
             probs_R,
@@ -162,19 +201,25 @@ class DefaultMoELayer(MoELayer):
             row_offset=self._stats_updates % self.dm_config.stats_stride,
         )
         self._stats_updates += 1
+        if probe_stats_EH1 is not None:  # [routed | probes]: one reduction carries both
+            stats_EH1 = torch.cat([stats_EH1, probe_stats_EH1], dim=1)
         if self._phase == "accumulate":
             if self._step_stats_EH1 is None:
                 self._step_stats_EH1 = torch.zeros_like(stats_EH1)
             self._step_stats_EH1 += stats_EH1
-            return
+            return out_RH
         work = None
         if _group_size(self.stats_group) > 1:
             work = torch.distributed.all_reduce(stats_EH1, group=self.stats_group, async_op=True)
         self._pending = (work, stats_EH1)
+        return out_RH
 
     def apply_ema(self, stats_EH1: torch.Tensor, snapshot_dtype=torch.float32) -> torch.Tensor:
         """EMA step from statistics already reduced over the stage (identical on every rank);
-        returns a copy of the new vectors in ``snapshot_dtype`` (one fused op on CUDA)."""
+        returns a copy of the new vectors in ``snapshot_dtype`` (one fused op on CUDA). With
+        probes the statistics are ``[routed | probes]`` and the vectors follow the probes'."""
+        if stats_EH1.shape[1] == 2 * (self.default_vectors.shape[1] + 1):
+            stats_EH1 = stats_EH1[:, self.default_vectors.shape[1] + 1 :].contiguous()
         with torch.no_grad():
             snapshot_EH, self.experts_updated = fused.ema_update(
                 self.default_vectors, stats_EH1, float(self.dm_config.beta), self.nonfinite_skips, snapshot_dtype
@@ -220,5 +265,6 @@ class DefaultMoELayer(MoELayer):
         """This step's accumulated local statistics ``[E, H+1]`` (zeros if none), and reset."""
         stats, self._step_stats_EH1 = self._step_stats_EH1, None
         if stats is None:
-            stats = self.default_vectors.new_zeros(self.default_vectors.shape[0], self.default_vectors.shape[1] + 1)
+            width = (self.default_vectors.shape[1] + 1) * (1 if self.probes is None else 2)
+            stats = self.default_vectors.new_zeros(self.default_vectors.shape[0], width)
         return stats

@@ -1,0 +1,163 @@
+"""Probes: a few unchosen (token, expert) pairs run by the experts for the default vectors only.
+
+The default term stands in ``Ê_i`` for ``E_i(x)`` on the tokens that did *not* choose expert
+``i``, but a chosen-token EMA averages ``E_i`` over the tokens that did (``DESIGN.md`` §1.7). The
+unbiased target needs ``E_i(x)`` on unchosen tokens: each rank draws ``budget`` extra pairs per
+micro-batch among those with a nonzero default weight, and sends them through Megatron's own
+dispatcher like any routed pair. Their rows are excluded from everything but the statistics:
+
+- a probe pair carries the prob ``PROBE_PROB = -1``. Megatron 0.19's experts multiply each row by
+  its prob after the activation (bias included), so a probe row's output is ``-E_i(x)`` exactly
+  and its sign tells it apart from routed rows (``p > 0``) and padding (``p = 0``);
+- before the combine its rows are zeroed in place (``ExcludeProbeRows``: only the probe rows are
+  touched, forward and backward), so the layer output gets ``+0`` and the probe rows' gradient is
+  exactly zero: nothing reaches the expert weights, the expert input or the probs;
+- the router's own outputs (aux, z and global aux losses, the expert-bias token counts, router
+  replay) are computed before the probes are added (``add_probes`` runs after the router).
+
+The draw is reproducible: keys from a generator seeded by ``(seed, counter, layer, token set)``,
+the counter carried by the checkpoint; ranks that hold the same tokens (tensor-parallel peers
+without sequence parallelism) draw the same pairs. No host sync: the budget fixes every size.
+"""
+
+import torch
+
+PROBE_PROB = -1.0
+FILLER_PROB = -2.0  # a drawn pair with weight 0 (a padding token's): run, excluded, never counted
+PROBE_DRAWS = ("uniform", "weighted")
+
+
+def probe_budget(budget: int, tokens: int, experts: int, topk: int) -> int:
+    """Pairs drawn per micro-batch: the budget, at most every unrouted pair (host-known shapes)."""
+    return min(int(budget), tokens * (experts - topk))
+
+
+def draw_probes_TE(weights_TE, routing_map_TE, budget: int, generator: torch.Generator, draw: str):
+    """``(probes_TE, fillers_TE)``: exactly ``probe_budget`` unrouted pairs, drawn without
+    replacement among those with ``w > 0`` (``uniform``: alike; ``weighted``: proportionally to
+    ``w``, Efraimidis and Spirakis: the largest ``log(u) / w``), and which of them are fillers
+    (``w = 0``: drawn only when fewer pairs have a weight; Megatron's dropless all-to-all fixes
+    its row count, so the count never depends on the data).
+    """
+    if draw not in PROBE_DRAWS:
+        raise ValueError(f"--moe-default-probe-draw must be one of {PROBE_DRAWS}, got {draw!r}")
+    w_P = weights_TE.detach().reshape(-1).float()
+    u_P = torch.rand(w_P.shape, generator=generator, device=w_P.device).clamp_min_(torch.finfo(torch.float32).tiny)
+    keys_P = (u_P.log_() / w_P).clamp_min_(-1e30) if draw == "weighted" else u_P
+    eligible_P = w_P > 0
+    keys_P = torch.where(eligible_P, keys_P, -1e38).masked_fill_(routing_map_TE.reshape(-1), float("-inf"))
+    values_B, index_B = keys_P.topk(budget)
+    picked_P = torch.zeros_like(eligible_P).index_fill_(0, index_B, True)
+    return picked_P.view(weights_TE.shape), (picked_P & ~eligible_P).view(weights_TE.shape)
+
+
+def add_probes(probs_TE, routing_map_TE, probes_TE, fillers_TE):
+    """What the dispatcher gets: probe pairs routed with prob ``PROBE_PROB`` (fillers
+    ``FILLER_PROB``), constants: the router's gradient at those pairs stays the stock one, zero."""
+    probs_TE = probs_TE.masked_fill(probes_TE, PROBE_PROB).masked_fill_(fillers_TE, FILLER_PROB)
+    return probs_TE, routing_map_TE | probes_TE
+
+
+def probe_rows(probs_R: torch.Tensor, max_rows: int):
+    """``(rows_B, is_probe_B, counted_B)``: ``max_rows`` row indices that include every probe row
+    of this rank (``p < 0``), which of them are probe rows, and which count (``PROBE_PROB``, not
+    fillers). No host sync: a fixed-size top-k."""
+    p_R = probs_R.detach().reshape(-1)
+    k = min(max_rows, p_R.numel())
+    values_B, rows_B = (p_R < 0).to(torch.uint8).topk(k, sorted=False)
+    return rows_B, values_B.bool(), p_R.index_select(0, rows_B) == PROBE_PROB
+
+
+def probe_stats_EH1(out_RH, rows_B, is_probe_B, tokens_per_expert_L, first: int, num_experts: int, count_rows: bool):
+    """Per-expert ``[Σ E_i(x) | count]`` over this rank's probe rows, fp32 ``[E, H+1]`` (the
+    unweighted output is ``out / PROBE_PROB``). A NaN/Inf probe row poisons its own expert only."""
+    hidden = out_RH.shape[1]
+    local = len(tokens_per_expert_L)
+    if not isinstance(tokens_per_expert_L, torch.Tensor):
+        tokens_per_expert_L = torch.tensor([int(n) for n in tokens_per_expert_L], dtype=torch.long)
+    ends_L = tokens_per_expert_L.to(device=out_RH.device, dtype=torch.long, non_blocking=True).cumsum(0)
+    ids_B = torch.searchsorted(ends_L, rows_B, right=True)  # local expert; L: past the counts
+    keep_B = is_probe_B & (ids_B < local)
+    rows_BH = out_RH.detach().index_select(0, rows_B).float() / PROBE_PROB
+    rows_BH = torch.where(keep_B[:, None], rows_BH, 0.0)
+    sums_LH1 = out_RH.new_zeros(local + 1, hidden + 1, dtype=torch.float32)
+    sums_LH1[:, :hidden].index_add_(0, ids_B, rows_BH)
+    if count_rows:
+        sums_LH1[:, hidden].index_add_(0, ids_B, keep_B.float())
+    out_EH1 = out_RH.new_zeros(num_experts, hidden + 1, dtype=torch.float32)
+    out_EH1[first : first + local] = sums_LH1[:local]
+    return out_EH1
+
+
+class ExcludeProbeRows(torch.autograd.Function):
+    """Zero the probe rows of the expert output in place, and of its gradient (``rows_B`` holds
+    every probe row; the other rows it names are written back unchanged)."""
+
+    @staticmethod
+    def forward(ctx, out_RH, rows_B, is_probe_B):
+        ctx.save_for_backward(rows_B, is_probe_B)
+        _zero_rows_(out_RH, rows_B, is_probe_B)
+        ctx.mark_dirty(out_RH)
+        return out_RH
+
+    @staticmethod
+    def backward(ctx, grad_RH):
+        rows_B, is_probe_B = ctx.saved_tensors
+        if grad_RH._is_view() or not grad_RH.is_contiguous():
+            grad_RH = grad_RH.contiguous().clone()
+        return _zero_rows_(grad_RH, rows_B, is_probe_B), None, None
+
+
+def _zero_rows_(x_RH, rows_B, is_probe_B):
+    kept_BH = torch.where(is_probe_B[:, None], 0.0, x_RH.index_select(0, rows_B))  # NaN rows too
+    return x_RH.index_copy_(0, rows_B, kept_BH)
+
+
+def probe_seed(seed: int, counter: int, layer_number: int, token_set: int) -> int:
+    """One 63-bit seed per (seed, micro-batch counter, layer, set of tokens) (splitmix64 steps)."""
+    x = 0
+    for part in (seed, counter, layer_number or 0, token_set):
+        x = (x ^ (part & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+class ProbeSampler:
+    """A layer's probes: ``add`` after its router, ``exclude`` on the expert rank before the combine.
+
+    ``budget`` pairs per rank and micro-batch; ``sources`` bounds how many ranks' probes can reach
+    this rank's experts (the dispatcher's expert-TP × EP group); ``token_set`` names the tokens
+    this rank routes (equal on ranks that route the same tokens).
+    """
+
+    def __init__(self, budget: int, draw: str, seed: int, sources: int, token_set: int):
+        if draw not in PROBE_DRAWS:
+            raise ValueError(f"--moe-default-probe-draw must be one of {PROBE_DRAWS}, got {draw!r}")
+        self.budget, self.draw, self.seed = int(budget), draw, int(seed)
+        self.max_rows = self.budget * max(int(sources), 1)
+        self.token_set = int(token_set)
+        self._generators = {}
+        self.last_probes_TE = None  # the last draw (tests, diagnostics)
+
+    def add(self, probs_TE, routing_map_TE, weights_TE, topk: int, counter: int, layer_number: int):
+        """``(probs, routing_map`` with this micro-batch's probes added (``add_probes``), the number
+        of pairs added``)``."""
+        device = weights_TE.device
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+        generator.manual_seed(probe_seed(self.seed, counter, layer_number, self.token_set))
+        budget = probe_budget(self.budget, *weights_TE.shape, topk)
+        probes_TE, fillers_TE = draw_probes_TE(weights_TE, routing_map_TE, budget, generator, self.draw)
+        self.last_probes_TE = probes_TE & ~fillers_TE
+        return (*add_probes(probs_TE, routing_map_TE, probes_TE, fillers_TE), budget)
+
+    def exclude(self, out_RH, probs_R, tokens_per_expert_L, first: int, num_experts: int, count_rows: bool):
+        """``(out_RH`` with its probe rows zeroed (autograd-aware), ``probs_R`` with theirs zeroed
+        (a copy: routed-row statistics then skip them as padding), the probes' ``[E, H+1]``)."""
+        rows_B, is_probe_B, counted_B = probe_rows(probs_R, self.max_rows)
+        stats_EH1 = probe_stats_EH1(out_RH, rows_B, counted_B, tokens_per_expert_L, first, num_experts, count_rows)
+        routed_R = probs_R.detach().reshape(-1).clamp_min(0.0)
+        return ExcludeProbeRows.apply(out_RH, rows_B, is_probe_B), routed_R, stats_EH1

@@ -1,0 +1,182 @@
+"""Probes (``probes.py``, ``DESIGN.md`` §1.7) on one rank, on a real ``MoELayer``: they change
+nothing but the default vectors (output, aux and z losses, expert-bias counts, every gradient;
+router replay is rejected by Default MoE as a whole), and the vectors follow an independent reference of the unchosen-pair mean.
+
+Two layers with identical weights run the same micro-batches, one without probes and one with a
+budget; everything but the default vectors must match. The first update's vectors are
+``(1-β)`` times the mean of ``E_i(x_t)`` over the drawn pairs, with ``E_i`` run token by token.
+"""
+
+import pytest
+import torch
+from helpers import moe_config, moe_submodules
+from test_routers import FAMILIES
+
+from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
+from megatron_default_moe import probes as P
+
+pytestmark = pytest.mark.usefixtures("megatron_cpu")
+
+ROUTERS = {
+    "paper": dict(num_moe_experts=8, moe_router_topk=1, moe_z_loss_coeff=1e-3),
+    "mixtral": {**FAMILIES["mixtral"], "moe_z_loss_coeff": 1e-3, "moe_router_load_balancing_type": "global_aux_loss"},
+    "deepseek_v3": {**FAMILIES["deepseek_v3"], "moe_z_loss_coeff": 1e-3},
+}
+
+
+def twin_layers(router, dispatcher, budget, draw="uniform", update="microbatch", beta=0.5, **overrides):
+    config = moe_config(
+        **{**ROUTERS[router], "moe_token_dispatcher_type": dispatcher, "moe_aux_loss_coeff": 1e-2, **overrides}
+    )
+    subs = moe_submodules(config.num_moe_experts)
+    layers = []
+    for probes in (0, budget):
+        torch.manual_seed(0)
+        dm = DefaultMoEConfig(beta=beta, update=update, probes=probes, probe_draw=draw, probe_seed=7)
+        layers.append(DefaultMoELayer(config, subs, dm_config=dm))
+    layers[1].load_state_dict(layers[0].state_dict())
+    for layer in layers:
+        layer.set_layer_number(1)  # Megatron records aux losses per layer number
+    return layers
+
+
+def step(layer, x_SBH, grad_SBH):
+    """One training micro-batch: output, input gradient, all parameter gradients, aux losses."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    clear_aux_losses_tracker()
+    layer.zero_grad(set_to_none=True)
+    x = x_SBH.clone().requires_grad_()
+    out, _ = layer(x)
+    out.backward(grad_SBH)
+    losses = {k: v["values"].clone() for k, v in get_moe_layer_wise_logging_tracker().items()}
+    grads = {name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads, losses
+
+
+def fp32_close(a, b):
+    """Equal up to fp32 summation order: within 2^-20 of the tensor's scale."""
+    return bool((a - b).abs().max() <= 2.0**-20 * b.abs().max())
+
+
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_probes_change_nothing_but_the_default_vectors(router, dispatcher):
+
+    """β = 1 keeps both layers' vectors at zero, so both are TopK in value and gradient: only the
+    probe rows differ, and they must leave no trace. (The experts' GEMMs see more rows, which may
+    change their blocking, so values agree to fp32 rounding, not always bit for bit.)"""
+    plain, probed = twin_layers(router, dispatcher, budget=24, beta=1.0)
+    torch.manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(6, 2, 16)
+        g = torch.randn(6, 2, 16)
+        out0, dx0, grads0, losses0 = step(plain, x, g)
+        out1, dx1, grads1, losses1 = step(probed, x, g)
+        assert probed.probes.last_probes_TE.sum() > 0
+        assert fp32_close(out1, out0) and fp32_close(dx1, dx0)
+        assert grads0.keys() == grads1.keys()
+        for name in grads0:  # expert weights and the router: up to fp32 summation order
+            assert fp32_close(grads1[name], grads0[name]), name
+        assert losses0.keys() == losses1.keys() and {"load_balancing_loss", "z_loss"} <= losses0.keys()
+        for name in losses0:
+            assert torch.equal(losses0[name], losses1[name]), name
+        if plain.router.expert_bias is not None:
+            assert torch.equal(plain.router.local_tokens_per_expert, probed.router.local_tokens_per_expert)
+    probed.dm_config.beta = plain.dm_config.beta = 0.5  # and the probe rows did reach the statistics
+    step(plain, x, g)
+    step(probed, x, g)
+    assert not torch.equal(plain.default_vectors, probed.default_vectors)
+
+
+def expert_outputs_TEH(layer, x_TH):
+    """``E_i(x_t)`` for every token and expert, token by token (the local ``SequentialMLP``)."""
+    outs = []
+    for expert in layer.experts.local_experts:
+        out, _ = expert(x_TH)
+        outs.append(out)
+    return torch.stack(outs, dim=1).detach()
+
+
+@pytest.mark.parametrize("draw", P.PROBE_DRAWS)
+@pytest.mark.parametrize("router", ["paper", "mixtral"])
+def test_vectors_follow_the_drawn_unchosen_pairs(router, draw):
+    _, layer = twin_layers(router, "alltoall", budget=20, draw=draw)
+    torch.manual_seed(5)
+    x = torch.randn(6, 2, 16)
+    step(layer, x, torch.randn(6, 2, 16))
+    probes_TE = layer.probes.last_probes_TE
+    inputs_TE = torch.ones_like(probes_TE)
+    assert probes_TE.sum() == 20
+    with torch.no_grad():
+        o_TEH = expert_outputs_TEH(layer, x.reshape(-1, 16))
+        _, routing_map_TE = layer.router(x)  # same weights: the same selection
+    assert not (probes_TE & routing_map_TE).any(), "a probe pair was one the router chose"
+    counts_E = probes_TE.sum(0)
+    expected_EH = (o_TEH * probes_TE[..., None]).sum(0) / counts_E.clamp_min(1)[:, None] * 0.5
+    expected_EH[counts_E == 0] = 0.0
+    torch.testing.assert_close(layer.default_vectors, expected_EH, rtol=1e-5, atol=1e-6)
+    assert inputs_TE.all()
+
+
+def test_draws_are_reproducible_exact_in_count_and_weighted_draws_follow_w():
+    w_TE = torch.rand(64, 8)
+    w_TE[w_TE < 0.3] = 0.0
+    routed_TE = torch.zeros(64, 8, dtype=torch.bool)
+    routed_TE[:, 0] = True
+    gen = torch.Generator().manual_seed(P.probe_seed(1, 2, 3, 4))
+    a, fillers = P.draw_probes_TE(w_TE, routed_TE, 32, gen, "uniform")
+    gen.manual_seed(P.probe_seed(1, 2, 3, 4))
+    assert torch.equal(a, P.draw_probes_TE(w_TE, routed_TE, 32, gen, "uniform")[0])
+    assert a.sum() == 32 and not (a & (w_TE == 0)).any() and not fillers.any() and not (a & routed_TE).any()
+    assert P.probe_seed(1, 2, 3, 4) != P.probe_seed(1, 3, 3, 4)
+    # fewer weighted pairs than the budget: the count stays exact (Megatron's all-to-all fixes it)
+    w_TE = torch.tensor([[1.0, 0.01, 0.0, 1.0]] * 8)
+    routed_TE = torch.zeros(8, 4, dtype=torch.bool)
+    picked, fillers = P.draw_probes_TE(w_TE, routed_TE, 30, gen, "uniform")
+    assert picked.sum() == 30 and torch.equal(fillers, picked & (w_TE == 0)) and fillers.sum() >= 6
+    # weighted: inclusion grows with w (heavy pairs drawn far more often), never w = 0
+    hits = torch.zeros(8, 4)
+    for k in range(200):
+        gen.manual_seed(k)
+        picked, fillers = P.draw_probes_TE(w_TE, routed_TE, 4, gen, "weighted")
+        hits += picked
+        assert not fillers.any()
+    assert hits[:, 2].sum() == 0
+    assert hits[:, 0].sum() > 5 * hits[:, 1].sum()
+    assert P.probe_budget(100, tokens=8, experts=4, topk=1) == 24
+
+
+def test_counter_is_checkpointed_and_resumes_the_same_draws():
+    _, layer = twin_layers("mixtral", "alltoall", budget=8)
+    _, twin = twin_layers("mixtral", "alltoall", budget=8)
+    x, g = torch.randn(6, 2, 16), torch.randn(6, 2, 16)
+    step(layer, x, g)
+    state = layer.state_dict()
+    assert int(state["sample_counter"]) == 1
+    twin.load_state_dict(state)
+    assert twin._stats_updates == 1
+    step(layer, x, g)
+    step(twin, x, g)
+    assert torch.equal(layer.probes.last_probes_TE, twin.probes.last_probes_TE)
+    assert torch.equal(layer.default_vectors, twin.default_vectors)
+    old = {k: v for k, v in state.items() if k != "sample_counter"}  # a 0.2 checkpoint
+    twin.load_state_dict(old)
+    assert twin._stats_updates == 0
+
+
+@pytest.mark.parametrize(
+    "override, flag",
+    [
+        (dict(moe_expert_capacity_factor=1.0), "--moe-expert-capacity-factor"),
+        (dict(moe_token_dispatcher_type="flex"), "--moe-token-dispatcher-type"),
+    ],
+)
+def test_probes_reject_what_they_cannot_hold(override, flag):
+    config = moe_config(**override) if "flex" not in str(override) else moe_config()
+    if "flex" in str(override):
+        config.moe_token_dispatcher_type = "flex"
+    with pytest.raises(ValueError, match=flag):
+        DefaultMoEConfig(probes=4).validate(config)
+    with pytest.raises(ValueError, match="--moe-default-probes"):
+        DefaultMoEConfig(probes=-1)

@@ -89,6 +89,8 @@ def parse_args(argv=None):
     g.add_argument("--moe-default-mode", default="auto", choices=("auto", "forward", "backward-only"))
     g.add_argument("--moe-default-normaliser", default="selected", choices=("selected", "all"))
     g.add_argument("--moe-default-stats-stride", type=int, default=1)
+    g.add_argument("--moe-default-probes", type=int, default=0)
+    g.add_argument("--moe-default-probe-draw", default="uniform", choices=("uniform", "weighted"))
     return p.parse_args(argv)
 
 
@@ -186,6 +188,9 @@ def build_model(args, default_moe):
             mode=args.moe_default_mode,
             normaliser=args.moe_default_normaliser,
             stats_stride=args.moe_default_stats_stride,
+            probes=args.moe_default_probes,
+            probe_draw=args.moe_default_probe_draw,
+            probe_seed=args.seed,
         )
         spec = to_default_moe_spec(spec, dm_config)
     torch.manual_seed(args.seed)

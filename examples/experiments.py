@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="override the size's step count")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 cells, 2 seeds (test suite)")
     p.add_argument("--fidelity", action="store_true", help="per-layer cosine and bias over training")
+    p.add_argument("--router", default="paper", choices=sorted(TOPK), help="--fidelity: the router family")
+    p.add_argument("--probes", default="", help="--fidelity: compare Default MoE with probes at these "
+                   "budgets (comma-separated, per rank and micro-batch; a 'w' suffix draws weighted)")
     p.add_argument("--stats-stride", type=int, default=1,
                    help="Default MoE's --moe-default-stats-stride for every cell (names tagged stride=N)")
     p.add_argument("--nproc", type=int, default=2)
@@ -388,8 +391,21 @@ def paired_run(d, cell, seed, device):
 
 
 # -- per-layer fidelity over training ----------------------------------------------------------------
-FIDELITY_VARIANTS = [("uniform b=0.9", "uniform", 0.9), ("router b=0.9", "router", 0.9),
-                     ("uniform b=0.99", "uniform", 0.99)]
+FIDELITY_VARIANTS = [("uniform b=0.9", dict(moe_default_ema_weighting="uniform", moe_default_ema_beta=0.9)),
+                     ("router b=0.9", dict(moe_default_ema_weighting="router", moe_default_ema_beta=0.9)),
+                     ("uniform b=0.99", dict(moe_default_ema_weighting="uniform", moe_default_ema_beta=0.99))]
+
+
+def fidelity_variants(probes: str):
+    """Today's Default MoE, then one variant per probe budget (``--probes 32,128,128w``); without
+    budgets, the EMA variants above."""
+    if not probes:
+        return FIDELITY_VARIANTS
+    variants = FIDELITY_VARIANTS[:1]
+    for budget in probes.split(","):
+        draw = "weighted" if budget.endswith("w") else "uniform"
+        variants.append((f"probes {budget}", dict(moe_default_probes=int(budget.rstrip("w")), moe_default_probe_draw=draw)))
+    return variants
 
 
 def fidelity(args):
@@ -398,15 +414,17 @@ def fidelity(args):
     os.makedirs(args.out, exist_ok=True)
     steps = args.steps or (6 if args.quick else 300)
     flags = (SIZES["quick"] if args.quick else []) + ["--steps", str(steps)]
+    flags += ["--router", args.router, "--topk", str(TOPK[args.router])]
+    name = "fidelity" if args.router == "paper" and not args.probes else f"fidelity_{args.router}"
     spec = dict(kind="fidelity", flags=flags, interval=max(1, steps // 6), out=os.path.abspath(args.out),
-                results=os.path.abspath(os.path.join(args.out, "fidelity.json")))
+                results=os.path.abspath(os.path.join(args.out, name + ".json")), probes=args.probes)
     launch(args, spec, lambda line: print(line, flush=True))
     with open(spec["results"]) as f:
         result = json.load(f)
     print(fidelity_table(result))
     if not args.no_plot:
-        plot_fidelity(result, os.path.join(args.out, "fidelity.png"))
-        print(f"Wrote {spec['results']}, {args.out}/fidelity.png")
+        plot_fidelity(result, os.path.join(args.out, name + ".png"))
+        print(f"Wrote {spec['results']}, {args.out}/{name}.png")
 
 
 def _measure(run, batch, oracle):
@@ -461,9 +479,9 @@ def fidelity_worker(spec):
     device = cpu_demo.setup_parallel(d)
     train, valid = prepare_data(d, device)
     variants = []
-    for name, weighting, beta in FIDELITY_VARIANTS:
+    for name, overrides in fidelity_variants(spec.get("probes", "")):
         v = copy.copy(d)
-        v.moe_default_ema_weighting, v.moe_default_ema_beta = weighting, beta
+        vars(v).update(overrides)
         variants.append((name, v))
     runs = new_runs(d, variants)
     per_step = d.micro_batch * d.micro_batches * parallel_state.get_data_parallel_world_size()
@@ -484,7 +502,8 @@ def fidelity_worker(spec):
                          + f" ({time.time() - t0:.0f} s)")
             if cpu_demo.is_rank0():  # after every checkpoint: a killed run keeps what it measured
                 with open(spec["results"] + ".tmp", "w") as f:
-                    json.dump({"args": vars(d), "variants": FIDELITY_VARIANTS, "history": history}, f, indent=1)
+                    json.dump({"args": vars(d), "variants": fidelity_variants(spec.get("probes", "")),
+                               "history": history}, f, indent=1)
                 os.replace(spec["results"] + ".tmp", spec["results"])
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -493,29 +512,41 @@ def fidelity_worker(spec):
 def fidelity_table(result):
     """Per checkpoint and MoE layer: cosines to dense, bias, and oracle cosines."""
     h = result["history"]
-    base = FIDELITY_VARIANTS[0][0]
+    names = [n for n, *_ in result["variants"]]
+    base = names[0]
     steps = sorted(h["TopK"], key=int)
     layers = sorted(h[base][steps[-1]]["bias"], key=int)
-    rows = ["Router-gradient cosine to dense, per MoE layer. T = TopK model; per Default variant, its own "
-            "gradient; O_u / O_c = the base variant with Ê set to the exact mean expert output over the "
+    rows = ["Router-gradient cosine to dense, per MoE layer. T = TopK model; T|D = TopK's gradient on the base "
+            "Default model (its gradient minus the default term's: same model and batch); per Default variant, "
+            "its own gradient; O_u / O_c = the base variant with Ê set to the exact mean expert output over the "
             "tokens that did not / did choose each expert (oracles). bias = ‖Ê_i − u_i‖ / spread_i, "
             "gap = ‖c_i − u_i‖ / spread_i (u, c: unchosen / chosen means), |term|/|out| of the base variant."]
-    names = [n for n, _, _ in FIDELITY_VARIANTS]
     for layer in layers:
         rows.append(f"\nMoE layer {layer}")
-        head = (f"{'step':>5} {'T':>6} " + " ".join(f"{n:>15}" for n in names)
-                + f" {'O_u':>6} {'O_c':>6} | " + " ".join(f"{'bias ' + n.split()[0][:1] + n.split()[1][2:]:>10}" for n in names)
+        head = (f"{'step':>5} {'T':>6} {'T|D':>6} " + " ".join(f"{n:>15}" for n in names)
+                + f" {'O_u':>6} {'O_c':>6} | " + " ".join(f"{'bias ' + n[-9:]:>15}" for n in names)
                 + f" {'gap':>6} {'term':>6}")
         rows += [head, "-" * len(head)]
         for s in steps:
             b = h[base][s]
-            cells = [f"{h['TopK'][s]['cos'][layer]['topk']:>6.3f}"]
+            cells = [f"{h['TopK'][s]['cos'][layer]['topk']:>6.3f}", f"{b['cos'][layer]['topk']:>6.3f}"]
             cells += [f"{h[n][s]['cos'][layer]['default']:>15.3f}" for n in names]
             cells += [f"{b['oracle_unchosen'][layer]:>6.3f}", f"{b['oracle_chosen'][layer]:>6.3f}", "|"]
-            cells += [f"{h[n][s]['bias'][layer]['bias']:>10.2f}" for n in names]
+            cells += [f"{h[n][s]['bias'][layer]['bias']:>15.2f}" for n in names]
             cells += [f"{b['bias'][layer]['selection_gap']:>6.2f}", f"{b['term_ratio'][layer]:>6.2f}"]
             rows.append(f"{int(s):>5} " + " ".join(cells))
     rows.append("\nvalid loss at the end: " + ", ".join(f"{n} {h[n][steps[-1]]['valid']:.4f}" for n in h))
+    later = [s for s in steps if int(s) > 0]
+    rows.append(f"\nMeans over steps {later[0]}-{later[-1]} (cosine to dense; bias):")
+    for layer in layers:
+        mean = lambda f: sum(f(s) for s in later) / len(later)  # noqa: E731
+        cells = [f"T {mean(lambda s: h['TopK'][s]['cos'][layer]['topk']):.3f}",
+                 f"T|D {mean(lambda s: h[base][s]['cos'][layer]['topk']):.3f}"]
+        cells += [f"{n} {mean(lambda s: h[n][s]['cos'][layer]['default']):.3f} "
+                  f"({mean(lambda s: h[n][s]['bias'][layer]['bias']):.2f})" for n in names]
+        cells += [f"O_u {mean(lambda s: h[base][s]['oracle_unchosen'][layer]):.3f}",
+                  f"O_c {mean(lambda s: h[base][s]['oracle_chosen'][layer]):.3f}"]
+        rows.append(f"  layer {layer}: " + ", ".join(cells))
     return "\n".join(rows)
 
 
@@ -526,7 +557,8 @@ def plot_fidelity(result, path):
     import matplotlib.pyplot as plt
 
     h = result["history"]
-    base = FIDELITY_VARIANTS[0][0]
+    variants = [n for n, *_ in result["variants"]]
+    base = variants[0]
     steps = sorted(h["TopK"], key=int)
     layers = sorted(h[base][steps[-1]]["bias"], key=int)
     x = [int(s) for s in steps]
@@ -534,13 +566,13 @@ def plot_fidelity(result, path):
     for j, layer in enumerate(layers):
         ax = axes[0][j]
         ax.plot(x, [h["TopK"][s]["cos"][layer]["topk"] for s in steps], "k--", label="TopK model")
-        for n, _, _ in FIDELITY_VARIANTS:
+        for n in variants:
             ax.plot(x, [h[n][s]["cos"][layer]["default"] for s in steps], "-", marker=".", label=f"Default {n}")
         ax.plot(x, [h[base][s]["oracle_unchosen"][layer] for s in steps], ":", marker="x", label="oracle Ê = unchosen mean")
         ax.set_title(f"MoE layer {layer}: cosine to dense")
         ax.grid(alpha=0.3)
         ax = axes[1][j]
-        for n, _, _ in FIDELITY_VARIANTS:
+        for n in variants:
             ax.plot(x, [h[n][s]["bias"][layer]["bias"] for s in steps], "-", marker=".", label=f"bias {n}")
         ax.plot(x, [h[base][s]["bias"][layer]["selection_gap"] for s in steps], "k:", label="selection gap")
         ax.set_title(f"MoE layer {layer}: ‖Ê−u‖/spread")

@@ -22,6 +22,7 @@ from megatron.training.models.gpt import GPTModelBuilder
 from megatron_default_moe.compat import escape_stray_help_percents, gpt_builder_mtp_spec
 from megatron_default_moe.config import UPDATES, DefaultMoEConfig
 from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, NORMALISERS
+from megatron_default_moe.probes import PROBE_DRAWS
 
 # (flag, args attribute, DefaultMoEConfig field, argparse kwargs)
 _FLAGS = (
@@ -88,6 +89,36 @@ _FLAGS = (
             help="Statistics of the default vectors from every N-th expert-output row (offset rotating per "
             "update): 1/N of the expert output is read. 1 (default, the paper) takes every row.",
         ),
+    ),
+    (
+        "--moe-default-probes",
+        "moe_default_probes",
+        "probes",
+        dict(
+            type=int,
+            default=0,
+            help="Unchosen (token, expert) pairs each rank sends to the experts per micro-batch for the "
+            "default vectors only (excluded from output, losses and gradients): the vectors then average "
+            "each expert's output on tokens that did not choose it, where they are used. 0 (default): off.",
+        ),
+    ),
+    (
+        "--moe-default-probe-draw",
+        "moe_default_probe_draw",
+        "probe_draw",
+        dict(
+            type=str,
+            default="uniform",
+            choices=PROBE_DRAWS,
+            help="How probe pairs are drawn among those with a nonzero default weight: 'uniform', or "
+            "'weighted' (proportionally to the weight).",
+        ),
+    ),
+    (
+        "--moe-default-probe-seed",
+        "moe_default_probe_seed",
+        "probe_seed",
+        dict(type=int, default=0, help="Seed of the probe draws (with a checkpointed micro-batch counter)."),
     ),
 )
 

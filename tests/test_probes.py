@@ -180,3 +180,32 @@ def test_probes_reject_what_they_cannot_hold(override, flag):
         DefaultMoEConfig(probes=4).validate(config)
     with pytest.raises(ValueError, match="--moe-default-probes"):
         DefaultMoEConfig(probes=-1)
+
+
+@pytest.mark.parametrize("update", ["microbatch", "step"])
+def test_recompute_and_step_mode_with_probes(update):
+    """Megatron's MoE recompute: the first (no-grad) pass draws, runs and counts the probes, the
+    recompute pass runs none; outputs and gradients match a run without recompute to fp32
+    rounding (the GEMMs see other row counts), the vectors bit for bit."""
+    from megatron_default_moe import update_default_vectors
+
+    plain, probed = twin_layers("mixtral", "alltoall", budget=16, update=update)
+    _, recomputed = twin_layers(
+        "mixtral", "alltoall", budget=16, update=update, recompute_granularity="selective", recompute_modules=["moe"]
+    )
+    recomputed.load_state_dict(probed.state_dict())
+    assert recomputed.moe_layer_recompute
+    torch.manual_seed(11)
+    for _ in range(3):
+        x, g = torch.randn(6, 2, 16), torch.randn(6, 2, 16)
+        results = [step(layer, x, g) for layer in (plain, probed, recomputed)]
+        if update == "step":
+            for layer in (plain, probed, recomputed):
+                update_default_vectors(layer)
+        (out_p, dx_p, grads_p, _), (out_r, dx_r, grads_r, _) = results[1], results[2]
+        assert fp32_close(out_r, out_p) and fp32_close(dx_r, dx_p)
+        for name in grads_p:
+            assert fp32_close(grads_r[name], grads_p[name]), name
+        assert torch.equal(probed.default_vectors, recomputed.default_vectors)
+        assert probed._stats_updates == recomputed._stats_updates
+    assert probed.default_vectors.any() and not torch.equal(plain.default_vectors, probed.default_vectors)

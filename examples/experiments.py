@@ -63,8 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny model, 2 cells, 2 seeds (test suite)")
     p.add_argument("--fidelity", action="store_true", help="per-layer cosine and bias over training")
     p.add_argument("--router", default="paper", choices=sorted(TOPK), help="--fidelity: the router family")
-    p.add_argument("--probes", default="", help="--fidelity: compare Default MoE with probes at these "
-                   "budgets (comma-separated, per rank and micro-batch; a 'w' suffix draws weighted)")
+    p.add_argument("--probes", default="", help="sweep: Default MoE with --moe-default-probes N (cells "
+                   "tagged probes=N); --fidelity: compare probes at these budgets (comma-separated, per rank "
+                   "and micro-batch; a 'w' suffix draws weighted) with today's EMA")
     p.add_argument("--stats-stride", type=int, default=1,
                    help="Default MoE's --moe-default-stats-stride for every cell (names tagged stride=N)")
     p.add_argument("--nproc", type=int, default=2)
@@ -80,7 +81,7 @@ def parse_args(argv=None):
 
 
 # -- the grid and its statistics -------------------------------------------------------------------
-def grid(quick=False, stats_stride=1):
+def grid(quick=False, stats_stride=1, probes=0):
     """The cells: dicts of router, lr, ema weighting, beta, and a readable name (tagged
     ``stride=N`` when Default MoE runs with ``--moe-default-stats-stride N``)."""
     cells = []
@@ -90,8 +91,9 @@ def grid(quick=False, stats_stride=1):
             for weighting, beta in ema:
                 name = f"{router} lr={lr:g}" + (f" {weighting} b={beta}" if router == "paper" else "")
                 name += f" stride={stats_stride}" if stats_stride != 1 else ""
+                name += f" probes={probes}" if probes else ""
                 cells.append(dict(name=name, router=router, lr=lr, weighting=weighting, beta=beta,
-                                  stride=stats_stride))
+                                  stride=stats_stride, probes=probes))
     if quick:
         return [cells[0], next(c for c in cells if c["router"] == "mixtral")]
     return cells
@@ -258,7 +260,8 @@ def sweep(args):
     flags = size_flags(args)
     fp = fingerprint(flags)
     path = os.path.join(args.out, "runs.jsonl")
-    cells = [c for c in grid(args.quick, args.stats_stride) if re.search(args.cells, c["name"])]
+    probes = int(args.probes.rstrip("w")) if args.probes and "," not in args.probes else 0
+    cells = [c for c in grid(args.quick, args.stats_stride, probes) if re.search(args.cells, c["name"])]
     seeds = list(range(1, args.seeds + 1))
     done = {(r["cell"], r["seed"]) for r in load_runs(path) if r.get("fingerprint") == fp}
     todo = [(c, [s for s in seeds if (c["name"], s) not in done]) for c in cells]
@@ -305,7 +308,8 @@ def demo_args(flags, cell, seed, out):
     return cpu_demo.parse_args(flags + [
         "--router", cell["router"], "--topk", str(TOPK[cell["router"]]), "--lr", str(cell["lr"]),
         "--moe-default-ema-weighting", cell["weighting"], "--moe-default-ema-beta", str(cell["beta"]),
-        "--moe-default-stats-stride", str(cell.get("stride", 1)), "--seed", str(seed), "--out", out,
+        "--moe-default-stats-stride", str(cell.get("stride", 1)), "--moe-default-probes", str(cell.get("probes", 0)),
+        "--seed", str(seed), "--out", out,
         "--no-plot", "--no-diagnostics"])
 
 

@@ -12,6 +12,10 @@ Forward of one training micro-batch (``update="microbatch"``, the paper's settin
    take a detached snapshot, add ``weights_TE @ snapshot`` to the combined output (``forward``
    mode); in backward, ``dL/dy @ snapshotᵀ`` reaches the logits with Megatron's gradient.
 
+With ``probes`` (``probes.py``) ``route`` adds a few unchosen pairs to the routing (prob -1),
+``_on_expert_output`` takes their statistics apart and zeroes their rows, and the EMA follows
+their mean: the experts' output on tokens that did not choose them.
+
 Activation recompute runs the forward twice: first under ``no_grad`` (the update happens here and
 the snapshot is queued), then again with grad in backward (the queued snapshot is reused, nothing
 is updated or reduced), so both passes agree and the EMA moves once. Hence a forward in

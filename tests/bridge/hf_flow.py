@@ -1,0 +1,260 @@
+"""One Megatron-Bridge round trip on CPU (gloo, world size 1), run as its own process.
+
+``python tests/bridge/hf_flow.py {qwen3_moe,deepseek_v3} OUT_DIR`` makes a tiny HF checkpoint
+locally (transformers config, random weights: no download), converts it with the real
+``AutoBridge`` into Default MoE layers and checks what ``tests/test_bridge.py`` asserts; writes
+``OUT_DIR/result.json``. Saving starts a spawned writer process (torch_dist), hence the
+``__main__`` guard. Transformer Engine is absent here: ``megatron_default_moe.bridge.cpu``
+stands in for the one unconditional TE import on Bridge's import path (LoRA layers), only while
+that module executes; nothing of Megatron or Bridge is replaced.
+"""
+
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+
+T0 = time.time()
+
+
+class Said(logging.Handler):
+    """Counts our Default MoE log lines (said once?)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        if record.getMessage().startswith("Default MoE"):
+            self.lines.append(record.getMessage())
+
+
+def tiny_hf_config(kind):
+    if kind == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=64,
+            tie_word_embeddings=False, architectures=["Qwen3MoeForCausalLM"],
+        )  # fmt: skip
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=16, q_lora_rank=24,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
+        tie_word_embeddings=False, architectures=["DeepseekV3ForCausalLM"],
+    )  # fmt: skip
+
+
+def make_hf_checkpoint(kind, path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(kind), dtype=torch.float32)
+    if kind == "deepseek_v3":  # a non-zero expert bias, so the selection really uses it
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.data.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def safetensors_of(directory):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(directory, name)))
+    return tensors
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def megatron_logits(model, tokens):
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        return model(tokens, position_ids, attention_mask=None)
+
+
+def on_cpu(provider):
+    """Bridge's choices that need Transformer Engine or CUDA kernels, in their local form (the
+    spec Bridge chose keeps its kind: a function stays a function, a partial a partial)."""
+    import functools
+
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+
+    spec = provider.transformer_layer_spec
+    if isinstance(spec, functools.partial) and "use_transformer_engine" in spec.keywords:
+        provider.transformer_layer_spec = functools.partial(spec, use_transformer_engine=False)
+    else:
+        provider.transformer_layer_spec = local_layer_spec
+    provider.transformer_impl = "local"
+    provider.moe_permute_fusion = False
+    provider.moe_grouped_gemm = False
+    provider.gradient_accumulation_fusion = False
+    provider.apply_rope_fusion = False
+    provider.bias_activation_fusion = False
+    provider.masked_softmax_fusion = False
+    provider.cross_entropy_loss_fusion = False
+    provider.persist_layer_norm = False
+
+
+class Recorder:
+    """A TensorBoard / W&B writer that keeps what it is given."""
+
+    def __init__(self):
+        self.scalars = {}
+
+    def add_scalar(self, name, value, step):
+        self.scalars[name] = value
+
+    def log(self, metrics, step):
+        self.scalars.update(metrics)
+
+
+def train_one_step(model, tokens, callback):
+    """One training micro-batch (forward + backward, train mode) and Bridge's step-end event."""
+    from megatron.bridge.training.callbacks import CallbackContext, CallbackManager
+    from megatron.bridge.training.state import GlobalState
+
+    manager = CallbackManager()
+    manager.add(callback)
+    state = GlobalState()
+    state._tensorboard_logger, state._wandb_logger = Recorder(), Recorder()
+    context = CallbackContext(state=state, model=model, user_state=manager.user_state)
+    for chunk in model:
+        chunk.train()
+    manager.fire("on_train_start", context)
+    manager.fire("on_train_step_start", context)
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0)
+    loss = model[0](tokens[:, :-1], position_ids[:, :-1], None, labels=tokens[:, 1:])
+    loss.float().mean().backward()
+    after_backward = [layer.default_vectors.clone() for layer in default_moe_layers(model)]
+    manager.fire("on_train_step_end", context)
+    for chunk in model:
+        chunk.eval()
+    return after_backward, state._tensorboard_logger.scalars
+
+
+def default_moe_layers(model):
+    from megatron_default_moe import default_moe_layers as layers
+
+    return layers(model)
+
+
+def vectors(model):
+    return [layer.default_vectors.clone() for layer in default_moe_layers(model)]
+
+
+def main(kind, out_dir):
+    from megatron_default_moe.testing import cpu
+
+    cpu.init_parallel(seed=1234)
+    from megatron_default_moe.bridge.cpu import import_megatron_bridge
+
+    import_megatron_bridge()
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.training.model_load_save import build_and_load_model, load_model_config
+    from transformers import AutoModelForCausalLM
+
+    from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
+    from megatron_default_moe.bridge import enable_default_moe
+
+    said = Said()
+    logging.getLogger("megatron_default_moe").addHandler(said)
+    r = {"kind": kind}
+    hf_dir = os.path.join(out_dir, "hf")
+    hf_model = make_hf_checkpoint(kind, hf_dir)
+    tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+
+    # HF -> Megatron, Default MoE
+    bridge = AutoBridge.from_hf_pretrained(hf_dir)
+    provider = bridge.to_megatron_provider()
+    r["bridge_spec"] = repr(provider.transformer_layer_spec)
+    on_cpu(provider)
+    callback = enable_default_moe(provider, DefaultMoEConfig(beta=0.5, update="step"))
+    callback.log_interval = 1
+    r["spec_after_enable"] = repr(provider.transformer_layer_spec)
+    provider.finalize()
+    model = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    moe_mlps = [layer.mlp for layer in model[0].decoder.layers if hasattr(layer.mlp, "router")]
+    r["moe_layers"] = len(moe_mlps)
+    r["all_moe_default"] = all(isinstance(mlp, DefaultMoELayer) for mlp in moe_mlps)
+    r["mode"] = moe_mlps[0].mode
+    r["router_score"] = provider.moe_router_score_function
+    r["expert_bias"] = bool(getattr(moe_mlps[0].router, "expert_bias", None) is not None)
+    r["zero_after_import"] = all(bool((v == 0).all()) for v in vectors(model))
+    for chunk in model:
+        chunk.eval()
+    r["max_logit_diff"] = float((megatron_logits(model[0], tokens) - hf_logits(hf_model, tokens)).abs().max())
+
+    # Megatron -> HF: exact weights, no default-vector tensor
+    exported = {name: w.clone() for name, w in bridge.export_hf_weights(model, cpu=True, show_progress=False)}
+    reference = safetensors_of(hf_dir)  # on disk, HF keeps one tensor per expert
+    r["export_names_equal"] = sorted(exported) == sorted(reference)
+    r["export_extra_names"] = sorted(set(exported) - set(reference))
+    r["export_missing_names"] = sorted(set(reference) - set(exported))
+    r["export_bit_equal"] = all(torch.equal(exported[n], reference[n]) for n in reference if n in exported)
+    hf_out = os.path.join(out_dir, "hf_export")
+    bridge.save_hf_pretrained(model, hf_out, show_progress=False)
+    saved = safetensors_of(hf_out)
+    r["saved_names_equal"] = sorted(saved) == sorted(reference)
+    r["saved_bit_equal"] = all(torch.equal(saved[n], reference[n]) for n in reference if n in saved)
+    r["saved_default_vector_tensors"] = [n for n in saved if "default" in n or "sample_counter" in n]
+    reloaded = AutoModelForCausalLM.from_pretrained(hf_out, dtype=torch.float32).eval()
+    r["reloaded_hf_logit_diff"] = float((hf_logits(reloaded, tokens) - hf_logits(hf_model, tokens)).abs().max())
+
+    # One training micro-batch + Bridge's step-end callback (update="step")
+    after_backward, metrics = train_one_step(model, tokens, callback)
+    r["zero_before_step_end"] = all(bool((v == 0).all()) for v in after_backward)
+    r["nonzero_after_step"] = [bool((v != 0).any()) for v in vectors(model)]
+    r["metrics"] = sorted(k for k in metrics if k.endswith("/mean"))
+
+    # Bridge Megatron checkpoint: save, reload through run_config.yaml, bit for bit
+    ckpt = os.path.join(out_dir, "megatron")
+    bridge.save_megatron_model(model, ckpt)
+    run_config = open(os.path.join(ckpt, "iter_0000000", "run_config.yaml")).read()
+    r["run_config_names_spec"] = "megatron_default_moe.bridge.spec.default_moe_layer_spec" in run_config
+    loaded = bridge.load_megatron_model(ckpt)
+    r["reload_all_default"] = len(default_moe_layers(loaded)) == r["moe_layers"]
+    r["reload_bit_equal"] = all(torch.equal(a, b) for a, b in zip(vectors(model), vectors(loaded)))
+    r["reload_nonzero"] = all(bool((v != 0).any()) for v in vectors(loaded))
+
+    # A TopK Bridge checkpoint continues as Default MoE
+    topk_provider = AutoBridge.from_hf_pretrained(hf_dir).to_megatron_provider()
+    on_cpu(topk_provider)
+    topk_provider.finalize()
+    topk = topk_provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    topk_ckpt = os.path.join(out_dir, "topk")
+    bridge.save_megatron_model(topk, topk_ckpt)
+    topk_cfg, _ = load_model_config(os.path.join(topk_ckpt, "iter_0000000"))
+    enable_default_moe(topk_cfg, DefaultMoEConfig())
+    continued = build_and_load_model(os.path.join(topk_ckpt, "iter_0000000"), topk_cfg, use_cpu_init=True,
+                                     skip_temp_dist_context=True)
+    continued = continued if isinstance(continued, list) else [continued]
+    r["topk_continued_default_layers"] = len(default_moe_layers(continued))
+    r["topk_continued_zero"] = all(bool((v == 0).all()) for v in vectors(continued))
+    before, after = topk[0].state_dict(), continued[0].state_dict()
+    r["topk_continued_weights_equal"] = all(
+        torch.equal(before[n], after[n]) for n in before if isinstance(before[n], torch.Tensor))
+    r["said"] = said.lines
+    r["seconds"] = time.time() - T0
+    with open(os.path.join(out_dir, "result.json"), "w") as f:
+        json.dump(r, f, indent=1)
+    print(json.dumps(r, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main(sys.argv[1], sys.argv[2])

@@ -54,6 +54,15 @@ def fill_missing_default_vectors(layer, key: str, missing_keys: list) -> None:
         )
 
 
+def restore_sample_counter(layer, key: str, missing_keys: list) -> int:
+    """The loaded ``sample_counter`` as a host int (the one read, at load time); a checkpoint from
+    before the counter (0.2, or TopK) starts it at 0, like the vectors."""
+    if key in missing_keys:
+        missing_keys.remove(key)
+        layer.sample_counter.zero_()
+    return int(layer.sample_counter.item())
+
+
 def _is_default_vectors(sharded) -> bool:
     key = getattr(sharded, "key", None)
     return isinstance(key, str) and any(key == name or key.endswith("." + name) for name in BUFFERS)

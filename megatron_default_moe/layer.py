@@ -35,10 +35,10 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_default_moe import functional as F
 from megatron_default_moe import fused
-from megatron_default_moe.checkpoint import fill_missing_default_vectors
+from megatron_default_moe.checkpoint import fill_missing_default_vectors, restore_sample_counter
 from megatron_default_moe.config import DefaultMoEConfig
 from megatron_default_moe.dispatcher import with_default_moe_mixin
-from megatron_default_moe.probes import ProbeSampler
+from megatron_default_moe.probes import probe_sampler_of
 from megatron_default_moe.router import DefaultMoERouter
 from megatron_default_moe.statistics import expert_output_stats_EH1
 
@@ -105,20 +105,9 @@ class DefaultMoELayer(MoELayer):
         # under stats_stride and seeds the probe draws; checkpointed (``sample_counter``).
         self._stats_updates = 0
         self.register_buffer("sample_counter", torch.zeros(1, dtype=torch.long, device=device))
-        self.probes = self._probe_sampler() if self.dm_config.probes else None
+        self.probes = probe_sampler_of(self) if self.dm_config.probes else None
         self.track_metrics = False  # set by the logging hook: keep the norm ratio below
         self.last_term_norm_ratio = None  # ‖default term‖ / ‖MoE output‖ of the last forward
-
-    def _probe_sampler(self) -> ProbeSampler:
-        """Probes of this layer: ranks routing the same tokens (TP peers without sequence
-        parallelism) draw alike; probes reach this rank's experts from its expert-TP × EP group."""
-        token_set = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        tp_group = self.router.tp_group
-        if _group_size(tp_group) > 1 and not self.config.sequence_parallel:
-            token_set = min(torch.distributed.get_process_group_ranks(tp_group))
-        sources = _group_size(self.token_dispatcher.tp_ep_group)
-        dm = self.dm_config
-        return ProbeSampler(dm.probes, dm.probe_draw, dm.probe_seed, sources, token_set)
 
     # -- buffers -------------------------------------------------------------------------------
     def _keep_fp32_on(self, device):
@@ -150,11 +139,7 @@ class DefaultMoELayer(MoELayer):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         if key in missing_keys:
             fill_missing_default_vectors(self, key, missing_keys)
-        counter_key = prefix + "sample_counter"
-        if counter_key in missing_keys:  # a checkpoint from before the counter: start it at 0
-            missing_keys.remove(counter_key)
-            self.sample_counter.zero_()
-        self._stats_updates = int(self.sample_counter.item())  # the one read, at load time
+        self._stats_updates = restore_sample_counter(self, prefix + "sample_counter", missing_keys)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.sample_counter.fill_(self._stats_updates)  # a host value: no sync

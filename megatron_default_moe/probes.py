@@ -161,3 +161,17 @@ class ProbeSampler:
         stats_EH1 = probe_stats_EH1(out_RH, rows_B, counted_B, tokens_per_expert_L, first, num_experts, count_rows)
         routed_R = probs_R.detach().reshape(-1).clamp_min(0.0)
         return ExcludeProbeRows.apply(out_RH, rows_B, is_probe_B), routed_R, stats_EH1
+
+
+def probe_sampler_of(layer) -> ProbeSampler:
+    """The probes of a ``DefaultMoELayer``: ranks routing the same tokens (TP peers without sequence
+    parallelism) draw alike; probes reach its experts from the dispatcher's expert-TP × EP group."""
+    dist = torch.distributed
+    token_set = dist.get_rank() if dist.is_initialized() else 0
+    tp_group = layer.router.tp_group
+    if dist.is_initialized() and dist.get_world_size(tp_group) > 1 and not layer.config.sequence_parallel:
+        token_set = min(dist.get_process_group_ranks(tp_group))
+    ep_group = layer.token_dispatcher.tp_ep_group
+    sources = dist.get_world_size(ep_group) if dist.is_initialized() and ep_group is not None else 1
+    dm = layer.dm_config
+    return ProbeSampler(dm.probes, dm.probe_draw, dm.probe_seed, sources, token_set)

@@ -327,6 +327,47 @@ def test_padding_never_reaches_the_default_vectors(family, dispatcher):
     torch.testing.assert_close(first.default_vectors, only_real.default_vectors, atol=1e-6, rtol=1e-5)
 
 
+# not deepseek_v3: Megatron 0.19's expert-bias counter broadcasts a [T] padding mask against the
+# [T, E] routing map (``TopKRouter._apply_expert_bias``), which fails for T != E in the stock layer
+@pytest.mark.parametrize("family", ["deepseek_v2", "mixtral", "sqrtsoftplus"])
+def test_padded_tokens_get_no_default_weight_and_no_default_gradient(family, monkeypatch):
+    """At padded tokens the default weights are exactly 0 and so is the default term's logits
+    gradient (Megatron routes padded tokens like real ones; only ``default_op_inputs`` marks them
+    chosen); at real tokens both are nonzero. The gradient is the router's total logits gradient
+    minus Megatron's own, as ``DefaultTermInputs.logits_grad`` forms it."""
+    from megatron_default_moe.router import DefaultTermInputs
+
+    config = family_config(family)
+    seq, batch, real = 6, 2, 4
+    x, g = inputs(1, seq=seq, batch=batch)
+    padding_BS = torch.zeros(batch, seq, dtype=torch.bool)
+    padding_BS[:, real:] = True
+    padded_T = padding_BS.T.reshape(-1)  # token order [S, B] -> T, as the router flattens it
+    _, layer = build(config, DefaultMoEConfig(beta=0.5))
+    weights, extra = [], []
+    inner_routing, inner_grad = layer.router.routing, DefaultTermInputs.logits_grad
+
+    def routing(logits, *args, **kwargs):
+        out = inner_routing(logits, *args, **kwargs)
+        weights.append(layer.router.default_weights.detach().clone())
+        return out
+
+    def logits_grad(self, grad):
+        total = inner_grad(self, grad)
+        extra.append((total - grad).reshape(-1, config.num_moe_experts).detach().clone())
+        return total
+
+    monkeypatch.setattr(layer.router, "routing", routing)
+    monkeypatch.setattr(DefaultTermInputs, "logits_grad", logits_grad)
+    run(layer, x, g, padding_mask=padding_BS)
+    (w_TE,), (extra_TE,) = weights, extra
+    assert layer.default_vectors.abs().sum() > 0  # the term is live (update before use)
+    assert torch.equal(w_TE[padded_T], torch.zeros_like(w_TE[padded_T]))
+    assert torch.equal(extra_TE[padded_T], torch.zeros_like(extra_TE[padded_T]))
+    assert (w_TE[~padded_T].abs().sum(-1) > 0).all()
+    assert (extra_TE[~padded_T].abs().sum(-1) > 0).all()
+
+
 @pytest.mark.parametrize("aux", ["aux_loss", "seq_aux_loss", "global_aux_loss", ["aux_loss", "seq_aux_loss"]])
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_z_loss_and_aux_losses_leave_the_default_gradient_unchanged(aux, family):

@@ -12,8 +12,8 @@ output's dtype give each weight to about 2^-17 (a bf16 ``1/p`` alone is off by u
 - ``row_stride = s``: only rows ``o, o + s, ...`` enter (a strided view: ``1/s`` of the bytes);
   the layer rotates ``o`` per update (``--moe-default-stats-stride``).
 - Rows beyond ``Σ tokens_per_expert`` (HybridEP's static budget, NCCL-EP static shapes) belong to
-  no expert. With host-side counts they are sliced off first; with device-side counts (no sync)
-  they stay in the op, which never lets them count (whatever they hold, NaN included).
+  no expert. With host-side counts they are sliced off first; with counts on the rows' device (no
+  sync) they stay in the op, which never lets them count (whatever they hold, NaN included).
 - A NaN/Inf row makes its own expert's sums NaN, no other expert's, so the EMA skips that
   expert only (``functional.ema_update_``).
 """
@@ -27,10 +27,14 @@ from megatron_default_moe.functional import EMA_WEIGHTINGS
 
 
 def counts_on(tokens_per_expert: Union[torch.Tensor, Sequence[int]], device) -> Tuple[torch.Tensor, int]:
-    """``(counts_L`` as a long tensor on ``device``, their sum if known on the host else ``None)``."""
+    """``(counts_L`` as a long tensor on ``device``, their sum if known on the host else ``None)``.
+
+    Counts already on the rows' device stay there unread (on a GPU a read is a host sync); a list,
+    or a tensor elsewhere (Megatron's pinned CPU ``tokens_per_expert``), is summed on the host."""
     if isinstance(tokens_per_expert, torch.Tensor):
-        host = tokens_per_expert.device.type == "cpu"
-        total = sum(tokens_per_expert.tolist()) if host else None  # no device op, no sync
+        if tokens_per_expert.device == torch.device(device):
+            return tokens_per_expert.long(), None
+        total = sum(tokens_per_expert.tolist())  # a host tensor: no device op, no sync
         return tokens_per_expert.to(device=device, dtype=torch.long, non_blocking=True), total
     counts = [int(c) for c in tokens_per_expert]
     return torch.tensor(counts, dtype=torch.long).to(device, non_blocking=True), sum(counts)

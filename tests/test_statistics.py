@@ -68,9 +68,11 @@ def test_hi_lo_split_is_what_keeps_the_precision():
     assert relative_error(coarse, ref[:, :-1]) > 2 * relative_error(S.expert_output_stats_EH1(out, p, counts, 0, 3)[:, :-1], ref[:, :-1])
 
 
-@pytest.mark.parametrize("counts_as", ["list", "cpu tensor", "device tensor"])
-def test_rows_past_the_counts_are_ignored(counts_as, monkeypatch):
-    """HybridEP's static budget / NCCL-EP static shapes: R > Σ tokens_per_expert."""
+@pytest.mark.parametrize("counts_as", ["list", "tensor on the rows' device"])
+def test_rows_past_the_counts_are_ignored(counts_as):
+    """HybridEP's static budget / NCCL-EP static shapes: R > Σ tokens_per_expert. A list is summed
+    on the host and the rows sliced; counts on the rows' device are not read: the op gets every
+    row and must weigh those past the counts 0."""
     counts = [40, 0, 25]
     out, p = problem(counts, extra_rows=30)
     out[-30:-15] = 7.0  # garbage past the counts, NaN and Inf included: none of it may count
@@ -78,12 +80,20 @@ def test_rows_past_the_counts_are_ignored(counts_as, monkeypatch):
     out[-5:] = float("inf")
     p[-30:] = 0.5
     want = S.expert_output_stats_EH1(out[:65], p[:65], counts, 1, 4)
-    given = counts if counts_as == "list" else torch.tensor(counts)
-    if counts_as == "device tensor":  # no host total: nothing sliced, rows past the counts weigh 0
-        counts_on = S.counts_on
-        monkeypatch.setattr(S, "counts_on", lambda t, device: (counts_on(t, device)[0], None))
-    got = S.expert_output_stats_EH1(out, p, given, 1, 4)
+    given = counts if counts_as == "list" else torch.tensor(counts, device=out.device)
+    with _Ops() as ops:
+        got = S.expert_output_stats_EH1(out, p, given, 1, 4)
+    assert ops.rows == (65 if counts_as == "list" else 95)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_counts_elsewhere_are_summed_on_the_host_counts_on_the_device_never():
+    host = torch.tensor([3, 4])
+    counts, total = S.counts_on(host, "meta")  # rows on another device: Megatron's pinned CPU counts
+    assert counts.device.type == "meta" and counts.dtype == torch.long and total == 7
+    counts, total = S.counts_on(host.int(), "cpu")  # rows on the counts' device: not read
+    assert total is None and counts.dtype == torch.long and counts.tolist() == [3, 4]
+    assert S.counts_on([3, 4], "cpu")[1] == 7
 
 
 def test_a_nonfinite_row_poisons_its_own_expert_only():
@@ -103,6 +113,8 @@ def test_a_nonfinite_row_poisons_its_own_expert_only():
 class _Ops(OpNames):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func.overloadpacket.__name__)
+        if func.overloadpacket.__name__ == "expert_stats":
+            self.rows = args[0].shape[0]  # the rows the op was handed
         if func.overloadpacket.__name__ == "_to_copy" and args[0].dim() > 1:
             self.names.append("_to_copy of rows")
         if func is torch.ops.aten.mm.dtype:  # CUDA's kernel, stood in for on CPU
@@ -111,13 +123,13 @@ class _Ops(OpNames):
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "router"])
-def test_device_counts_need_no_host_sync_and_no_fp32_copy_of_the_rows(weighting, monkeypatch):
+def test_device_counts_need_no_host_sync_and_no_fp32_copy_of_the_rows(weighting):
+    """Counts on the rows' device, as a dispatcher with device-side ``tokens_per_expert`` gives them."""
     counts = [40, 10, 25]
     out, p = problem(counts, extra_rows=5)
-    counts_on = S.counts_on
-    monkeypatch.setattr(S, "counts_on", lambda t, device: (counts_on(t, device)[0], None))
     with _Ops() as ops:
-        stats = S.expert_output_stats_EH1(out, p, torch.tensor(counts), 0, 3, weighting)
+        stats = S.expert_output_stats_EH1(out, p, torch.tensor(counts, device=out.device), 0, 3, weighting)
+    assert ops.rows == 80  # not sliced: the counts were not read on the host
     assert not SYNC_OPS & set(ops.names), ops.names
     assert ops.names.count("expert_stats") == 1 and "index" not in ops.names  # one op, no boolean selection
     with _Ops() as inner:  # the op's torch reference: one matmul reads the rows in their dtype

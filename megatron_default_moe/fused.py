@@ -4,10 +4,13 @@
 Between the expert output and the default vectors Default MoE does ~25 small elementwise steps
 (row weights, per-expert sums and counts, the EMA and its bookkeeping, the bf16 snapshot). On a
 GPU each would be a kernel launch (~4 µs): more than the one read of the expert output they
-serve. These ops cover them, each a single kernel (``triton_kernels.py``) on CUDA:
+serve. These ops cover them, each one Triton kernel (``triton_kernels.py``) on CUDA, with its
+reference as the fallback when the kernel cannot run there (``fallback.py``):
 
 - ``expert_stats``: the ``[E, H+1]`` statistics of ``statistics.expert_output_stats_EH1``, one
-  read of the sampled expert-output rows (its reference: one matmul with a weight matrix);
+  read of the sampled expert-output rows (its reference: one matmul with a weight matrix; on
+  CUDA two kernels: per-chunk partial sums over enough programs to fill the GPU, then their
+  per-expert sum in a fixed order);
 - ``ema_update``: ``functional.ema_update_`` plus the skip counter and the snapshot cast;
 - ``default_weights`` / ``default_weights_backward``: the router's default weights
   (``functional.router_scores_TE`` + ``default_weights_TE``), written in the dtype that reads
@@ -15,17 +18,15 @@ serve. These ops cover them, each a single kernel (``triton_kernels.py``) on CUD
 
 Rows are sampled ``offset, offset + stride, ...`` (``C`` of them); ``stride = 1`` takes all.
 Each op is an opaque ``torch.library`` op (its torch body: ``<op>_reference``), so
-``examples/benchmark_cost.py`` counts it as the one kernel it is on a GPU.
+``examples/benchmark_cost.py`` counts it as the kernels it is on a GPU.
 """
 
-import logging
 from typing import Optional
 
 import torch
 
+from megatron_default_moe import fallback
 from megatron_default_moe import functional as F
-
-logger = logging.getLogger(__name__)
 
 
 def row_weights(p_R: torch.Tensor, uniform: bool):
@@ -202,18 +203,10 @@ def _weights_backward(ctx, grad_TE):
 default_weights.register_autograd(_weights_backward, setup_context=_weights_setup)
 
 
-def _register_triton():
-    """CUDA: the Triton kernels. Without Triton the references run there too, said once."""
-    try:
-        from megatron_default_moe import triton_kernels as K
-    except ImportError as err:
-        logger.warning("Default MoE: Triton is not importable (%s); the fused ops run as several torch kernels", err)
-        return False
-    expert_stats.register_kernel("cuda")(K.expert_stats)
-    ema_update.register_kernel("cuda")(K.ema_update_)
-    default_weights.register_kernel("cuda")(K.default_weights)
-    default_weights_backward.register_kernel("cuda")(K.default_weights_backward)
-    return True
-
-
-TRITON_ON_CUDA = _register_triton() if torch.cuda.is_available() else None
+OPS = {  # name: (op, its torch reference)
+    "expert_stats": (expert_stats, expert_stats_reference),
+    "ema_update": (ema_update, ema_update_reference),
+    "default_weights": (default_weights, default_weights_reference),
+    "default_weights_backward": (default_weights_backward, default_weights_backward_reference),
+}
+TRITON_ON_CUDA = fallback.register(OPS) if torch.cuda.is_available() else None

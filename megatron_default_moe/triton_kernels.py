@@ -1,16 +1,13 @@
-"""Triton kernels of the fused ops (``fused.py``): one launch each where the reference takes ~10.
+"""Triton kernels of the fused ops (``fused.py``): one or two launches where the reference takes ~10.
 
 Each kernel computes exactly its reference in ``fused.py`` (same formulas, fp32 arithmetic); only
-summation orders may differ. Tested against the references on CPU under ``TRITON_INTERPRET=1``
-(``tests/test_fused.py``) and on CUDA by ``scripts/gpu_check.sh``.
+summation orders may differ. ``triton_launch.py`` builds their launches. Tested against the
+references on CPU under ``TRITON_INTERPRET=1`` (``tests/test_fused.py``), compiled for sm_80 /
+sm_90 / sm_100 without a GPU (``tests/test_triton_aot.py``), on CUDA by ``scripts/gpu_check.sh``.
 """
 
-import torch
 import triton
 import triton.language as tl
-
-BLOCK_H = 512  # 1-D passes over a row of H
-STATS_BLOCK_R, STATS_BLOCK_H = 32, 128  # expert_stats: a [rows, H] tile per step
 
 
 @triton.jit
@@ -23,36 +20,67 @@ def _row_weights(p, UNIFORM: tl.constexpr):
 
 
 @triton.jit
-def _expert_stats_kernel(out_ptr, ld, cols, p_ptr, counts_ptr, stats_ptr, H, offset, stride, first, L,
-                         UNIFORM: tl.constexpr, COUNT_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_R: tl.constexpr):  # fmt: skip
-    """Program (expert ``e``, columns ``h``): its sampled rows' weighted sum, read once, in fp32."""
-    e, hb = tl.program_id(0), tl.program_id(1)
-    local = e - first
-    is_local = (local >= 0) & (local < L)
-    start = tl.load(counts_ptr) * 0
-    for k in range(0, tl.where(is_local, local, 0)):
-        start += tl.load(counts_ptr + k)
-    end = tl.where(is_local, start + tl.load(counts_ptr + local, mask=is_local, other=0), 0)
-    j0 = tl.maximum(start - offset + stride - 1, 0) // stride  # first sampled row >= start
+def _segments(counts_ptr, L, offset, stride, cols, chunk, BLOCK_L: tl.constexpr):
+    """Per local expert (lanes of ``BLOCK_L``), from the device-side counts: its sampled rows
+    ``[j0, j1)`` of the view and its segments ``[s0, s1)`` (``chunk`` rows each, experts in order)."""
+    lane = tl.arange(0, BLOCK_L)
+    n = tl.load(counts_ptr + lane, mask=lane < L, other=0).to(tl.int64)
+    end = tl.cumsum(n, axis=0)
     j1 = tl.minimum(tl.maximum(end - offset + stride - 1, 0) // stride, cols)  # the view's rows only
+    j0 = tl.minimum(tl.maximum(end - n - offset + stride - 1, 0) // stride, j1)  # first sampled row >= start
+    segs = (j1 - j0 + chunk - 1) // chunk
+    s1 = tl.cumsum(segs, axis=0)
+    return j0, j1, s1 - segs, s1
+
+
+@triton.jit
+def _stats_partial_kernel(out_ptr, ld, p_ptr, counts_ptr, part_ptr, H, offset, stride, cols, L, chunk,
+                          UNIFORM: tl.constexpr, COUNT_ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
+                          BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """Stage 1, program (segment ``s``, columns ``h``): fp32 ``[sum | count]`` of one expert's
+    ``chunk`` sampled rows into partial row ``s``, no atomics. Programs past the last segment
+    (the grid is a host-known bound) write nothing."""
+    s, hb = tl.program_id(0), tl.program_id(1)
+    j0, j1, s0, s1 = _segments(counts_ptr, L, offset, stride, cols, chunk, BLOCK_L)
+    mine = (s0 <= s) & (s < s1)  # one lane, or none
+    r0 = tl.sum(tl.where(mine, j0 + (s - s0) * chunk, 0), axis=0)
+    r1 = tl.minimum(r0 + chunk, tl.sum(tl.where(mine, j1, 0), axis=0))
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     count = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for jb in range(j0, j1, BLOCK_R):
+    for jb in range(r0, r1, BLOCK_R):
         j = jb + tl.arange(0, BLOCK_R)
-        m = j < j1
-        p = tl.load(p_ptr + offset + j.to(tl.int64) * stride, mask=m, other=0.0).to(tl.float32)
+        m = j < r1
+        p = tl.load(p_ptr + offset + j * stride, mask=m, other=0.0).to(tl.float32)
         w, cw = _row_weights(p, UNIFORM)
-        x = tl.load(out_ptr + j.to(tl.int64)[:, None] * ld + h[None, :], mask=m[:, None] & (h[None, :] < H),
-                    other=0.0).to(tl.float32)  # fmt: skip
-        acc += tl.sum(x * w[:, None], axis=0)
+        x = tl.load(out_ptr + j[:, None] * ld + h[None, :], mask=m[:, None] & (h[None, :] < H), other=0.0)
+        acc += tl.sum(x.to(tl.float32) * w[:, None], axis=0)
         if COUNT_ROWS:
             count += tl.where(m, cw, 0.0)
-    row = stats_ptr + e.to(tl.int64) * (H + 1)
-    tl.store(row + h, acc, mask=h < H)
-    if hb == 0:
-        tl.store(row + H, tl.sum(count, axis=0))
+    used = tl.sum(mine.to(tl.int32), axis=0) > 0
+    row = part_ptr + s.to(tl.int64) * (H + 1)
+    tl.store(row + h, acc, mask=(h < H) & used)
+    tl.store(row + H, tl.sum(count, axis=0), mask=used & (hb == 0))
+
+
+@triton.jit
+def _stats_reduce_kernel(part_ptr, counts_ptr, stats_ptr, H, offset, stride, cols, L, chunk, first, E,
+                         BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    """Stage 2, program (local expert ``l``, columns ``h`` of ``H+1``): its segments' partial rows
+    summed in order (deterministic) into row ``first + l``; it also zeroes the non-local rows
+    ``k = l, l + L, ...`` of the ``E - L``."""
+    l, hb = tl.program_id(0), tl.program_id(1)
+    _, _, s0, s1 = _segments(counts_ptr, L, offset, stride, cols, chunk, BLOCK_L)
+    lane = tl.arange(0, BLOCK_L)
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = h < H + 1
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for s in range(tl.sum(tl.where(lane == l, s0, 0), axis=0), tl.sum(tl.where(lane == l, s1, 0), axis=0)):
+        acc += tl.load(part_ptr + s * (H + 1) + h, mask=m, other=0.0)
+    tl.store(stats_ptr + (first + l).to(tl.int64) * (H + 1) + h, acc, mask=m)
+    for k in range(l, E - L, L):
+        e = tl.where(k < first, k, k + L)
+        tl.store(stats_ptr + e.to(tl.int64) * (H + 1) + h, tl.zeros([BLOCK_H], dtype=tl.float32), mask=m)
 
 
 @triton.jit
@@ -84,26 +112,6 @@ def _ema_kernel(defaults_ptr, stats_ptr, snapshot_ptr, updated_ptr, skips_ptr, H
     tl.store(updated_ptr + e, ok)
     skipped = (count > 0.0) & (finite == 0)
     tl.store(skips_ptr + e, tl.load(skips_ptr + e) + skipped.to(tl.int64))
-
-
-def expert_stats(out_CH, p_R, counts_L, offset, stride, first, num_experts, uniform, count_rows):
-    H = out_CH.shape[1]
-    if out_CH.stride(1) != 1:
-        out_CH = out_CH.contiguous()
-    stats = torch.empty(num_experts, H + 1, dtype=torch.float32, device=out_CH.device)
-    grid = (num_experts, triton.cdiv(H, STATS_BLOCK_H))
-    _expert_stats_kernel[grid](out_CH, out_CH.stride(0), out_CH.shape[0], p_R, counts_L, stats, H, offset, stride, first,
-                               counts_L.numel(), UNIFORM=uniform, COUNT_ROWS=count_rows,
-                               BLOCK_H=STATS_BLOCK_H, BLOCK_R=STATS_BLOCK_R)  # fmt: skip
-    return stats
-
-
-def ema_update_(defaults_EH, stats_EH1, beta, skips_E, snapshot_dtype):
-    E, H = defaults_EH.shape
-    snapshot = torch.empty(E, H, dtype=snapshot_dtype, device=defaults_EH.device)
-    updated = torch.empty(E, dtype=torch.bool, device=defaults_EH.device)
-    _ema_kernel[(E,)](defaults_EH, stats_EH1, snapshot, updated, skips_E, H, 1.0 - beta, BLOCK_H=BLOCK_H)
-    return snapshot, updated
 
 
 @triton.jit
@@ -166,30 +174,3 @@ def _weights_bwd_kernel(g_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E, scale
     if HAS_BASE:  # Megatron's own logits gradient, added in this pass
         dz += tl.load(base_ptr + idx, mask=m, other=0.0).to(tl.float32)
     tl.store(dz_ptr + idx, dz.to(dz_ptr.dtype.element_ty), mask=m)
-
-
-SCORES = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
-
-
-def default_weights(logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps,
-                    dtype=None):  # fmt: skip
-    T, E = logits_TE.shape
-    w = torch.empty(T, E, dtype=dtype or torch.float32, device=logits_TE.device)
-    if T:
-        _weights_fwd_kernel[(T,)](logits_TE.contiguous(), probs_TE.contiguous(), selected_TE.contiguous(), w, E,
-                                  scale, eps, SCORE=SCORES[score_function], RENORM=renormalise, ALL=all_experts,
-                                  BLOCK_E=triton.next_power_of_2(E))  # fmt: skip
-    return w
-
-
-def default_weights_backward(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts,
-                             scale, eps, base_TE=None):  # fmt: skip
-    T, E = logits_TE.shape
-    dz = torch.empty(T, E, dtype=logits_TE.dtype, device=logits_TE.device)
-    base = dz if base_TE is None else base_TE.contiguous()
-    if T:
-        _weights_bwd_kernel[(T,)](grad_TE.contiguous(), logits_TE.contiguous(), probs_TE.contiguous(),
-                                  selected_TE.contiguous(), base, dz, E, scale, eps, SCORE=SCORES[score_function],
-                                  RENORM=renormalise, ALL=all_experts, HAS_BASE=base_TE is not None,
-                                  BLOCK_E=triton.next_power_of_2(E))  # fmt: skip
-    return dz

@@ -50,21 +50,47 @@ def test_sampled_statistics_match_fp64(weighting, stride, offset):
     assert got[[0, 1, 6, 7]].abs().sum() == 0  # not local: zero
 
 
+class _StatsRows(OpNames):
+    """Also records how many rows each ``expert_stats`` call was handed."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "expert_stats":
+            self.rows = args[0].shape[0]
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 def test_device_counts_rows_past_the_counts_are_ignored():
+    """Counts as a tensor on the rows' device (a dispatcher's device-side ``tokens_per_expert``):
+    never read on the host, so the op is handed every row, the 7 past the counts included (garbage,
+    NaN and Inf among them), and must not count them."""
     counts = [5, 9, 4]
     out, p = _rows(counts, extra=7)
-    got = expert_output_stats_EH1(out, p, torch.tensor(counts).to(torch.int32).clone().requires_grad_(False), 0, 3,
-                                  row_stride=2, row_offset=1)  # fmt: skip
+    out[-7:-4], out[-4:-2], out[-2:] = 1e4, float("nan"), float("inf")
+    p[-7:] = 0.5
+    on_device = torch.tensor(counts, dtype=torch.int32, device=out.device)
+    with _StatsRows() as mode:
+        got = expert_output_stats_EH1(out, p, on_device, 0, 3, row_stride=2, row_offset=1)
+    assert mode.rows == len(range(1, out.shape[0], 2))  # nothing sliced on the host
     ref = _fp64_reference(out, p, counts, 0, 3, True, 2, 1)
     torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-3)
 
 
 def test_stride_one_equals_all_rows():
+    """Stride 1 (the default, and given) is every row: against per-expert fp64 sums of each
+    expert's rows, written without any row sampling."""
     counts = [11, 6, 17]
     out, p = _rows(counts)
-    a = expert_output_stats_EH1(out, p, counts, 0, 3)
-    b = expert_output_stats_EH1(out, p, counts, 0, 3, row_stride=1, row_offset=0)
-    assert torch.equal(a, b)
+    ref = torch.zeros(3, out.shape[1] + 1, dtype=torch.float64)
+    start = 0
+    for e, c in enumerate(counts):
+        o, q = out[start : start + c].double(), p[start : start + c].double()
+        keep = q != 0
+        ref[e, :-1] = (o[keep] / q[keep, None]).sum(0)
+        ref[e, -1] = keep.sum()
+        start += c
+    for sampling in ({}, dict(row_stride=1, row_offset=0)):
+        got = expert_output_stats_EH1(out, p, counts, 0, 3, **sampling)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="row_offset < row_stride"):
         expert_output_stats_EH1(out, p, counts, 0, 3, row_stride=2, row_offset=2)
 
@@ -117,9 +143,18 @@ def test_fused_ops_are_single_opaque_ops():
 TRITON_CHECK = textwrap.dedent(
     """
     import torch
-    from megatron_default_moe import fused, triton_kernels as K
+    from megatron_default_moe import fused, triton_launch as K
     torch.manual_seed(0)
     checked = 0
+
+    def exact_stats(sampled, p, counts, offset, stride, uniform):
+        # fp64 per local expert (one more row: past the counts) of the very same sampled rows
+        rows_C = torch.arange(sampled.shape[0]) * stride + offset
+        ids = torch.searchsorted(counts.cumsum(0), rows_C, right=True)
+        p64 = p[rows_C].double()
+        w = torch.where(p64 == 0, 0.0, 1 / p64 if uniform else p64 / p64)
+        return torch.zeros(len(counts) + 1, sampled.shape[1], dtype=torch.float64).index_add_(
+            0, ids, sampled.double() * w[:, None])
     for uniform in (True, False):
         for stride, offset in ((1, 0), (3, 1), (8, 7)):
             counts = torch.tensor([9, 0, 300, 41, 77])
@@ -137,11 +172,7 @@ TRITON_CHECK = textwrap.dedent(
                         got = K.expert_stats(sampled, *args)
                         assert got.shape == (11, 601) and got.dtype == torch.float32
                         # fp64 of the same rows: the kernel weights in fp32, the reference by hi + lo
-                        rows_C = torch.arange(sampled.shape[0]) * stride + offset
-                        ids = torch.searchsorted(counts.cumsum(0), rows_C, right=True)
-                        p64 = p[rows_C].double()
-                        w = torch.where(p64 == 0, 0.0, 1 / p64 if uniform else p64 / p64)
-                        exact = torch.zeros(6, 600, dtype=torch.float64).index_add_(0, ids, sampled.double() * w[:, None])
+                        exact = exact_stats(sampled, p, counts, offset, stride, uniform)
                         scale = exact[:5].nan_to_num().abs().max()
                         torch.testing.assert_close(got[3:8, :600].double(), exact[:5], rtol=1e-6, atol=1e-6 * scale,
                                                    equal_nan=True)  # fmt: skip
@@ -158,6 +189,55 @@ TRITON_CHECK = textwrap.dedent(
     for kernel in (K.expert_stats, fused.expert_stats):
         got = kernel(out, p, counts, 0, 1, 3, 11, True, True)
         assert torch.isfinite(got[[3, 4, 6, 7]]).all() and not torch.isfinite(got[5, :600]).all(), kernel
+    checked += 1
+    # a hot expert (most rows: many chunks), one local expert, every expert local; run to run equal
+    for counts, first, E in (([3, 2500, 0, 40], 1, 6), ([1800], 0, 1), ([700, 5, 900], 0, 3)):
+        counts = torch.tensor(counts)
+        rows = int(counts.sum()) + 5
+        out, p = torch.randn(rows, 136).bfloat16(), torch.rand(rows) * 0.9 + 0.05
+        p[::5] = 0.0
+        for stride, offset in ((1, 0), (2, 1)):
+            sampled = out[offset::stride]
+            assert int(counts.max()) // stride > 5 * K.stats_chunk(sampled.shape[0], 136)  # many chunks
+            got = K.expert_stats(sampled, p, counts, offset, stride, first, E, True, True)
+            assert torch.equal(got, K.expert_stats(sampled, p, counts, offset, stride, first, E, True, True))
+            exact = exact_stats(sampled, p, counts, offset, stride, True)
+            local = got[first : first + len(counts)]
+            torch.testing.assert_close(local[:, :136].double(), exact[:-1], rtol=1e-6, atol=1e-6 * exact.abs().max())
+            want = torch.zeros(len(counts) + 1).index_add_(
+                0, torch.searchsorted(counts.cumsum(0), torch.arange(sampled.shape[0]) * stride + offset, right=True),
+                (p[offset::stride][: sampled.shape[0]] != 0).float())
+            assert torch.equal(local[:, 136], want[:-1])
+            assert not got[:first].any() and not got[first + len(counts):].any()
+            checked += 1
+    # layouts: a non-contiguous in-place buffer is refused; read-only inputs may be any layout
+    stats, d = torch.randn(6, 9), torch.randn(6, 16)[:, :8]
+    try:
+        K.ema_update_(d, stats, 0.9, torch.zeros(6, dtype=torch.long), torch.float32)
+        raise AssertionError("a non-contiguous defaults_EH was accepted")
+    except K.LayoutError as err:
+        assert "defaults_EH" in str(err), err
+    try:
+        K.ema_update_(d.contiguous(), stats, 0.9, torch.zeros(12, dtype=torch.long)[::2], torch.float32)
+        raise AssertionError("a non-contiguous skips_E was accepted")
+    except K.LayoutError as err:
+        assert "skips_E" in str(err), err
+    d_ref, d_got = d.contiguous(), d.contiguous()
+    fused.ema_update(d_ref, stats, 0.9, torch.zeros(6, dtype=torch.long), torch.float32)
+    K.ema_update_(d_got, stats.t().contiguous().t(), 0.9, torch.zeros(6, dtype=torch.long), torch.float32)
+    torch.testing.assert_close(d_got, d_ref, rtol=2e-7, atol=1e-7)
+    counts, out = torch.tensor([30, 20]), torch.randn(50, 40)
+    p = (torch.rand(100) + 0.1)[::2]  # strided probs
+    got = K.expert_stats(out.t().contiguous().t(), p, counts.int()[:, None].expand(2, 2)[:, 0], 0, 1, 0, 2, True, True)
+    torch.testing.assert_close(got, fused.expert_stats(out, p.contiguous(), counts, 0, 1, 0, 2, True, True),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    z, g = torch.randn(8, 6).t(), torch.randn(8, 6).t()  # non-contiguous logits and gradient
+    sel = torch.zeros(6, 8, dtype=torch.bool)
+    sel[:, 0] = True
+    opts = ("softmax", True, False, 1.0, 0.0)
+    torch.testing.assert_close(K.default_weights(z, sel, sel, *opts), fused.default_weights(z, sel, sel, *opts))
+    torch.testing.assert_close(K.default_weights_backward(g, z, sel, sel, *opts, g),
+                               fused.default_weights_backward(g, z, sel, sel, *opts, g))  # fmt: skip
     checked += 1
     for beta in (0.9, 0.3):
         stats = torch.randn(6, 700)
@@ -218,7 +298,7 @@ def test_triton_kernels_match_references_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "CHECKED 69" in proc.stdout
+    assert "CHECKED 76" in proc.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused ops' Triton kernels on a GPU")
@@ -268,3 +348,106 @@ def test_cuda_ops_match_their_references():
         ref = fused.default_weights_reference(z, probs, sel, *opts, torch.bfloat16)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=1e-7)
+
+
+def test_a_failing_kernel_falls_back_to_its_reference_once_warned(monkeypatch):
+    """A Triton kernel that cannot compile or launch here: the op runs its reference, one warning
+    names the op and the error, the kernel is not tried again; layout errors are not hidden."""
+    import warnings
+
+    from megatron_default_moe import fallback
+
+    monkeypatch.setattr(fallback, "FAILED", {})
+    monkeypatch.delenv(fallback.ENV, raising=False)
+    tried = []
+
+    def broken(*args):
+        tried.append(1)
+        raise RuntimeError("ptxas fatal: Value 'sm_999' is not defined for option 'gpu-name'")
+
+    op = fallback.guarded("expert_stats", broken, fused.expert_stats_reference, (ValueError,))
+    out, p = _rows([5, 9])
+    args = (out, p, torch.tensor([5, 9]), 0, 1, 0, 2, True, True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        first, second = op(*args), op(*args)
+    assert len(seen) == 1 and tried == [1], [str(w.message) for w in seen]
+    assert "expert_stats" in str(seen[0].message) and "sm_999" in str(seen[0].message)
+    want = fused.expert_stats_reference(*args)
+    assert torch.equal(first, want) and torch.equal(second, want)
+
+    def misused(*args):
+        raise ValueError("defaults_EH must be contiguous")
+
+    with pytest.raises(ValueError, match="contiguous"):
+        fallback.guarded("ema_update", misused, fused.ema_update_reference, (ValueError,))(*args)
+
+
+def test_environment_variable_forces_the_reference(monkeypatch):
+    from megatron_default_moe import fallback
+
+    monkeypatch.setattr(fallback, "FAILED", {})
+    ran = []
+    op = fallback.guarded("default_weights", lambda *a: ran.append("kernel") or "kernel", lambda *a: "reference")
+    monkeypatch.setenv(fallback.ENV, "0")
+    assert op(1) == "reference" and ran == []
+    monkeypatch.setenv(fallback.ENV, "1")
+    assert op(1) == "kernel" and ran == ["kernel"]
+
+
+REGISTERED_CHECK = textwrap.dedent(
+    """
+    import os, warnings
+    import torch
+    import triton
+    import triton.language as tl
+    from megatron_default_moe import fallback, fused, triton_kernels, triton_launch
+    # the ops as CUDA registers them, here on the CPU (the kernels run in the interpreter)
+    assert fallback.register(fused.OPS, device="cpu")
+    launched = []
+    run = triton_launch.run
+    triton_launch.run = lambda launches: (launched.append(len(launches)), run(launches))[1]
+    counts, out, p = torch.tensor([40, 3, 70]), torch.randn(120, 48), torch.rand(120) + 0.1
+    args = (out[1::2], p, counts, 1, 2, 2, 6, True, True)
+    want = fused.expert_stats_reference(*args)
+    torch.testing.assert_close(fused.expert_stats(*args), want, rtol=1e-5, atol=1e-5)
+    assert launched == [2], launched
+    os.environ[fallback.ENV] = "0"
+    assert torch.equal(fused.expert_stats(*args), want) and launched == [2]
+    del os.environ[fallback.ENV]
+
+    @triton.jit
+    def _stats_reduce_kernel(part_ptr, counts_ptr, stats_ptr, H, offset, stride, cols, L, chunk, first, E,
+                             BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr):
+        tl.store(stats_ptr + tl.arange(0, BLOCK_H), tl.load(part_ptr + tl.arange(0, BLOCK_H + 1)))  # shapes differ
+
+    triton_kernels._stats_reduce_kernel = _stats_reduce_kernel  # a kernel that does not compile
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = [fused.expert_stats(*args) for _ in range(3)]
+    assert all(torch.equal(g, want) for g in got)
+    ours = [str(w.message) for w in seen if str(w.message).startswith("Default MoE")]  # not numpy's 0/0
+    assert len(ours) == 1 and "kernel of expert_stats failed" in ours[0] and "power of 2" in ours[0], ours
+    assert launched == [2, 2], launched  # tried once, then the reference only
+    d, stats = torch.randn(6, 8), torch.randn(6, 9)
+    fused.ema_update(d, stats, 0.9, torch.zeros(6, dtype=torch.long), torch.float32)  # still the kernel
+    assert launched == [2, 2, 1], launched
+    try:
+        fused.ema_update(torch.randn(6, 16)[:, :8], stats, 0.9, torch.zeros(6, dtype=torch.long), torch.float32)
+        raise AssertionError("a non-contiguous in-place buffer was accepted")
+    except triton_launch.LayoutError:
+        pass
+    print("REGISTERED OK")
+    """
+)
+
+
+def test_registered_ops_fall_back_per_op_in_the_interpreter():
+    """The registration CUDA gets, run on the CPU under ``TRITON_INTERPRET=1``: the kernels run,
+    ``DEFAULT_MOE_TRITON=0`` skips them, a kernel that fails falls back (one warning, that op only)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("DEFAULT_MOE_TRITON", None)
+    proc = subprocess.run([sys.executable, "-c", REGISTERED_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "REGISTERED OK" in proc.stdout

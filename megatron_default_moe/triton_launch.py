@@ -1,0 +1,135 @@
+"""Launches of the Triton kernels (``triton_kernels.py``): each op's launcher builds its
+``Launch``es in one function, which ``tests/test_triton_aot.py`` compiles for every GPU target, so
+the compiled signatures are the launched ones.
+
+The kernels assume row-major rows (row stride ``H``, ``H + 1``, column stride 1): read-only inputs
+are made contiguous here (a no-op for Megatron's tensors), a buffer the op writes in place must
+already be (``LayoutError`` otherwise: a copy would leave the caller's buffer unchanged).
+"""
+
+from typing import NamedTuple
+
+import torch
+import triton
+
+from megatron_default_moe import triton_kernels as K
+
+BLOCK_H = 512  # 1-D passes over a row of H
+STATS_BLOCK_R, STATS_BLOCK_H = 32, 128  # expert_stats stage 1: a [rows, H] tile per step
+STATS_REDUCE_BLOCK_H = 32  # stage 2: columns per program (a hot expert's segments over many programs)
+STATS_PROGRAMS = 1024  # stage 1's target grid: ~8 waves of 132 SMs, whatever the shape
+STATS_MIN_CHUNK = 64  # rows per program at least: stage 2 reads 1 fp32 row per chunk of rows
+SCORES = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
+
+
+class LayoutError(ValueError):
+    """An in-place buffer not laid out as the kernel writes it."""
+
+
+class Launch(NamedTuple):
+    kernel: object
+    grid: tuple
+    args: tuple
+    constexprs: dict
+
+
+def run(launches):
+    for k in launches:
+        k.kernel[k.grid](*k.args, **k.constexprs)
+
+
+def _in_place(name, t):
+    if not t.is_contiguous():
+        raise LayoutError(f"Default MoE: {name} is written in place by a Triton kernel and must be contiguous, "
+                          f"got shape {tuple(t.shape)} strides {t.stride()}")  # fmt: skip
+    return t
+
+
+def stats_chunk(cols: int, hidden: int) -> int:
+    """Sampled rows per stage-1 program: a power of two (>= ``STATS_MIN_CHUNK``) giving about
+    ``STATS_PROGRAMS`` programs over ``cols`` rows and ``H / STATS_BLOCK_H`` column blocks."""
+    want = triton.cdiv(cols * triton.cdiv(hidden, STATS_BLOCK_H), STATS_PROGRAMS)
+    return max(STATS_MIN_CHUNK, triton.next_power_of_2(want))
+
+
+def expert_stats_launches(out_CH, p_R, counts_L, offset, stride, first, num_experts, uniform, count_rows):
+    """``(stats_EH1, launches)``. Stage 1: each expert's sampled rows split in ``chunk``-row
+    segments, one program per (segment, column block); the grid is the host-known bound
+    ``cdiv(C, chunk) + L`` (no sync), each program finds its expert from the device-side counts.
+    Stage 2: per (local expert, column block) its segments summed in a fixed order."""
+    cols, H = out_CH.shape
+    L = counts_L.numel()
+    if out_CH.stride(1) != 1:
+        out_CH = out_CH.contiguous()
+    p_R, counts_L = p_R.contiguous(), counts_L.to(torch.long).contiguous()
+    dev = out_CH.device
+    if L == 0:
+        return torch.zeros(num_experts, H + 1, dtype=torch.float32, device=dev), []
+    chunk = stats_chunk(cols, H)
+    segments = triton.cdiv(cols, chunk) + L  # Σ_l ceil(n_l / chunk) <= C / chunk + L
+    stats = torch.empty(num_experts, H + 1, dtype=torch.float32, device=dev)
+    part = torch.empty(segments, H + 1, dtype=torch.float32, device=dev)
+    block_l = max(2, triton.next_power_of_2(L))
+    partial = Launch(K._stats_partial_kernel, (segments, triton.cdiv(H, STATS_BLOCK_H)),
+                     (out_CH, out_CH.stride(0), p_R, counts_L, part, H, offset, stride, cols, L, chunk),
+                     dict(UNIFORM=uniform, COUNT_ROWS=count_rows, BLOCK_L=block_l, BLOCK_H=STATS_BLOCK_H,
+                          BLOCK_R=STATS_BLOCK_R))  # fmt: skip
+    reduce = Launch(K._stats_reduce_kernel, (L, triton.cdiv(H + 1, STATS_REDUCE_BLOCK_H)),
+                    (part, counts_L, stats, H, offset, stride, cols, L, chunk, first, num_experts),
+                    dict(BLOCK_L=block_l, BLOCK_H=STATS_REDUCE_BLOCK_H))  # fmt: skip
+    return stats, [partial, reduce]
+
+
+def ema_update_launches(defaults_EH, stats_EH1, beta, skips_E, snapshot_dtype):
+    E, H = defaults_EH.shape
+    _in_place("defaults_EH", defaults_EH)
+    _in_place("skips_E", skips_E)
+    snapshot = torch.empty(E, H, dtype=snapshot_dtype, device=defaults_EH.device)
+    updated = torch.empty(E, dtype=torch.bool, device=defaults_EH.device)
+    args = (defaults_EH, stats_EH1.contiguous(), snapshot, updated, skips_E, H, 1.0 - beta)
+    return (snapshot, updated), [Launch(K._ema_kernel, (E,), args, dict(BLOCK_H=BLOCK_H))]
+
+
+def default_weights_launches(logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps,
+                             dtype=None):  # fmt: skip
+    T, E = logits_TE.shape
+    w = torch.empty(T, E, dtype=dtype or torch.float32, device=logits_TE.device)
+    args = (logits_TE.contiguous(), probs_TE.contiguous(), selected_TE.contiguous(), w, E, scale, eps)
+    flags = dict(SCORE=SCORES[score_function], RENORM=renormalise, ALL=all_experts, BLOCK_E=triton.next_power_of_2(E))
+    return w, [Launch(K._weights_fwd_kernel, (T,), args, flags)] if T else []
+
+
+def default_weights_backward_launches(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise,
+                                      all_experts, scale, eps, base_TE=None):  # fmt: skip
+    T, E = logits_TE.shape
+    dz = torch.empty(T, E, dtype=logits_TE.dtype, device=logits_TE.device)
+    base = dz if base_TE is None else base_TE.contiguous()
+    args = (grad_TE.contiguous(), logits_TE.contiguous(), probs_TE.contiguous(), selected_TE.contiguous(), base, dz,
+            E, scale, eps)  # fmt: skip
+    flags = dict(SCORE=SCORES[score_function], RENORM=renormalise, ALL=all_experts, HAS_BASE=base_TE is not None,
+                 BLOCK_E=triton.next_power_of_2(E))  # fmt: skip
+    return dz, [Launch(K._weights_bwd_kernel, (T,), args, flags)] if T else []
+
+
+LAUNCHES = dict(expert_stats=expert_stats_launches, ema_update=ema_update_launches,
+                default_weights=default_weights_launches,
+                default_weights_backward=default_weights_backward_launches)  # fmt: skip
+
+
+def launcher(op: str):
+    """The op's CUDA kernel: its launches run, its outputs returned."""
+    build = LAUNCHES[op]
+
+    def launch(*args, **kwargs):
+        outputs, launches = build(*args, **kwargs)
+        run(launches)
+        return outputs
+
+    launch.__name__ = op
+    return launch
+
+
+expert_stats = launcher("expert_stats")
+ema_update_ = launcher("ema_update")
+default_weights = launcher("default_weights")
+default_weights_backward = launcher("default_weights_backward")

@@ -1,9 +1,9 @@
 """One Megatron-Bridge round trip on CPU (gloo, world size 1), run as its own process.
 
-``python tests/bridge/hf_flow.py {qwen3_moe,deepseek_v3} OUT_DIR`` makes a tiny HF checkpoint
-locally (transformers config, random weights: no download), converts it with the real
-``AutoBridge`` into Default MoE layers and checks what ``tests/test_bridge.py`` asserts; writes
-``OUT_DIR/result.json``. Saving starts a spawned writer process (torch_dist), hence the
+``python tests/bridge/hf_flow.py OUT_DIR`` makes a tiny Qwen3-MoE HF checkpoint locally
+(transformers config, random weights: no download), converts it with the real ``AutoBridge``
+into Default MoE layers and records what ``tests/test_bridge.py`` asserts in
+``OUT_DIR/result.json`` (then ``api_checks.py`` in the same process: ``api_checks.json``). Saving starts a spawned writer process (torch_dist), hence the
 ``__main__`` guard. Transformer Engine is absent here: ``megatron_default_moe.bridge.cpu``
 stands in for the one unconditional TE import on Bridge's import path (LoRA layers), only while
 that module executes; nothing of Megatron or Bridge is replaced.
@@ -32,36 +32,23 @@ class Said(logging.Handler):
             self.lines.append(record.getMessage())
 
 
-def tiny_hf_config(kind):
-    if kind == "qwen3_moe":
-        from transformers import Qwen3MoeConfig
+def tiny_hf_config():
+    from transformers import Qwen3MoeConfig
 
-        return Qwen3MoeConfig(
-            vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=64,
-            tie_word_embeddings=False, architectures=["Qwen3MoeForCausalLM"],
-        )  # fmt: skip
-    from transformers import DeepseekV3Config
-
-    return DeepseekV3Config(
+    return Qwen3MoeConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-        routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=16, q_lora_rank=24,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
-        tie_word_embeddings=False, architectures=["DeepseekV3ForCausalLM"],
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=64,
+        tie_word_embeddings=False, architectures=["Qwen3MoeForCausalLM"],
     )  # fmt: skip
 
 
-def make_hf_checkpoint(kind, path):
+def make_hf_checkpoint(path):
+    """A tiny Qwen3-MoE (Qwen3-30B-A3B's architecture) with random weights, saved like a hub one."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_hf_config(kind), dtype=torch.float32)
-    if kind == "deepseek_v3":  # a non-zero expert bias, so the selection really uses it
-        for layer in model.model.layers[1:]:
-            layer.mlp.gate.e_score_correction_bias.data.normal_(0, 0.1)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(), dtype=torch.float32)
     model.save_pretrained(path)
     return model.eval()
 
@@ -157,7 +144,7 @@ def vectors(model):
     return [layer.default_vectors.clone() for layer in default_moe_layers(model)]
 
 
-def main(kind, out_dir):
+def main(out_dir):
     from megatron_default_moe.testing import cpu
 
     cpu.init_parallel(seed=1234)
@@ -173,9 +160,9 @@ def main(kind, out_dir):
 
     said = Said()
     logging.getLogger("megatron_default_moe").addHandler(said)
-    r = {"kind": kind}
+    r = {}
     hf_dir = os.path.join(out_dir, "hf")
-    hf_model = make_hf_checkpoint(kind, hf_dir)
+    hf_model = make_hf_checkpoint(hf_dir)
     tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
 
     # HF -> Megatron, Default MoE
@@ -257,4 +244,7 @@ def main(kind, out_dir):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])
+    import api_checks  # beside this script: the config-only checks, in this process
+
+    api_checks.main(sys.argv[1])

@@ -37,10 +37,10 @@ def test_default_vector_stats():
 
 
 # -- Megatron layers --------------------------------------------------------------------------------
-def _reference_router_grad(layer, x_SBH, g_SBH, variant):
-    """``d/dW`` of ``Σ g·y`` with ``y`` rebuilt by hand from the layer's experts (no Megatron routing)."""
-    x_TH = x_SBH.reshape(-1, x_SBH.shape[-1])
-    W = layer.router.weight.detach().clone().requires_grad_(True)
+def _hand_output(layer, x_TH, W, variant):
+    """``y`` of one layer rebuilt by hand from its experts (no Megatron routing): ``topk``
+    (``π`` on the top-k of the full softmax), ``default`` (plus ``π`` on the others times ``Ê``)
+    or ``dense`` (``π`` on every expert)."""
     pi_TE = torch.softmax(x_TH @ W.T, dim=-1)
     k = layer.config.moe_router_topk
     selected_TE = torch.zeros_like(pi_TE, dtype=torch.bool).scatter(1, pi_TE.topk(k, dim=-1).indices, True)
@@ -48,13 +48,24 @@ def _reference_router_grad(layer, x_SBH, g_SBH, variant):
         ones_T = torch.ones(x_TH.shape[0])
         o_TEH = torch.stack([expert(x_TH, ones_T)[0] for expert in layer.experts.local_experts], dim=1)
     if variant == "dense":
-        y_TH = (pi_TE.unsqueeze(-1) * o_TEH).sum(1)
-    else:
-        y_TH = (pi_TE * selected_TE).unsqueeze(-1).mul(o_TEH).sum(1)
-        if variant == "default":
-            y_TH = y_TH + (pi_TE * ~selected_TE) @ layer.default_vectors
+        return (pi_TE.unsqueeze(-1) * o_TEH).sum(1)
+    y_TH = (pi_TE * selected_TE).unsqueeze(-1).mul(o_TEH).sum(1)
+    if variant == "default":
+        y_TH = y_TH + (pi_TE * ~selected_TE) @ layer.default_vectors
+    return y_TH
+
+
+def _reference_router_grad(layer, x_SBH, g_SBH, variant):
+    """``d/dW`` of ``Σ g·y`` with ``y`` from ``_hand_output``."""
+    x_TH = x_SBH.reshape(-1, x_SBH.shape[-1])
+    W = layer.router.weight.detach().clone().requires_grad_(True)
+    y_TH = _hand_output(layer, x_TH, W, variant)
     (grad,) = torch.autograd.grad((y_TH * g_SBH.reshape(y_TH.shape)).sum(), [W])
     return grad
+
+
+def _cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.reshape(-1).double(), b.reshape(-1).double(), dim=0))
 
 
 def _loss_fn(x, g):
@@ -161,10 +172,28 @@ def test_layers_are_measured_in_isolation(megatron_cpu):
     torch.testing.assert_close(got[1], _reference_router_grad(model.second, h, g, "dense"), rtol=1e-4, atol=1e-5)
     assert config.moe_router_topk == 1 and model.second.token_dispatcher.config is config
 
+    # The second layer's cosines against the hand-built reference: isolated, the first layer runs
+    # as built (input h); not isolated, every layer runs in the variant, so the second one sees the
+    # first's TopK (x + y_topk) or dense (x + y_dense) output.
+    W1 = model.first.router.weight.detach()
+    with torch.no_grad():
+        h_by = {v: x + _hand_output(model.first, x.reshape(-1, 16), W1, v).reshape(x.shape) for v in ("topk", "dense")}
+
+    def ref(h, variant):
+        return _reference_router_grad(model.second, h, g, variant)
+
+    want = {
+        True: {"topk": _cos(ref(h, "topk"), ref(h, "dense")), "default": _cos(ref(h, "default"), ref(h, "dense"))},
+        False: {"topk": _cos(ref(h_by["topk"], "topk"), ref(h_by["dense"], "dense")),
+                "default": _cos(ref(h, "default"), ref(h_by["dense"], "dense"))},
+    }  # fmt: skip
     for isolate in (True, False):
         cos = router_gradient_cosines(model, _loss_fn(x, g), isolate_layers=isolate)
         assert sorted(cos) == [0, 1]
-        assert all(-1 <= c["topk"] <= 1 and -1 <= c["default"] <= 1 for c in cos.values())
+        assert cos[1]["topk"] == pytest.approx(want[isolate]["topk"], abs=1e-5)
+        assert cos[1]["default"] == pytest.approx(want[isolate]["default"], abs=1e-5)
+    # the two modes differ here by more than the tolerance above, so each assert tells them apart
+    assert max(abs(want[True][k] - want[False][k]) for k in ("topk", "default")) > 1e-4
 
 
 def test_stock_layer_reports_no_default(megatron_cpu):
@@ -172,7 +201,9 @@ def test_stock_layer_reports_no_default(megatron_cpu):
     stock, _ = build_layers(config, seed=5)
     x, g = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
     cos = router_gradient_cosines(stock, _loss_fn(x, g))
-    assert cos[0]["default"] is None and -1.0 <= cos[0]["topk"] <= 1.0
+    want = _cos(_reference_router_grad(stock, x, g, "topk"), _reference_router_grad(stock, x, g, "dense"))
+    assert cos[0]["default"] is None and cos[0]["extra_ratio"] is None
+    assert cos[0]["topk"] == pytest.approx(want, abs=1e-5) and abs(want) < 0.999
 
 
 def test_plot_writes_png(tmp_path):

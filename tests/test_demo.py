@@ -35,8 +35,16 @@ def test_demo_smoke(tmp_path):
     assert len(results["train_loss"]["TopK"]) == 4
     layers = results["default_vectors"]
     assert layers and all(layer["nonzero"] > 0 for layer in layers)  # the EMA ran on both ranks' stats
-    cos = results["router_grad_cosines"]["Default MoE"]["4"]
-    assert all(-1 <= c["topk"] <= 1 and -1 <= c["default"] <= 1 for c in cos.values())
+    cos = results["router_grad_cosines"]
+    # step 0: both models are the same model (same weights, Default MoE's vectors zero), so TopK
+    # routing measures the same in both, and Default MoE's own gradient is its TopK one
+    for layer, dm in cos["Default MoE"]["0"].items():
+        assert dm["topk"] == pytest.approx(cos["TopK"]["0"][layer]["topk"], abs=1e-6)
+        assert dm["default"] == pytest.approx(dm["topk"], abs=1e-6) and dm["extra_ratio"] == 0.0
+    # step 4: the vectors are filled in, and the default term changes every layer's router gradient
+    for layer, dm in cos["Default MoE"]["4"].items():
+        assert dm["extra_ratio"] > 0 and abs(dm["default"] - dm["topk"]) > 1e-6, (layer, dm)
+    assert all(c["default"] is None for step in cos["TopK"].values() for c in step.values())
 
 
 @pytest.mark.distributed

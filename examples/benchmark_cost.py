@@ -39,7 +39,11 @@ A CPU cannot time what a GPU pays: there the expert matmuls dwarf every extra me
    handed the rows grouped into ``E / EP`` experts (``count_as_ep_rank``), so their weight matrix
    is the ``[E/EP + 1, 2, rows]`` one such a rank builds.
 6. Roofline per op: ``max(bytes / HBM bandwidth, FLOPs / bf16 dense peak) + launch`` per kernel,
-   on ``--gpu`` figures (printed). Peak memory: live bytes of the storages the step allocated
+   on ``--gpu`` figures (printed). ``default_moe::expert_stats`` instead gets a model of its Triton
+   kernels' parallelism (``stats_kernel_model``): their programs, with the rows each reads at the
+   target (balanced over the local experts, or ``--hot-expert`` of them in one), are dispatched in
+   grid order to the earliest free of the GPU's SMs, each reading at ``1 / SMs`` of the HBM
+   bandwidth; its time is the makespan (waves, a serialised hot expert, too few programs). Peak memory: live bytes of the storages the step allocated
    (activations, saved tensors, gradients), tracked by the same mode, plus the layer's parameters,
    buffers and input, like ``torch.cuda.max_memory_allocated``.
 
@@ -64,10 +68,10 @@ import warnings
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-GPUS = {  # HBM bytes/s, bf16 dense FLOP/s, seconds per kernel launch
-    "h100": dict(name="H100 SXM", hbm_bw=3.35e12, bf16_flops=989e12, launch_s=4e-6),
-    "h200": dict(name="H200 SXM", hbm_bw=4.8e12, bf16_flops=989e12, launch_s=4e-6),
-    "b200": dict(name="B200", hbm_bw=8.0e12, bf16_flops=2250e12, launch_s=4e-6),
+GPUS = {  # HBM bytes/s, bf16 dense FLOP/s, seconds per kernel launch, SMs
+    "h100": dict(name="H100 SXM", hbm_bw=3.35e12, bf16_flops=989e12, launch_s=4e-6, sms=132),
+    "h200": dict(name="H200 SXM", hbm_bw=4.8e12, bf16_flops=989e12, launch_s=4e-6, sms=132),
+    "b200": dict(name="B200", hbm_bw=8.0e12, bf16_flops=2250e12, launch_s=4e-6, sms=148),
 }
 
 # Router settings as the models ship them; ``validate`` may reject some (see ``router_note``).
@@ -494,7 +498,10 @@ def bilinear(v, ts, es, T, E):
 
 
 def op_time(rec, gpu):
-    """Roofline seconds of one fitted key: memory or compute bound, plus a launch per kernel."""
+    """Roofline seconds of one fitted key: memory or compute bound, plus a launch per kernel (a
+    modelled kernel: its makespan instead of the roofline)."""
+    if "kernel_s" in rec:
+        return rec["kernel_s"] + rec["kernels"] * gpu["launch_s"]
     mem = (rec["bytes_read"] + rec["bytes_written"]) / gpu["hbm_bw"]
     return max(mem, rec["flops"] / gpu["bf16_flops"]) + rec["kernels"] * gpu["launch_s"]
 
@@ -540,6 +547,70 @@ def extra_ops(fit_topk, fit_default, gpu):
     return rows
 
 
+def makespan(program_bytes, gpu):
+    """Seconds until the last program ends: programs in grid order, each to the earliest free SM,
+    each SM reading at ``1 / SMs`` of the HBM bandwidth."""
+    import heapq
+
+    share = gpu["hbm_bw"] / gpu["sms"]
+    free = [0.0] * gpu["sms"]
+    for b in program_bytes:
+        heapq.heappush(free, heapq.heappop(free) + b / share)
+    return max(free)
+
+
+def stats_kernel_model(rows_L, hidden, num_experts, gpu, design="chunked", elem=2):
+    """``(seconds, kernels, scratch bytes, programs)`` of ``expert_stats`` on ``gpu`` for sampled rows
+    ``rows_L`` per local expert (``elem``-byte rows, fp32 probs). ``chunked`` (``triton_launch``):
+    stage 1 one program per (``chunk``-row segment, 128-column block) over the host-known bound of
+    segments, stage 2 one per (local expert, 32 columns of ``H+1``) summing its segments' fp32 partial rows
+    and zeroing ``(E - L) / L`` other rows. ``per-expert`` (the earlier kernel): one program per
+    (expert of all ``E``, 128 columns), each over every row of its expert."""
+    from megatron_default_moe.triton_launch import STATS_BLOCK_H, STATS_REDUCE_BLOCK_H, stats_chunk
+
+    blocks = [min(STATS_BLOCK_H, hidden - h) for h in range(0, hidden, STATS_BLOCK_H)]
+    blocks1 = [min(STATS_REDUCE_BLOCK_H, hidden + 1 - h) for h in range(0, hidden + 1, STATS_REDUCE_BLOCK_H)]
+    local, cols = len(rows_L), sum(rows_L)
+    if design == "per-expert":
+        rows_E = list(rows_L) + [0] * (num_experts - local)
+        progs = [n * (b * elem + 4) + b * 4 for b in blocks for n in rows_E]  # blockIdx.x (expert) fastest
+        return makespan(progs, gpu), 1, 0, len(progs)
+    chunk = stats_chunk(cols, hidden)
+    seg_rows = [min(chunk, n - k) for n in rows_L for k in range(0, n, chunk)]
+    bound = -(-cols // chunk) + local
+    stage1 = [(seg_rows[s] * (b * elem + 4) + b * 4 if s < len(seg_rows) else 0) for b in blocks for s in range(bound)]
+    segs_L = [-(-n // chunk) for n in rows_L]
+    others = -(-(num_experts - local) // local)
+    stage2 = [(segs_L[l] + 1 + others) * b * 4 for b in blocks1 for l in range(local)]
+    scratch = 2 * len(seg_rows) * (hidden + 1) * 4  # partial rows written, then read
+    return makespan(stage1, gpu) + makespan(stage2, gpu), 2, scratch, len(stage1) + len(stage2)
+
+
+def target_stats_rows(args, spec, local, stride):
+    """Sampled rows per local expert at the target: ``T K`` rows on this GPU, every ``stride``-th,
+    balanced over the local experts, or ``--hot-expert`` of them in the first."""
+    cols = -(-args.target_tokens * spec["topk"] // stride)
+    if args.hot_expert <= 0 or local == 1:
+        return [cols // local + (l < cols % local) for l in range(local)]
+    hot = round(args.hot_expert * cols)
+    rest, others = cols - hot, local - 1
+    return [hot] + [rest // others + (l < rest % others) for l in range(others)]
+
+
+def model_stats_kernel(fitted, args, spec, local, stride, gpu, design=None):
+    """Replace the roofline of the fitted ``expert_stats`` op by the kernel model at the target."""
+    design = design or args.stats_kernel
+    rows_L = target_stats_rows(args, spec, local, stride)
+    seconds, kernels, scratch, programs = stats_kernel_model(rows_L, spec["hidden"], spec["experts"], gpu, design)
+    for key, rec in fitted.items():
+        if key[2] == "expert_stats":
+            rec.update(kernel_s=seconds, kernels=kernels, programs=programs, rows_per_local_expert=rows_L)
+            rec["bytes_read"] += scratch / 2
+            rec["bytes_written"] += scratch / 2
+    return dict(kernel_s=seconds, kernels=kernels, programs=programs, max_rows=max(rows_L), sampled_rows=sum(rows_L),
+                roofline_s=sum(rows_L) * spec["hidden"] * 2 / gpu["hbm_bw"], design=design)  # fmt: skip
+
+
 def expert_weight_bytes(spec):
     """bf16 bytes of one expert's weights (fc1 doubled for SwiGLU, fc2)."""
     return (3 if spec["glu"] else 2) * spec["hidden"] * spec["ffn"] * 2
@@ -566,15 +637,17 @@ def measure_points(spec, args, device, local):
     else:
         es = reduced_experts(spec)
     ts = [args.tokens, 2 * args.tokens]
-    notes, points = [], {"topk": [], "default": []}
-    peaks = {"topk": {}, "default": {}}
+    variants = ["topk"] + [f"default:{stride}" for stride in args.stats_strides]  # TopK once for every stride
+    notes, points = [], {v: [] for v in variants}
+    peaks = {v: {} for v in variants}
     base = {}
     for e in es:
         config, note = resolve_router(spec, e)
         if note and note not in notes:
             notes.append(note)
-        for variant in ("topk", "default"):
-            layer = build_layer(config, variant == "default", device, stats_stride=args.stats_stride,
+        for variant in variants:
+            default, _, stride = variant.partition(":")
+            layer = build_layer(config, default == "default", device, stats_stride=int(stride or 1),
                                 local_experts=local)
             base.setdefault(variant, {})[e] = state_bytes(layer)
             if variant == "topk":
@@ -607,18 +680,36 @@ def ep_of(args, name, spec):
 
 
 def run_shape(name, args, device, gpu):
+    """One result per ``--stats-stride`` (TopK counted once for all)."""
     spec = shape_spec(args, name)
     ep = ep_of(args, name, spec)
     local = spec["experts"] // ep
-    points, peaks, base, es, ts, notes = measure_points(spec, args, device, local)
+    points, peaks, base, es, ts, shape_notes = measure_points(spec, args, device, local)
     target = (args.target_tokens, spec["experts"])
-    fitted, tot, mism = {}, {}, {}
-    for variant in ("topk", "default"):
-        fitted[variant], mism[variant] = fit(points[variant], target, local, args.experts_impl)
-        tot[variant] = totals(fitted[variant], gpu)
-        # EP: drop the weights and gradients of the experts this GPU does not hold
-        remote = (spec["experts"] - local) * expert_weight_bytes(spec) * 2
-        tot[variant]["peak_bytes"] = bilinear(peaks[variant], ts, es, *target) - remote
+    results = []
+    for stride in args.stats_strides:
+        variants = dict(topk="topk", default=f"default:{stride}")
+        fitted, tot, mism = {}, {}, {}
+        for variant, measured in variants.items():
+            fitted[variant], mism[variant] = fit(points[measured], target, local, args.experts_impl)
+            if variant == "default":
+                ratios = {}  # Default / TopK time under each kernel design (the other one: for comparison)
+                for design in ("per-expert", "chunked"):
+                    alt = {k_: dict(rec) for k_, rec in fitted[variant].items()}
+                    model_stats_kernel(alt, args, spec, local, stride, gpu, design)
+                    ratios[design] = totals(alt, gpu)["time_s"] / totals(fitted["topk"], gpu)["time_s"]
+                kernel = model_stats_kernel(fitted[variant], args, spec, local, stride, gpu)
+                kernel["ratio_time_by_design"] = ratios
+            tot[variant] = totals(fitted[variant], gpu)
+            # EP: drop the weights and gradients of the experts this GPU does not hold
+            remote = (spec["experts"] - local) * expert_weight_bytes(spec) * 2
+            tot[variant]["peak_bytes"] = bilinear(peaks[measured], ts, es, *target) - remote
+        results.append(_result(name, spec, args, ep, local, stride, list(shape_notes), es, ts, fitted, tot, mism, gpu,
+                               kernel))  # fmt: skip
+    return results
+
+
+def _result(name, spec, args, ep, local, stride, notes, es, ts, fitted, tot, mism, gpu, kernel):
     if any(mism.values()):
         notes.append(f"ops seen at one measured size only (topk {mism['topk']}, default {mism['default']}): "
                      "counted at the largest size, bytes clamped at 0; raise --tokens if this matters")
@@ -627,7 +718,8 @@ def run_shape(name, args, device, gpu):
     k, d = tot["topk"], tot["default"]
     result = dict(
         shape=name, spec={k_: v for k_, v in spec.items()}, notes=notes, measured_tokens=ts, measured_experts=es,
-        target_tokens=args.target_tokens, experts_impl=args.experts_impl, stats_stride=args.stats_stride, ep=ep, local_experts=local, topk=k, default=d,
+        target_tokens=args.target_tokens, experts_impl=args.experts_impl, stats_stride=stride, ep=ep,
+        local_experts=local, stats_kernel=kernel, topk=k, default=d,
         ratio_time=d["time_s"] / k["time_s"], ratio_bytes=d["bytes"] / k["bytes"],
         extra_kernels=d["kernels"] - k["kernels"], extra_syncs=d["syncs"] - k["syncs"],
         extra_peak_bytes=d["peak_bytes"] - k["peak_bytes"],
@@ -642,7 +734,7 @@ def run_shape(name, args, device, gpu):
 
 
 # -- measured on a GPU ---------------------------------------------------------------------------
-def cuda_measure(name, args, device):
+def cuda_measure(name, args, device, stride):
     """CUDA-event median time of forward + backward and peak memory, TopK vs Default, at the target;
     with fewer experts where two layers' weights and gradients would not fit (halved on OOM)."""
     spec = shape_spec(args, name)
@@ -651,7 +743,7 @@ def cuda_measure(name, args, device):
     e = min(spec["experts"], int(0.35 * free / (4 * expert_weight_bytes(spec))) // groups * groups)
     while True:
         try:
-            return _cuda_measure_at(spec, max(e, min(reduced_experts(spec)[0], spec["experts"])), args, device)
+            return _cuda_measure_at(spec, max(e, min(reduced_experts(spec)[0], spec["experts"])), args, device, stride)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if e <= reduced_experts(spec)[0]:
@@ -663,10 +755,10 @@ def cuda_measure(name, args, device):
             return dict(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-4000:])
 
 
-def _cuda_measure_at(spec, e, args, device):
+def _cuda_measure_at(spec, e, args, device, stride):
     config, note = resolve_router(spec, e)
     out = dict(experts=e, tokens=args.target_tokens, note=note, iters=args.iters)
-    layers = [build_layer(config, False, device), build_layer(config, True, device, stats_stride=args.stats_stride)]
+    layers = [build_layer(config, False, device), build_layer(config, True, device, stats_stride=stride)]
     x, g = tokens_for(spec["hidden"], args.target_tokens, device)
     times = [[], []]
     for it in range(args.warmup + args.iters):
@@ -718,6 +810,12 @@ def print_shape(r, gpu, top):
         t = r[v]
         print(f"   {v:9} {fmt_bytes(t['bytes']):>11} {t['flops'] / 1e9:>9.1f} {t['kernels']:>8} {t['syncs']:>6} "
               f"{t['time_s'] * 1e6:>9.1f} {fmt_bytes(t['peak_bytes']):>11}")
+    k = r["stats_kernel"]
+    print(f"   expert_stats ({k['design']} kernel model): {k['programs']} programs on {gpu['sms']} SMs over "
+          f"{k['sampled_rows']} sampled rows (at most {k['max_rows']} in one expert): {k['kernel_s'] * 1e6:.1f} µs "
+          f"+ {k['kernels']} launches, against {k['roofline_s'] * 1e6:.1f} µs reading the rows at full bandwidth; "
+          f"Default/TopK time by kernel design: "
+          + ", ".join(f"{d} {v:.4f}" for d, v in k["ratio_time_by_design"].items()))
     o = r["ours"]
     print(f"   Default/TopK: time {r['ratio_time']:.4f} ({100 * (r['ratio_time'] - 1):+.1f}%), bytes "
           f"{r['ratio_bytes']:.4f} ({100 * (r['ratio_bytes'] - 1):+.1f}%); extra kernels {r['extra_kernels']}, "
@@ -758,14 +856,25 @@ def parse_args(argv=None):
                    help="expert-parallel size: per-GPU figures with E/EP local experts (default: per shape, "
                         "paper-8c1 1, qwen3 8, deepseek-v3 64; custom 1)")
     p.add_argument("--experts-impl", default="grouped", choices=("grouped", "sequential"))
-    p.add_argument("--stats-stride", type=int, default=1,
-                   help="Default MoE's --moe-default-stats-stride: statistics from every N-th expert-output row")
+    p.add_argument("--stats-stride", default="1",
+                   help="Default MoE's --moe-default-stats-stride: statistics from every N-th expert-output row; "
+                        "a comma list (1,2,4,8,16) reports each, TopK counted once")
+    p.add_argument("--stats-kernel", default="chunked", choices=("chunked", "per-expert"),
+                   help="expert_stats' kernel model: chunked (triton_launch.py) or per-expert (the earlier kernel: "
+                        "one program per expert and 128 columns, over all its rows)")
+    p.add_argument("--hot-expert", type=float, default=0.0,
+                   help="share of the sampled rows in one local expert (0: balanced) for the kernel model")
+    p.add_argument("--kernel-model-only", action="store_true",
+                   help="print expert_stats' kernel model (both designs, balanced and 90%% hot) per shape and stride, "
+                        "and measure nothing")
     p.add_argument("--top", type=int, default=8, help="top extra ops to print")
     p.add_argument("--iters", type=int, default=20, help="CUDA timing iterations")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-cuda-timing", action="store_true", help="on a GPU, count only")
     p.add_argument("--json", default=None, help="write every figure to this path")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.stats_strides = [int(v) for v in str(args.stats_stride).split(",")]
+    return args
 
 
 def setup():
@@ -813,25 +922,46 @@ def machine():
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} visible"
 
 
+def print_kernel_model(args, gpu):
+    """``expert_stats`` alone at the target, by design, balanced and with 90% of the rows in one expert."""
+    print(f"expert_stats kernel model, {gpu['name']} ({gpu['sms']} SMs, {gpu['hbm_bw'] / 1e12:.2f} TB/s), "
+          f"{args.target_tokens} tokens; µs without launches (programs)")
+    print(f"{'shape':<15} {'stride':>6} {'full BW':>8} | {'per-expert':>17} {'90% hot':>8} | {'chunked':>17} {'90% hot':>8}")
+    for name in args.shapes.split(","):
+        spec = shape_spec(args, name)
+        local = spec["experts"] // ep_of(args, name, spec)
+        for stride in args.stats_strides:
+            cells = []
+            for design in ("per-expert", "chunked"):
+                for hot in (0.0, 0.9):
+                    rows_L = target_stats_rows(argparse.Namespace(**dict(vars(args), hot_expert=hot)), spec, local, stride)
+                    cells.append(stats_kernel_model(rows_L, spec["hidden"], spec["experts"], gpu, design))
+            full = sum(rows_L) * spec["hidden"] * 2 / gpu["hbm_bw"]
+            print(f"{name:<15} {stride:>6} {full * 1e6:>8.1f} | {cells[0][0] * 1e6:>8.1f} ({cells[0][3]:>6}) "
+                  f"{cells[1][0] * 1e6:>8.1f} | {cells[2][0] * 1e6:>8.1f} ({cells[2][3]:>6}) {cells[3][0] * 1e6:>8.1f}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.kernel_model_only:
+        return print_kernel_model(args, GPUS[args.gpu])
     device = setup()
     gpu = GPUS[args.gpu]
     print(f"machine: {machine()}; torch {torch.__version__}; counted on {device.type}, bf16")
     print(f"roofline: {gpu['name']}: HBM {gpu['hbm_bw'] / 1e12:.2f} TB/s, bf16 dense {gpu['bf16_flops'] / 1e12:.0f} "
-          f"TFLOP/s, {gpu['launch_s'] * 1e6:.0f} µs per kernel launch; time per op = max(bytes/BW, FLOPs/peak) "
-          f"+ launches")
+          f"TFLOP/s, {gpu['launch_s'] * 1e6:.0f} µs per kernel launch, {gpu['sms']} SMs; time per op = "
+          f"max(bytes/BW, FLOPs/peak) + launches (expert_stats: its kernels' makespan on the SMs + launches)")
     results = []
     report = dict(machine=machine(), source=source_state(), torch=torch.__version__, gpu=dict(gpu, key=args.gpu),
                   args=vars(args), free_ops=sorted(FREE_OPS), shapes=results)  # fmt: skip
     for name in args.shapes.split(","):
-        r = run_shape(name, args, device, gpu)
-        if device.type == "cuda" and not args.no_cuda_timing:
-            r["cuda"] = cuda_measure(name, args, device)
-            torch.cuda.empty_cache()
-        results.append(r)
-        print_shape(r, gpu, args.top)
+        for r in run_shape(name, args, device, gpu):
+            if device.type == "cuda" and not args.no_cuda_timing:
+                r["cuda"] = cuda_measure(name, args, device, r["stats_stride"])
+                torch.cuda.empty_cache()
+            results.append(r)
+            print_shape(r, gpu, args.top)
         report["free_ops_seen"] = sorted(free_seen)
         write_json(args.json, report)  # after every shape: a run cut short keeps what it finished
     print(f"\nfree (view/metadata) ops seen, 0 bytes and 0 kernels: {', '.join(sorted(free_seen))}")

@@ -116,6 +116,31 @@ def test_roofline_time(bench):
     assert bench.GPUS["b200"]["hbm_bw"] == 8e12 and bench.GPUS["h200"]["bf16_flops"] == 989e12
 
 
+def test_makespan_counts_waves_and_idle_sms(bench):
+    gpu = dict(bench.GPUS["h100"])
+    share = gpu["hbm_bw"] / gpu["sms"]
+    assert bench.makespan([1e6] * 132, gpu) == pytest.approx(1e6 / share)  # one wave: full bandwidth
+    assert bench.makespan([1e6] * 133, gpu) == pytest.approx(2e6 / share)  # a second wave for one program
+    assert bench.makespan([1e6] * 66, gpu) == pytest.approx(1e6 / share)  # half the SMs idle: half the bandwidth
+    assert bench.makespan([9e6] + [1e6] * 140, gpu) == pytest.approx(9e6 / share)  # a long program sets the time
+
+
+@pytest.mark.parametrize("hot", [0.0, 0.9])
+def test_stats_kernel_model_chunked_fills_the_gpu(bench, hot):
+    """Paper 8c1 (16,384 rows, H 1024, 8 experts): the per-expert kernel runs 64 programs on 132 SMs
+    (about 2x the full-bandwidth time balanced; a hot expert serialises: 6x), the chunked one stays
+    within 10% of it balanced, 20% with 90% of the rows in one expert."""
+    gpu = bench.GPUS["h100"]
+    cols, hidden = 16384, 1024
+    rows_L = [cols // 8] * 8 if not hot else [int(hot * cols)] + [(cols - int(hot * cols)) // 7] * 7
+    full = sum(rows_L) * hidden * 2 / gpu["hbm_bw"]
+    old, old_kernels, _, old_programs = bench.stats_kernel_model(rows_L, hidden, 8, gpu, "per-expert")
+    new, kernels, scratch, programs = bench.stats_kernel_model(rows_L, hidden, 8, gpu, "chunked")
+    assert old_programs == 64 and old_kernels == 1 and kernels == 2 and programs > 4 * gpu["sms"]
+    assert old > (1.9 if not hot else 6.0) * full
+    assert full < new < (1.1 if not hot else 1.2) * full and scratch < 0.05 * sum(rows_L) * hidden * 2
+
+
 def test_reduced_experts_respects_groups(bench):
     ds = bench.SHAPES["deepseek-v3"]
     low, high = bench.reduced_experts(ds)
@@ -146,12 +171,15 @@ def test_tiny_layer_end_to_end(tmp_path):
     """TopK vs Default MoE at a tiny custom shape: Default adds kernels, all figures in the JSON."""
     out = tmp_path / "cost.json"
     cmd = [sys.executable, SCRIPT, "--shapes", "custom", "--hidden", "32", "--experts", "4", "--ffn", "64",
-           "--topk", "2", "--tokens", "16", "--target-tokens", "1024", "--gpu", "h200", "--json", str(out)]  # fmt: skip
+           "--topk", "2", "--tokens", "16", "--target-tokens", "1024", "--gpu", "h200", "--json", str(out),
+           "--stats-stride", "1,4"]  # fmt: skip
     text = helpers.run_isolated(cmd, timeout_s=240, cwd=ROOT)
     assert "H200 SXM: HBM 4.80 TB/s" in text and "Default/TopK: time" in text
     report = json.loads(out.read_text())
     assert report["gpu"]["key"] == "h200" and "view" in report["free_ops"]
-    (r,) = report["shapes"]
+    r, r4 = report["shapes"]
+    assert (r["stats_stride"], r4["stats_stride"]) == (1, 4) and r["topk"] == r4["topk"]  # TopK counted once
+    assert r4["stats_kernel"]["sampled_rows"] == 1024 * 2 // 4 and r["stats_kernel"]["kernels"] == 2
     for field in ("topk", "default", "ratio_time", "ratio_bytes", "extra_kernels", "extra_peak_bytes",
                   "extra_ops", "ops", "notes", "measured_tokens"):  # fmt: skip
         assert field in r, field
@@ -177,3 +205,9 @@ def test_gpu_scripts_pass_shellcheck(script):
     result = subprocess.run([shellcheck, "--shell=bash", "--external-sources", script], capture_output=True,
                             text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kernel_model_table(bench, capsys):
+    bench.main(["--kernel-model-only", "--stats-stride", "1,8"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("paper", "qwen3", "deepseek"))]
+    assert len(lines) == 6 and lines[0].split()[:2] == ["paper-8c1", "1"]

@@ -191,23 +191,23 @@ TRITON_CHECK = textwrap.dedent(
         assert torch.isfinite(got[[3, 4, 6, 7]]).all() and not torch.isfinite(got[5, :600]).all(), kernel
     checked += 1
     # a hot expert (most rows: many chunks), one local expert, every expert local; run to run equal
-    for counts, first, E in (([3, 2500, 0, 40], 1, 6), ([1800], 0, 1), ([700, 5, 900], 0, 3)):
+    for counts, first, E in (([3, 1000, 0, 40], 1, 6), ([800], 0, 1), ([400, 5, 700], 0, 3)):
         counts = torch.tensor(counts)
         rows = int(counts.sum()) + 5
-        out, p = torch.randn(rows, 136).bfloat16(), torch.rand(rows) * 0.9 + 0.05
+        out, p = torch.randn(rows, 72).bfloat16(), torch.rand(rows) * 0.9 + 0.05
         p[::5] = 0.0
         for stride, offset in ((1, 0), (2, 1)):
             sampled = out[offset::stride]
-            assert int(counts.max()) // stride > 5 * K.stats_chunk(sampled.shape[0], 136)  # many chunks
+            assert int(counts.max()) // stride > 5 * K.stats_chunk(sampled.shape[0], 72)  # many chunks
             got = K.expert_stats(sampled, p, counts, offset, stride, first, E, True, True)
             assert torch.equal(got, K.expert_stats(sampled, p, counts, offset, stride, first, E, True, True))
             exact = exact_stats(sampled, p, counts, offset, stride, True)
             local = got[first : first + len(counts)]
-            torch.testing.assert_close(local[:, :136].double(), exact[:-1], rtol=1e-6, atol=1e-6 * exact.abs().max())
+            torch.testing.assert_close(local[:, :72].double(), exact[:-1], rtol=1e-6, atol=1e-6 * exact.abs().max())
             want = torch.zeros(len(counts) + 1).index_add_(
                 0, torch.searchsorted(counts.cumsum(0), torch.arange(sampled.shape[0]) * stride + offset, right=True),
                 (p[offset::stride][: sampled.shape[0]] != 0).float())
-            assert torch.equal(local[:, 136], want[:-1])
+            assert torch.equal(local[:, 72], want[:-1])
             assert not got[:first].any() and not got[first + len(counts):].any()
             checked += 1
     # layouts: a non-contiguous in-place buffer is refused; read-only inputs may be any layout
@@ -296,7 +296,7 @@ TRITON_CHECK = textwrap.dedent(
 def test_triton_kernels_match_references_in_the_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "CHECKED 76" in proc.stdout
 

@@ -31,7 +31,7 @@ if os.path.exists(INSTALL_FAILED):
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
     out = tmp_path_factory.mktemp("bridge")
-    run_isolated([sys.executable, os.path.join(HERE, "bridge", "hf_flow.py"), str(out)], timeout_s=600)
+    run_isolated([sys.executable, os.path.join(HERE, "bridge", "hf_flow.py"), str(out)], timeout_s=900)
     with open(out / "result.json") as f, open(out / "api_checks.json") as g:
         return json.load(f) | {"api": json.load(g)}
 

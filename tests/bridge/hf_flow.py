@@ -32,25 +32,15 @@ class Said(logging.Handler):
             self.lines.append(record.getMessage())
 
 
-def tiny_hf_config():
-    from transformers import Qwen3MoeConfig
+def example():
+    """``examples/bridge_qwen3_moe.py``: its tiny checkpoint and its CPU choices are what we test."""
+    import importlib.util
 
-    return Qwen3MoeConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=64,
-        tie_word_embeddings=False, architectures=["Qwen3MoeForCausalLM"],
-    )  # fmt: skip
-
-
-def make_hf_checkpoint(path):
-    """A tiny Qwen3-MoE (Qwen3-30B-A3B's architecture) with random weights, saved like a hub one."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_hf_config(), dtype=torch.float32)
-    model.save_pretrained(path)
-    return model.eval()
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "bridge_qwen3_moe.py")
+    spec = importlib.util.spec_from_file_location("bridge_qwen3_moe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def safetensors_of(directory):
@@ -72,29 +62,6 @@ def megatron_logits(model, tokens):
     position_ids = torch.arange(tokens.shape[1]).unsqueeze(0)
     with torch.no_grad():
         return model(tokens, position_ids, attention_mask=None)
-
-
-def on_cpu(provider):
-    """Bridge's choices that need Transformer Engine or CUDA kernels, in their local form (the
-    spec Bridge chose keeps its kind: a function stays a function, a partial a partial)."""
-    import functools
-
-    from megatron.bridge.models.gpt_provider import local_layer_spec
-
-    spec = provider.transformer_layer_spec
-    if isinstance(spec, functools.partial) and "use_transformer_engine" in spec.keywords:
-        provider.transformer_layer_spec = functools.partial(spec, use_transformer_engine=False)
-    else:
-        provider.transformer_layer_spec = local_layer_spec
-    provider.transformer_impl = "local"
-    provider.moe_permute_fusion = False
-    provider.moe_grouped_gemm = False
-    provider.gradient_accumulation_fusion = False
-    provider.apply_rope_fusion = False
-    provider.bias_activation_fusion = False
-    provider.masked_softmax_fusion = False
-    provider.cross_entropy_loss_fusion = False
-    provider.persist_layer_norm = False
 
 
 class Recorder:
@@ -162,14 +129,14 @@ def main(out_dir):
     logging.getLogger("megatron_default_moe").addHandler(said)
     r = {}
     hf_dir = os.path.join(out_dir, "hf")
-    hf_model = make_hf_checkpoint(hf_dir)
+    hf_model = example().tiny_qwen3_moe(hf_dir)
     tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
 
     # HF -> Megatron, Default MoE
     bridge = AutoBridge.from_hf_pretrained(hf_dir)
     provider = bridge.to_megatron_provider()
     r["bridge_spec"] = repr(provider.transformer_layer_spec)
-    on_cpu(provider)
+    example().local_choices(provider)
     callback = enable_default_moe(provider, DefaultMoEConfig(beta=0.5, update="step"))
     callback.log_interval = 1
     r["spec_after_enable"] = repr(provider.transformer_layer_spec)
@@ -220,7 +187,7 @@ def main(out_dir):
 
     # A TopK Bridge checkpoint continues as Default MoE
     topk_provider = AutoBridge.from_hf_pretrained(hf_dir).to_megatron_provider()
-    on_cpu(topk_provider)
+    example().local_choices(topk_provider)
     topk_provider.finalize()
     topk = topk_provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
     topk_ckpt = os.path.join(out_dir, "topk")

@@ -126,6 +126,7 @@ def compute_reference(setup: Setup, routers, updates, te_flag: str) -> bytes | N
         cmd = [sys.executable, "-m", "megatron_default_moe.check", "--save-reference", path,
                "--batch", str(setup.batch), "--routers", *routers, "--updates", *updates,
                "--dtype", "bf16" if setup.dtype == torch.bfloat16 else "fp32", "--experts", te_flag]  # fmt: skip
+        print(f"computing the one-rank reference ({', '.join(routers)}) in a child process", flush=True)
         subprocess.run(cmd, env=env, check=True, stdout=sys.stderr)
         with open(path, "rb") as f:
             return f.read()

@@ -15,9 +15,10 @@ dispatcher like any routed pair. Their rows are excluded from everything but the
 - the router's own outputs (aux, z and global aux losses, the expert-bias token counts, router
   replay) are computed before the probes are added (``add_probes`` runs after the router).
 
-The draw is reproducible: keys from a generator seeded by ``(seed, counter, layer, token set)``,
-the counter carried by the checkpoint; ranks that hold the same tokens (tensor-parallel peers
-without sequence parallelism) draw the same pairs. No host sync: the budget fixes every size.
+The draw is reproducible: keys from a counter-based hash of ``(seed, counter, layer, token set)``
+and the pair's index (integer tensor ops: no generator state, the same bits on any device), the
+counter carried by the checkpoint; ranks that hold the same tokens (tensor-parallel peers without
+sequence parallelism) draw the same pairs. No host sync: the budget fixes every size.
 """
 
 import torch
@@ -32,7 +33,33 @@ def probe_budget(budget: int, tokens: int, experts: int, topk: int) -> int:
     return min(int(budget), tokens * (experts - topk))
 
 
-def draw_probes_TE(weights_TE, routing_map_TE, budget: int, generator: torch.Generator, draw: str):
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h, c: int):
+    """``h * c mod 2^32`` for ``0 <= h < 2^32`` in int64 without overflow (16-bit halves of ``c``)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h):
+    """MurmurHash3's finaliser: every input bit moves every output bit."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def uniform_keys(numel: int, seed: int, device) -> torch.Tensor:
+    """``numel`` uniforms in (0, 1), fp32, a pure function of ``seed`` (a ``probe_seed``) and the
+    index: the same values on every device and under fake tensors."""
+    index = torch.arange(numel, device=device, dtype=torch.int64)
+    h = _fmix32((index ^ (seed & _M32)) & _M32)
+    h = _fmix32(h ^ ((seed >> 32) & _M32))
+    return (h.to(torch.float64) + 0.5).mul_(2.0**-32).to(torch.float32)
+
+
+def draw_probes_TE(weights_TE, routing_map_TE, budget: int, seed: int, draw: str):
     """``(probes_TE, fillers_TE)``: exactly ``probe_budget`` unrouted pairs, drawn without
     replacement among those with ``w > 0`` (``uniform``: alike; ``weighted``: proportionally to
     ``w``, Efraimidis and Spirakis: the largest ``log(u) / w``), and which of them are fillers
@@ -42,7 +69,7 @@ def draw_probes_TE(weights_TE, routing_map_TE, budget: int, generator: torch.Gen
     if draw not in PROBE_DRAWS:
         raise ValueError(f"--moe-default-probe-draw must be one of {PROBE_DRAWS}, got {draw!r}")
     w_P = weights_TE.detach().reshape(-1).float()
-    u_P = torch.rand(w_P.shape, generator=generator, device=w_P.device).clamp_min_(torch.finfo(torch.float32).tiny)
+    u_P = uniform_keys(w_P.numel(), seed, w_P.device)
     keys_P = (u_P.log_() / w_P).clamp_min_(-1e30) if draw == "weighted" else u_P
     eligible_P = w_P > 0
     keys_P = torch.where(eligible_P, keys_P, -1e38).masked_fill_(routing_map_TE.reshape(-1), float("-inf"))
@@ -138,19 +165,14 @@ class ProbeSampler:
         self.budget, self.draw, self.seed = int(budget), draw, int(seed)
         self.max_rows = self.budget * max(int(sources), 1)
         self.token_set = int(token_set)
-        self._generators = {}
         self.last_probes_TE = None  # the last draw (tests, diagnostics)
 
     def add(self, probs_TE, routing_map_TE, weights_TE, topk: int, counter: int, layer_number: int):
         """``(probs, routing_map`` with this micro-batch's probes added (``add_probes``), the number
         of pairs added``)``."""
-        device = weights_TE.device
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = self._generators[device] = torch.Generator(device=device)
-        generator.manual_seed(probe_seed(self.seed, counter, layer_number, self.token_set))
+        seed = probe_seed(self.seed, counter, layer_number, self.token_set)
         budget = probe_budget(self.budget, *weights_TE.shape, topk)
-        probes_TE, fillers_TE = draw_probes_TE(weights_TE, routing_map_TE, budget, generator, self.draw)
+        probes_TE, fillers_TE = draw_probes_TE(weights_TE, routing_map_TE, budget, seed, self.draw)
         self.last_probes_TE = probes_TE & ~fillers_TE
         return (*add_probes(probs_TE, routing_map_TE, probes_TE, fillers_TE), budget)
 

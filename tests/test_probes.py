@@ -124,27 +124,37 @@ def test_draws_are_reproducible_exact_in_count_and_weighted_draws_follow_w():
     w_TE[w_TE < 0.3] = 0.0
     routed_TE = torch.zeros(64, 8, dtype=torch.bool)
     routed_TE[:, 0] = True
-    gen = torch.Generator().manual_seed(P.probe_seed(1, 2, 3, 4))
-    a, fillers = P.draw_probes_TE(w_TE, routed_TE, 32, gen, "uniform")
-    gen.manual_seed(P.probe_seed(1, 2, 3, 4))
-    assert torch.equal(a, P.draw_probes_TE(w_TE, routed_TE, 32, gen, "uniform")[0])
+    seed = P.probe_seed(1, 2, 3, 4)
+    a, fillers = P.draw_probes_TE(w_TE, routed_TE, 32, seed, "uniform")
+    assert torch.equal(a, P.draw_probes_TE(w_TE, routed_TE, 32, seed, "uniform")[0])
+    assert not torch.equal(a, P.draw_probes_TE(w_TE, routed_TE, 32, seed + 1, "uniform")[0])
     assert a.sum() == 32 and not (a & (w_TE == 0)).any() and not fillers.any() and not (a & routed_TE).any()
     assert P.probe_seed(1, 2, 3, 4) != P.probe_seed(1, 3, 3, 4)
     # fewer weighted pairs than the budget: the count stays exact (Megatron's all-to-all fixes it)
     w_TE = torch.tensor([[1.0, 0.01, 0.0, 1.0]] * 8)
     routed_TE = torch.zeros(8, 4, dtype=torch.bool)
-    picked, fillers = P.draw_probes_TE(w_TE, routed_TE, 30, gen, "uniform")
+    picked, fillers = P.draw_probes_TE(w_TE, routed_TE, 30, seed, "uniform")
     assert picked.sum() == 30 and torch.equal(fillers, picked & (w_TE == 0)) and fillers.sum() >= 6
     # weighted: inclusion grows with w (heavy pairs drawn far more often), never w = 0
     hits = torch.zeros(8, 4)
     for k in range(200):
-        gen.manual_seed(k)
-        picked, fillers = P.draw_probes_TE(w_TE, routed_TE, 4, gen, "weighted")
+        picked, fillers = P.draw_probes_TE(w_TE, routed_TE, 4, P.probe_seed(k, 0, 0, 0), "weighted")
         hits += picked
         assert not fillers.any()
     assert hits[:, 2].sum() == 0
     assert hits[:, 0].sum() > 5 * hits[:, 1].sum()
     assert P.probe_budget(100, tokens=8, experts=4, topk=1) == 24
+
+
+def test_uniform_keys_are_uniform_and_a_pure_function_of_the_seed():
+    u = P.uniform_keys(1 << 16, P.probe_seed(5, 6, 7, 8), "cpu")
+    assert torch.equal(u, P.uniform_keys(1 << 16, P.probe_seed(5, 6, 7, 8), "cpu"))
+    assert 0.0 < float(u.min()) and float(u.max()) < 1.0
+    counts = torch.histc(u, bins=16, min=0.0, max=1.0)  # 4096 expected per bin
+    assert float((counts - 4096).abs().max()) < 300
+    assert abs(float(u[1:].mul(u[:-1]).mean()) - 0.25) < 0.005  # neighbours uncorrelated
+    v = P.uniform_keys(1 << 16, P.probe_seed(5, 6, 7, 9), "cpu")
+    assert float((u - v).abs().mean()) > 0.3  # another token set: other keys
 
 
 def test_counter_is_checkpointed_and_resumes_the_same_draws():

@@ -304,7 +304,10 @@ def test_triton_kernels_match_references_in_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused ops' Triton kernels on a GPU")
 def test_cuda_ops_match_their_references():
     """On CUDA the ops run Triton; each must match its torch reference on the same device."""
+    from megatron_default_moe import fallback
+
     assert fused.TRITON_ON_CUDA, "Triton kernels were not registered on this CUDA machine"
+    assert fallback.triton_enabled(), f"{fallback.ENV}=0 would compare the references with themselves"
     dev = torch.device("cuda")
     torch.manual_seed(0)
     counts = torch.tensor([900, 0, 3000, 411, 77], device=dev)
@@ -348,6 +351,7 @@ def test_cuda_ops_match_their_references():
         ref = fused.default_weights_reference(z, probs, sel, *opts, torch.bfloat16)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=1e-7)
+    assert not fallback.FAILED, f"kernels fell back to their references: {fallback.FAILED}"
 
 
 def test_a_failing_kernel_falls_back_to_its_reference_once_warned(monkeypatch):

@@ -60,7 +60,7 @@ class _StandInWhileLoraLayersExecutes(importlib.abc.MetaPathFinder, importlib.ab
 def has_transformer_engine() -> bool:
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except ImportError:
+    except Exception:  # ImportError, or TE installed but unusable (e.g. no GPU visible)
         return False
     return True
 

@@ -144,6 +144,25 @@ run_step tests_cpu 150 env CUDA_VISIBLE_DEVICES="" "$PY" -m pytest -q -p no:cach
   --junitxml="$OUT_DIR/tests_cpu.xml" "${LAYER_TESTS[@]}" "${COST_TESTS[@]}"
 run_step tests_gpu_visible 90 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests_gpu_visible.xml" \
   "${LAYER_TESTS[@]}"
+# Megatron-Bridge smoke (megatron_default_moe.bridge, README "Megatron-Bridge"): offline, from
+# wheels/bridge/ (fetch beside the others: pip download --no-deps -d wheels/bridge -r
+# tests/bridge/requirements.txt), installed --no-deps into $SITE, then tests/test_bridge.py with the
+# GPU hidden (on this machine's torch, and with its Transformer Engine if it has one). Skipped, and
+# said, without those wheels. Bridge's pretrain() on GPUs is a recipe run, outside this check.
+bridge_smoke() {
+  shopt -s nullglob
+  local wheels=("$WHEELS"/bridge/*.whl)
+  if ((${#wheels[@]} == 0)); then
+    echo "skipped: no wheels in $WHEELS/bridge (see scripts/gpu_check.sh, Megatron-Bridge smoke)"
+    return 0
+  fi
+  "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" --find-links "$WHEELS/bridge" \
+    -r tests/bridge/requirements.txt || return 5
+  env CUDA_VISIBLE_DEVICES="" "$PY" -m pytest -q -p no:cacheprovider \
+    --junitxml="$OUT_DIR/tests_bridge.xml" tests/test_bridge.py
+}
+export -f bridge_smoke
+run_step bridge 150 bridge_smoke
 "$PY" - "$OUT_DIR" <<'EOF'
 import json, os, sys, xml.etree.ElementTree as ET
 out = sys.argv[1]

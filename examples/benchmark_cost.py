@@ -57,6 +57,7 @@ dispatcher's all-to-all, kernel fusion a compiler might do.
 import argparse
 import collections
 import functools
+import gc
 import json
 import math
 import os
@@ -661,6 +662,7 @@ def measure_points(spec, args, device, local):
                 peaks[variant][(t, e)] = mode.peak_bytes + mode.base_bytes
                 free_seen.update(mode.free_seen)
             del layer
+            gc.collect()  # the statistics hook makes a cycle through the layer: free its weights now
     if len(es) > 1:
         notes.append(f"{E} experts do not fit in CPU memory at {per_expert * 2 / 2**20:.0f} MiB per expert "
                      f"(weights + gradients): measured at {es} experts and fitted a + bT + cE + dTE "

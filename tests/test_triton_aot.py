@@ -1,0 +1,175 @@
+"""Every Triton kernel compiled to a cubin for sm_80, sm_90 and sm_100 on this CPU machine
+(``triton.compile`` of an ``ASTSource`` for a ``GPUTarget``: TTIR, TTGIR, LLVM IR, PTX, ptxas), so
+a kernel that cannot compile for a GPU fails here, without one.
+
+The launches are built by the launchers' own functions (``triton_launch.LAUNCHES``) from small CPU
+tensors, and each launch's signature (``*bf16``, ``i32``, ``fp32``, ...), constexprs and alignment
+attributes come from Triton's own binder, the code ``kernel[grid](...)`` runs before it compiles:
+what is compiled here is what the launchers launch.
+
+Cases: sm_90 compiles the full cross product of every constexpr combination (``UNIFORM``,
+``COUNT_ROWS``, ``SCORE`` 0/1/2, ``RENORM``, ``ALL``, ``HAS_BASE``) with every dtype (bf16, fp16,
+fp32) of the expert output / the probs / the router logits / the written weights / the snapshot;
+the other inputs' dtypes (probs or routing map beside the logits, ``BLOCK_L``) and the integer
+specialisations (1, multiples of 16, others) take turns over the cases. sm_80 and sm_100 compile a
+covering subset: each dtype and each constexpr value at least once. Identical specialisations
+compile once: 278 (222 for sm_90, 28 each for sm_80 and sm_100), in two worker processes.
+Measured: 1 min 44 s of CPU for the whole test (user + sys, ptxas included), so about a minute on
+two idle cores; 5.5 and 17 min of wall time on a 2-core machine shared at load averages of 36-60.
+"""
+
+import concurrent.futures
+import functools
+import itertools
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
+NORMALISERS = ((False, False), (True, False), (True, True), (False, True))  # (RENORM, ALL)
+
+
+def _expert_stats(out_dtype, p_dtype, uniform, count_rows, turn):
+    local, stride, offset, hidden = ((1, 1, 0, 1024), (16, 3, 1, 1000), (200, 2, 0, 64))[turn % 3]
+    rows = 64 * stride + offset
+    counts = torch.full((local,), 64 // local + 1)
+    out = torch.zeros(rows, hidden, dtype=out_dtype)[offset::stride]
+    return (out, torch.ones(rows, dtype=p_dtype), counts, offset, stride, 1, local + 3, uniform, count_rows)
+
+
+def _ema(snapshot_dtype, turn):
+    hidden = (1024, 1000)[turn % 2]
+    return (torch.zeros(8, hidden), torch.zeros(8, hidden + 1), 0.9, torch.zeros(8, dtype=torch.long), snapshot_dtype)
+
+
+def _chosen(logits, turn):
+    """What the router hands the op as ``probs_TE``: the routing map, fp32 probs, probs in the logits' dtype."""
+    return (torch.zeros(logits.shape, dtype=torch.bool), torch.zeros(logits.shape), torch.zeros_like(logits))[turn % 3]
+
+
+def _weights(logits_dtype, out_dtype, score, renorm_all, turn):
+    logits = torch.zeros(16, (8, 128, 160)[turn % 3], dtype=logits_dtype)
+    sel = torch.zeros(logits.shape, dtype=torch.bool)
+    out = None if out_dtype == torch.float32 and turn % 2 else out_dtype
+    return (logits, _chosen(logits, turn), sel, score, *renorm_all, 2.5, 1e-20, out)
+
+
+def _weights_backward(logits_dtype, score, renorm_all, has_base, turn):
+    logits = torch.zeros(16, (8, 128, 160)[turn % 3], dtype=logits_dtype)
+    sel = torch.zeros(logits.shape, dtype=torch.bool)
+    base = torch.zeros_like(logits) if has_base else None
+    return (torch.zeros(logits.shape), logits, _chosen(logits, turn), sel, score, *renorm_all, 1.0, 0.0, base)
+
+
+def full_cases():
+    """``(op, args)``: every constexpr combination with every dtype (see the module docstring)."""
+    cases = []
+    for turn, (o, p, u, c) in enumerate(itertools.product(DTYPES, DTYPES, (True, False), (True, False))):
+        cases.append(("expert_stats", _expert_stats(o, p, u, c, turn)))
+    cases += [("ema_update", _ema(d, turn)) for turn, d in enumerate(DTYPES)]
+    for turn, (z, w, s, n) in enumerate(itertools.product(DTYPES, DTYPES, SCORE_FUNCTIONS, NORMALISERS)):
+        cases.append(("default_weights", _weights(z, w, s, n, turn)))
+    for turn, (z, s, n, b) in enumerate(itertools.product(DTYPES, SCORE_FUNCTIONS, NORMALISERS, (True, False))):
+        cases.append(("default_weights_backward", _weights_backward(z, s, n, b, turn)))
+    return cases
+
+
+def covering_cases():
+    """Each dtype and each constexpr value at least once per kernel."""
+    cases = []
+    for turn, d in enumerate(DTYPES):
+        flag = turn % 2 == 0
+        cases.append(("expert_stats", _expert_stats(d, DTYPES[(turn + 1) % 3], flag, not flag, turn)))
+        cases.append(("ema_update", _ema(d, turn)))
+        for k, score in enumerate(SCORE_FUNCTIONS):
+            n = NORMALISERS[(turn + k) % 4]
+            cases.append(("default_weights", _weights(d, DTYPES[(turn + k) % 3], score, n, turn + k)))
+            cases.append(("default_weights_backward", _weights_backward(d, score, n, (turn + k) % 2 == 0, turn + k)))
+    cases.append(("default_weights", _weights(torch.float32, torch.float32, "softmax", NORMALISERS[3], 3)))
+    return cases
+
+
+@functools.cache
+def _binder(fn, capability):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    return backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
+def specialisation(launch, capability):
+    """The kernel's signature, constexprs and attributes as Triton's launcher derives them for ``launch``."""
+    fn = launch.kernel
+    backend, binder = _binder(fn, capability)
+    bound, spec, options = binder(*launch.args, **launch.constexprs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, launch.constexprs, bound, spec, options)
+    key = repr((fn.__name__, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs.items())))
+    return key, fn, signature, constexprs, attrs
+
+
+@functools.cache
+def _kernels_module():
+    """``triton_kernels.py`` alone (it imports only Triton): a worker need not import Megatron."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_default_moe",
+                        "triton_kernels.py")  # fmt: skip
+    spec = importlib.util.spec_from_file_location("default_moe_triton_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_one(job):
+    """Compile one specialisation (in a worker process); returns the cubin's size and CPU seconds."""
+    import time
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, signature, constexprs, attrs, capability = job
+    start = time.process_time()
+    kernel = triton.compile(ASTSource(getattr(_kernels_module(), name), signature, constexprs, attrs),
+                            target=GPUTarget("cuda", capability, 32))  # fmt: skip
+    return len(kernel.asm["cubin"]), time.process_time() - start
+
+
+def jobs_for(cases, capability):
+    from megatron_default_moe.triton_launch import LAUNCHES
+
+    jobs, kernels = {}, set()
+    for op, args in cases:
+        _, launches = LAUNCHES[op](*args)
+        assert launches, op
+        for launch in launches:
+            key, fn, signature, constexprs, attrs = specialisation(launch, capability)
+            jobs[key + str(capability)] = (fn.__name__, signature, constexprs, attrs, capability)
+            kernels.add(fn.__name__)
+    return list(jobs.values()), kernels
+
+
+def test_every_kernel_compiles_for_sm80_sm90_sm100(tmp_path, monkeypatch):
+    from megatron_default_moe import triton_kernels as K
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile, never reuse a cached cubin
+    jobs, kernels = jobs_for(full_cases(), 90)
+    assert kernels == {n for n, v in vars(K).items() if isinstance(v, triton.runtime.jit.JITFunction)
+                       and n.endswith("_kernel")}, kernels  # fmt: skip
+    for capability in (80, 100):
+        more, seen = jobs_for(covering_cases(), capability)
+        assert seen == kernels, (capability, seen)
+        jobs += more
+    workers = min(2, os.cpu_count() or 1)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(compile_one, jobs))
+    for job, (size, _) in zip(jobs, results):
+        assert size > 0, job
+    by_arch = {c: sum(1 for j in jobs if j[-1] == c) for c in (80, 90, 100)}
+    print(f"compiled {len(jobs)} specialisations {by_arch}: {sum(t for _, t in results):.0f} CPU s in the workers")

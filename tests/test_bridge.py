@@ -97,3 +97,10 @@ def test_gpt_model_config_builds_default_moe_decoder_and_mtp_layers(flow):
         assert built["builder"] == "megatron_default_moe.bridge.spec.DefaultMoEGPTModelBuilder"
         assert built["moe_layers"] == 3 and built["all_default"] and built["mtp_default"], built
         assert built["beta"] == 0.6
+
+
+def test_importing_the_module_imports_no_bridge_code():
+    code = ("import sys, megatron_default_moe.bridge as b; "
+            "print(sorted(m for m in sys.modules if m.startswith('megatron.bridge')), b.enable_default_moe.__name__)")  # fmt: skip
+    out = run_isolated([sys.executable, "-c", code], timeout_s=300)
+    assert out.strip().splitlines()[-1] == "[] enable_default_moe"

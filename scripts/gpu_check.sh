@@ -9,9 +9,9 @@
 #   2. installs megatron-core 0.19.2 (and pytest, numpy, psutil where missing) from wheels/ into a
 #      private --target folder on PYTHONPATH: no venv, no network, the system's torch untouched;
 #   2b. runs the users' correctness check first, exactly as they would (README "Check your
-#      cluster"): torchrun -m megatron_default_moe.check on one GPU (NCCL, bf16, Triton kernels,
-#      TE grouped experts if TE imports): the layouts that fit one rank, every router family,
-#      dispatcher and update mode against its own one-rank reference;
+#      cluster"): torchrun -m megatron_default_moe.check on one GPU (NCCL, Triton kernels, TE
+#      grouped experts if TE imports), fp32 and then bf16: the layouts that fit one rank, every
+#      router family, dispatcher and update mode against its own one-rank reference;
 #   3. runs tests/test_fused.py on the GPU: the fused ops' Triton kernels against their references;
 #   3b. runs examples/benchmark_cost.py on CUDA at the three shapes: the op counts, plus CUDA-event
 #      times and torch.cuda.max_memory_allocated of TopK vs Default MoE at 16,384 tokens;
@@ -121,9 +121,12 @@ COST_TESTS=(tests/test_benchmark_cost.py tests/test_benchmark_scale.py)
 
 run_step machine 30 machine
 run_step install 60 install_wheels
-# the correctness check users run on their cluster, first: one process on this GPU (one rank)
+# the correctness check users run on their cluster, first: one process on this GPU (one rank),
+# fp32 (the strict comparison), then bf16 (first step against the reference, bit-identity after)
 run_step check 150 "$PY" -m torch.distributed.run --nproc-per-node 1 --master-port 29533 \
   -m megatron_default_moe.check
+run_step check_bf16 120 "$PY" -m torch.distributed.run --nproc-per-node 1 --master-port 29534 \
+  -m megatron_default_moe.check --dtype bf16
 # the fused ops' Triton kernels against their torch references, on the GPU (first: new code)
 run_step fused 90 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests_fused.xml" tests/test_fused.py
 if [[ -n "${TESTS:-}" ]]; then read -r -a LAYER_TESTS <<<"$TESTS" && COST_TESTS=(); fi

@@ -10,8 +10,9 @@ every step, with a one-rank run over the same global batch that the check comput
 and gradients within the dtype's tolerance (``compare``). It prints a table and exits non-zero on
 any failure.
 
-On CUDA it runs NCCL, bf16 and the package's Triton kernels (TE grouped experts when Transformer
-Engine imports); on a CPU machine gloo with ``megatron_default_moe.testing.cpu``. Modules:
+On CUDA it runs NCCL and the package's Triton kernels (TE grouped experts when Transformer Engine
+imports), in fp32 or, with ``--dtype bf16``, bf16; on a CPU machine gloo with
+``megatron_default_moe.testing.cpu``. Modules:
 ``model`` (layouts, config, the layer stack), ``train`` (schedule, data shares, the reference
 run), ``compare`` (the assertions), ``runtime`` (process groups, the reference's child process and
 broadcast), ``cli``.

@@ -7,6 +7,11 @@
 4. router gradients summed over the stage, and expert gradients summed over expert-data-parallel
    ranks, equal the one-rank gradients (of this rank's experts and shard).
 
+In bf16, 2-4 are checked on the first step only: from the second step on, the one-rank run and
+the layout hold parameters that differ by bf16 rounding of differently summed gradients, and a
+near-tied routing decision that flips on that difference moves a token by a whole expert output
+(seen on CPU at 2 ranks); check 1 stays exact every step.
+
 Errors are relative to the tensor's scale: ``max|actual - expected| / (1 + max|expected|)``.
 """
 
@@ -15,7 +20,9 @@ import torch
 from megatron_default_moe.check.model import master_name, my_shard, stage_layer_ids
 from megatron_default_moe.check.train import my_tokens
 
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}  # relative to the tensor's scale
+# relative to the tensor's scale; fp32 on CUDA allows for TF32 GEMMs (Transformer Engine's)
+TOLERANCE = {("cpu", torch.float32): 1e-5, ("cuda", torch.float32): 1e-4,
+             ("cpu", torch.bfloat16): 3e-2, ("cuda", torch.bfloat16): 3e-2}  # fmt: skip
 
 
 def rel_error(actual, expected) -> float:

@@ -2,9 +2,9 @@
 
 Every layout builds the same ``NUM_LAYERS`` layers (Megatron's spec, ``DefaultMoELayer``) and
 copies its weights from the one-rank reference, each rank taking its experts and, with expert
-tensor parallelism, its shard. On CUDA the layers run in bf16 (the router in fp32, as large MoE
-runs configure it) with Transformer Engine's grouped experts when TE is importable; on CPU in
-fp32 with Megatron's ``SequentialMLP``.
+tensor parallelism, its shard. The router runs in fp32 (as large MoE runs configure it), the rest
+in ``Setup.dtype`` (fp32, or bf16 with ``--dtype bf16``); on CUDA with Transformer Engine's
+grouped experts when TE is importable, elsewhere with Megatron's ``SequentialMLP``.
 """
 
 import dataclasses

@@ -61,7 +61,9 @@ FAMILIES = {
     ),
     "sqrtsoftplus": (dict(num_moe_experts=8, moe_router_topk=2, moe_router_score_function="sqrtsoftplus",
                           moe_router_pre_softmax=False), ("backward-only",)),  # fmt: skip
+    "mixtral_probes": (dict(num_moe_experts=8, moe_router_topk=2, moe_router_pre_softmax=False), ("backward-only",)),
 }
+PROBES = {"mixtral_probes": 8}  # family -> --moe-default-probes (extra rows; a multiple of the experts: balanced)
 
 
 class FakeCuda(FakeTensorMode):
@@ -152,8 +154,10 @@ def trace(family: str, mode: str, dtype=torch.bfloat16):
     overrides, _ = FAMILIES[family]
     config = moe_config(**overrides, params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=False,
                         perform_initialization=False, moe_token_dispatcher_type="allgather")  # fmt: skip
-    with FakeCuda(routed_rows=S * B * config.moe_router_topk):
-        layer = DefaultMoELayer(config, moe_submodules(config.num_moe_experts), dm_config=DefaultMoEConfig(mode=mode))
+    probes = PROBES.get(family, 0)
+    with FakeCuda(routed_rows=S * B * config.moe_router_topk + probes):
+        dm_config = DefaultMoEConfig(mode=mode, probes=probes)
+        layer = DefaultMoELayer(config, moe_submodules(config.num_moe_experts), dm_config=dm_config)
         _params_to_fake_cuda(layer)
         for step in range(2):
             layer.track_metrics = step == 1  # a logged step: the layer sets router.track_extra_grad

@@ -163,7 +163,7 @@ class DefaultMoELayer(MoELayer):
         if self.probes is not None and self._phase in ("update", "accumulate"):
             weights_TE = self.router.default_term[0].weights()
             probs, routing_map, self.token_dispatcher.extra_routed_pairs = self.probes.add(
-                probs, routing_map, weights_TE, self.router.topk, self._stats_updates, self.layer_number
+                probs, routing_map, weights_TE, self._stats_updates, self.layer_number
             )
         return probs, routing_map
 

@@ -6,9 +6,10 @@ unbiased target needs ``E_i(x)`` on unchosen tokens: each rank draws ``budget`` 
 micro-batch among those with a nonzero default weight, and sends them through Megatron's own
 dispatcher like any routed pair. Their rows are excluded from everything but the statistics:
 
-- a probe pair carries the prob ``PROBE_PROB = -1``. Megatron 0.19's experts multiply each row by
-  its prob after the activation (bias included), so a probe row's output is ``-E_i(x)`` exactly
-  and its sign tells it apart from routed rows (``p > 0``) and padding (``p = 0``);
+- a probe pair carries a negative prob: ``PROBE_PROB = -1`` (uniform draws) or ``-W_t`` (weighted
+  draws: its importance weight). Megatron 0.19's experts multiply each row by its prob after the
+  activation (bias included), so a probe row's output is ``p·E_i(x)`` exactly, and the sign tells
+  it apart from routed rows (``p > 0``) and padding (``p = 0``);
 - before the combine its rows are zeroed in place (``ExcludeProbeRows``: only the probe rows are
   touched, forward and backward), so the layer output gets ``+0`` and the probe rows' gradient is
   exactly zero: nothing reaches the expert weights, the expert input or the probs;
@@ -21,16 +22,17 @@ counter carried by the checkpoint; ranks that hold the same tokens (tensor-paral
 sequence parallelism) draw the same pairs. No host sync: the budget fixes every size.
 """
 
+import math
+
 import torch
 
-PROBE_PROB = -1.0
-FILLER_PROB = -2.0  # a drawn pair with weight 0 (a padding token's): run, excluded, never counted
+PROBE_PROB = -1.0  # a uniform draw's probe; a weighted draw's carries -W_t (its importance weight)
 PROBE_DRAWS = ("uniform", "weighted")
 
 
-def probe_budget(budget: int, tokens: int, experts: int, topk: int) -> int:
-    """Pairs drawn per micro-batch: the budget, at most every unrouted pair (host-known shapes)."""
-    return min(int(budget), tokens * (experts - topk))
+def probe_budget(budget: int, tokens: int) -> int:
+    """Pairs drawn per micro-batch: the budget, at most one per token (host-known shapes)."""
+    return min(int(budget), tokens)
 
 
 _M32 = 0xFFFFFFFF
@@ -59,45 +61,68 @@ def uniform_keys(numel: int, seed: int, device) -> torch.Tensor:
     return (h.to(torch.float64) + 0.5).mul_(2.0**-32).to(torch.float32)
 
 
-def draw_probes_TE(weights_TE, routing_map_TE, budget: int, seed: int, draw: str):
-    """``(probes_TE, fillers_TE)``: exactly ``probe_budget`` unrouted pairs, drawn without
-    replacement among those with ``w > 0`` (``uniform``: alike; ``weighted``: proportionally to
-    ``w``, Efraimidis and Spirakis: the largest ``log(u) / w``), and which of them are fillers
-    (``w = 0``: drawn only when fewer pairs have a weight; Megatron's dropless all-to-all fixes
-    its row count, so the count never depends on the data).
+def _token_stride(seed: int, tokens: int):
+    """``(a, b)`` with ``gcd(a, tokens) = 1``: ``j -> (a·j + b) mod tokens`` visits distinct tokens."""
+    a = 1 + probe_seed(seed, 1, 0, 0) % max(tokens - 1, 1)
+    while math.gcd(a, tokens) != 1:
+        a += 1
+    return a, probe_seed(seed, 2, 0, 0) % tokens
+
+
+def draw_probes(weights_TE, routing_map_TE, budget: int, seed: int, draw: str):
+    """``(tokens_B, experts_B, probs_B)``: ``probe_budget`` distinct unrouted pairs, one per token.
+
+    The tokens are a random affine walk over the micro-batch (distinct, each token equally
+    likely); each takes one of its unrouted experts with ``w > 0``: ``uniform``: alike (every
+    eligible pair then equally likely; prob ``PROBE_PROB``); ``weighted``: in proportion to ``w``,
+    with prob ``-W_t`` (``W_t = Σ w`` of the token's unrouted experts) so that the statistics,
+    weighting each row by ``|p|``, estimate the ``w``-weighted unchosen mean. A token with no
+    eligible pair (padding) gets a filler: an unrouted pair with prob 0, run like Megatron's own
+    padding rows and never counted. Work: ``O(budget · E)``, no host sync.
     """
     if draw not in PROBE_DRAWS:
         raise ValueError(f"--moe-default-probe-draw must be one of {PROBE_DRAWS}, got {draw!r}")
-    w_P = weights_TE.detach().reshape(-1).float()
-    u_P = uniform_keys(w_P.numel(), seed, w_P.device)
-    keys_P = (u_P.log_() / w_P).clamp_min_(-1e30) if draw == "weighted" else u_P
-    eligible_P = w_P > 0
-    keys_P = torch.where(eligible_P, keys_P, -1e38).masked_fill_(routing_map_TE.reshape(-1), float("-inf"))
-    values_B, index_B = keys_P.topk(budget)
-    picked_P = torch.zeros_like(eligible_P).index_fill_(0, index_B, True)
-    return picked_P.view(weights_TE.shape), (picked_P & ~eligible_P).view(weights_TE.shape)
+    tokens, experts = weights_TE.shape
+    a, b = _token_stride(seed, tokens)
+    j_B = torch.arange(budget, device=weights_TE.device, dtype=torch.int64)
+    tokens_B = (j_B * a + b) % tokens
+    routed_BE = routing_map_TE.index_select(0, tokens_B)
+    w_BE = weights_TE.detach().index_select(0, tokens_B).float().masked_fill_(routed_BE, 0.0)
+    mass_BE = w_BE if draw == "weighted" else (w_BE > 0).float()
+    cdf_BE = mass_BE.cumsum(-1)
+    total_B1 = cdf_BE[:, -1:]
+    target_B1 = uniform_keys(budget, seed, weights_TE.device)[:, None] * total_B1
+    last_B = experts - 1 - (mass_BE > 0).flip(-1).int().argmax(-1)  # the last eligible expert
+    picked_B = torch.minimum((cdf_BE <= target_B1).sum(-1), last_B)
+    eligible_B = total_B1.squeeze(-1) > 0
+    experts_B = torch.where(eligible_B, picked_B, (~routed_BE).int().argmax(-1))
+    weight_B = w_BE.sum(-1) if draw == "weighted" else torch.ones_like(total_B1.squeeze(-1))
+    return tokens_B, experts_B, torch.where(eligible_B, -weight_B, 0.0)
 
 
-def add_probes(probs_TE, routing_map_TE, probes_TE, fillers_TE):
-    """What the dispatcher gets: probe pairs routed with prob ``PROBE_PROB`` (fillers
-    ``FILLER_PROB``), constants: the router's gradient at those pairs stays the stock one, zero."""
-    probs_TE = probs_TE.masked_fill(probes_TE, PROBE_PROB).masked_fill_(fillers_TE, FILLER_PROB)
-    return probs_TE, routing_map_TE | probes_TE
+def add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B):
+    """What the dispatcher gets: the probe pairs routed with their negative probs (constants: the
+    router's gradient at those pairs stays the stock one, zero)."""
+    index = (tokens_B, experts_B)
+    routing_map_TE = routing_map_TE.index_put(index, torch.ones_like(probs_B, dtype=torch.bool))
+    return probs_TE.index_put(index, probs_B.to(probs_TE.dtype)), routing_map_TE
 
 
 def probe_rows(probs_R: torch.Tensor, max_rows: int):
-    """``(rows_B, is_probe_B, counted_B)``: ``max_rows`` row indices that include every probe row
-    of this rank (``p < 0``), which of them are probe rows, and which count (``PROBE_PROB``, not
-    fillers). No host sync: a fixed-size top-k."""
+    """``(rows_B, is_probe_B, p_B)``: ``max_rows`` row indices that include every probe row of this
+    rank (``p < 0``), which of them are probe rows, and their probs. No host sync: a fixed-size
+    top-k over the rows' probs."""
     p_R = probs_R.detach().reshape(-1)
     k = min(max_rows, p_R.numel())
     values_B, rows_B = (p_R < 0).to(torch.uint8).topk(k, sorted=False)
-    return rows_B, values_B.bool(), p_R.index_select(0, rows_B) == PROBE_PROB
+    return rows_B, values_B.bool(), p_R.index_select(0, rows_B).float()
 
 
-def probe_stats_EH1(out_RH, rows_B, is_probe_B, tokens_per_expert_L, first: int, num_experts: int, count_rows: bool):
-    """Per-expert ``[Σ E_i(x) | count]`` over this rank's probe rows, fp32 ``[E, H+1]`` (the
-    unweighted output is ``out / PROBE_PROB``). A NaN/Inf probe row poisons its own expert only."""
+def probe_stats_EH1(out_RH, rows_B, is_probe_B, p_B, tokens_per_expert_L, first: int, num_experts: int,
+                    count_rows: bool):  # fmt: skip
+    """Per-expert ``[Σ |p|·E_i(x) | Σ |p|]`` over this rank's probe rows, fp32 ``[E, H+1]``: a row
+    holds ``out = p·E_i(x)`` with ``p < 0``, so its weighted output is ``-out``. A NaN/Inf probe row
+    poisons its own expert only."""
     hidden = out_RH.shape[1]
     local = len(tokens_per_expert_L)
     if not isinstance(tokens_per_expert_L, torch.Tensor):
@@ -105,12 +130,11 @@ def probe_stats_EH1(out_RH, rows_B, is_probe_B, tokens_per_expert_L, first: int,
     ends_L = tokens_per_expert_L.to(device=out_RH.device, dtype=torch.long, non_blocking=True).cumsum(0)
     ids_B = torch.searchsorted(ends_L, rows_B, right=True)  # local expert; L: past the counts
     keep_B = is_probe_B & (ids_B < local)
-    rows_BH = out_RH.detach().index_select(0, rows_B).float() / PROBE_PROB
-    rows_BH = torch.where(keep_B[:, None], rows_BH, 0.0)
+    rows_BH = torch.where(keep_B[:, None], -out_RH.detach().index_select(0, rows_B).float(), 0.0)
     sums_LH1 = out_RH.new_zeros(local + 1, hidden + 1, dtype=torch.float32)
     sums_LH1[:, :hidden].index_add_(0, ids_B, rows_BH)
     if count_rows:
-        sums_LH1[:, hidden].index_add_(0, ids_B, keep_B.float())
+        sums_LH1[:, hidden].index_add_(0, ids_B, torch.where(keep_B, -p_B, 0.0))
     out_EH1 = out_RH.new_zeros(num_experts, hidden + 1, dtype=torch.float32)
     out_EH1[first : first + local] = sums_LH1[:local]
     return out_EH1
@@ -165,22 +189,28 @@ class ProbeSampler:
         self.budget, self.draw, self.seed = int(budget), draw, int(seed)
         self.max_rows = self.budget * max(int(sources), 1)
         self.token_set = int(token_set)
-        self.last_probes_TE = None  # the last draw (tests, diagnostics)
+        self.last_probes = None  # the last draw: (tokens_B, experts_B, probs_B) and [T, E]
 
-    def add(self, probs_TE, routing_map_TE, weights_TE, topk: int, counter: int, layer_number: int):
+    def add(self, probs_TE, routing_map_TE, weights_TE, counter: int, layer_number: int):
         """``(probs, routing_map`` with this micro-batch's probes added (``add_probes``), the number
         of pairs added``)``."""
         seed = probe_seed(self.seed, counter, layer_number, self.token_set)
-        budget = probe_budget(self.budget, *weights_TE.shape, topk)
-        probes_TE, fillers_TE = draw_probes_TE(weights_TE, routing_map_TE, budget, seed, self.draw)
-        self.last_probes_TE = probes_TE & ~fillers_TE
-        return (*add_probes(probs_TE, routing_map_TE, probes_TE, fillers_TE), budget)
+        budget = probe_budget(self.budget, weights_TE.shape[0])
+        tokens_B, experts_B, probs_B = draw_probes(weights_TE, routing_map_TE, budget, seed, self.draw)
+        self.last_probes = (tokens_B, experts_B, probs_B, tuple(weights_TE.shape))
+        return (*add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B), budget)
+
+    @property
+    def last_probes_TE(self):
+        """Bool ``[T, E]`` of the last draw's counted probes (tests, diagnostics)."""
+        tokens_B, experts_B, probs_B, shape = self.last_probes
+        return torch.zeros(shape, dtype=torch.bool).index_put_((tokens_B.cpu(), experts_B.cpu()), probs_B.cpu() < 0)
 
     def exclude(self, out_RH, probs_R, tokens_per_expert_L, first: int, num_experts: int, count_rows: bool):
         """``(out_RH`` with its probe rows zeroed (autograd-aware), ``probs_R`` with theirs zeroed
         (a copy: routed-row statistics then skip them as padding), the probes' ``[E, H+1]``)."""
-        rows_B, is_probe_B, counted_B = probe_rows(probs_R, self.max_rows)
-        stats_EH1 = probe_stats_EH1(out_RH, rows_B, counted_B, tokens_per_expert_L, first, num_experts, count_rows)
+        rows_B, is_probe_B, p_B = probe_rows(probs_R, self.max_rows)
+        stats_EH1 = probe_stats_EH1(out_RH, rows_B, is_probe_B, p_B, tokens_per_expert_L, first, num_experts, count_rows)
         routed_R = probs_R.detach().reshape(-1).clamp_min(0.0)
         return ExcludeProbeRows.apply(out_RH, rows_B, is_probe_B), routed_R, stats_EH1
 

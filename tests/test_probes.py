@@ -101,49 +101,57 @@ def expert_outputs_TEH(layer, x_TH):
 @pytest.mark.parametrize("draw", P.PROBE_DRAWS)
 @pytest.mark.parametrize("router", ["paper", "mixtral"])
 def test_vectors_follow_the_drawn_unchosen_pairs(router, draw):
-    _, layer = twin_layers(router, "alltoall", budget=20, draw=draw)
+    """Uniform: the mean of ``E_i(x_t)`` over the drawn pairs; weighted: weighted by ``W_t``."""
+    _, layer = twin_layers(router, "alltoall", budget=10, draw=draw)
     torch.manual_seed(5)
     x = torch.randn(6, 2, 16)
     step(layer, x, torch.randn(6, 2, 16))
-    probes_TE = layer.probes.last_probes_TE
-    inputs_TE = torch.ones_like(probes_TE)
-    assert probes_TE.sum() == 20
+    tokens_B, experts_B, probs_B, _ = layer.probes.last_probes
+    assert len(set(tokens_B.tolist())) == 10 and (probs_B < 0).all()
     with torch.no_grad():
         o_TEH = expert_outputs_TEH(layer, x.reshape(-1, 16))
         _, routing_map_TE = layer.router(x)  # same weights: the same selection
-    assert not (probes_TE & routing_map_TE).any(), "a probe pair was one the router chose"
-    counts_E = probes_TE.sum(0)
-    expected_EH = (o_TEH * probes_TE[..., None]).sum(0) / counts_E.clamp_min(1)[:, None] * 0.5
+        w_TE = layer.router.default_weights
+    assert not routing_map_TE[tokens_B, experts_B].any(), "a probe pair was one the router chose"
+    if draw == "weighted":
+        torch.testing.assert_close(-probs_B, w_TE[tokens_B].sum(-1))
+    weight_B = -probs_B
+    sums_EH = torch.zeros(8, 16).index_add_(0, experts_B, o_TEH[tokens_B, experts_B] * weight_B[:, None])
+    counts_E = torch.zeros(8).index_add_(0, experts_B, weight_B)
+    expected_EH = sums_EH / counts_E.clamp_min(1e-30)[:, None] * 0.5
     expected_EH[counts_E == 0] = 0.0
     torch.testing.assert_close(layer.default_vectors, expected_EH, rtol=1e-5, atol=1e-6)
-    assert inputs_TE.all()
 
 
-def test_draws_are_reproducible_exact_in_count_and_weighted_draws_follow_w():
+def test_draws_are_reproducible_distinct_unrouted_and_weighted_draws_follow_w():
     w_TE = torch.rand(64, 8)
-    w_TE[w_TE < 0.3] = 0.0
     routed_TE = torch.zeros(64, 8, dtype=torch.bool)
     routed_TE[:, 0] = True
+    w_TE[routed_TE] = 0.0
+    w_TE[5] = 0.0  # a padding token: a filler if drawn
     seed = P.probe_seed(1, 2, 3, 4)
-    a, fillers = P.draw_probes_TE(w_TE, routed_TE, 32, seed, "uniform")
-    assert torch.equal(a, P.draw_probes_TE(w_TE, routed_TE, 32, seed, "uniform")[0])
-    assert not torch.equal(a, P.draw_probes_TE(w_TE, routed_TE, 32, seed + 1, "uniform")[0])
-    assert a.sum() == 32 and not (a & (w_TE == 0)).any() and not fillers.any() and not (a & routed_TE).any()
-    assert P.probe_seed(1, 2, 3, 4) != P.probe_seed(1, 3, 3, 4)
-    # fewer weighted pairs than the budget: the count stays exact (Megatron's all-to-all fixes it)
-    w_TE = torch.tensor([[1.0, 0.01, 0.0, 1.0]] * 8)
-    routed_TE = torch.zeros(8, 4, dtype=torch.bool)
-    picked, fillers = P.draw_probes_TE(w_TE, routed_TE, 30, seed, "uniform")
-    assert picked.sum() == 30 and torch.equal(fillers, picked & (w_TE == 0)) and fillers.sum() >= 6
-    # weighted: inclusion grows with w (heavy pairs drawn far more often), never w = 0
-    hits = torch.zeros(8, 4)
-    for k in range(200):
-        picked, fillers = P.draw_probes_TE(w_TE, routed_TE, 4, P.probe_seed(k, 0, 0, 0), "weighted")
-        hits += picked
-        assert not fillers.any()
-    assert hits[:, 2].sum() == 0
-    assert hits[:, 0].sum() > 5 * hits[:, 1].sum()
-    assert P.probe_budget(100, tokens=8, experts=4, topk=1) == 24
+    t, e, p = P.draw_probes(w_TE, routed_TE, 64, seed, "uniform")
+    assert all(torch.equal(a, b) for a, b in zip((t, e, p), P.draw_probes(w_TE, routed_TE, 64, seed, "uniform")))
+    assert not torch.equal(e, P.draw_probes(w_TE, routed_TE, 64, seed + 1, "uniform")[1])
+    assert sorted(t.tolist()) == list(range(64))  # budget = tokens: every token once
+    assert not routed_TE[t, e].any() and (w_TE[t, e] > 0).sum() == 63
+    assert p[t == 5].item() == 0.0 and (p[t != 5] == P.PROBE_PROB).all()  # the filler runs uncounted
+    assert P.probe_budget(100, tokens=64) == 64
+    # uniform: every eligible pair equally likely; weighted: within a token, in proportion to w
+    w_TE = torch.tensor([[1.0, 0.1, 0.0, 1.0, 0.0]] * 4)
+    routed_TE = torch.zeros(4, 5, dtype=torch.bool)
+    routed_TE[:, 4] = True
+    hits = {draw: torch.zeros(5) for draw in P.PROBE_DRAWS}
+    for k in range(400):
+        for draw in P.PROBE_DRAWS:
+            t, e, p = P.draw_probes(w_TE, routed_TE, 2, P.probe_seed(k, 0, 0, 0), draw)
+            hits[draw] += torch.bincount(e, minlength=5)
+            if draw == "weighted":
+                assert torch.allclose(p, torch.full_like(p, -2.1))  # -W_t
+    assert hits["uniform"][2] == hits["uniform"][4] == hits["weighted"][2] == hits["weighted"][4] == 0
+    assert (hits["uniform"][:2] - 800 / 3).abs().max() < 60 and abs(hits["uniform"][3] - 800 / 3) < 60
+    expected = torch.tensor([1.0, 0.1, 0.0, 1.0, 0.0]) / 2.1 * 800  # ± 4 binomial deviations
+    assert ((hits["weighted"] - expected).abs() <= 4 * (expected * (1 - expected / 800)).sqrt() + 1e-6).all()
 
 
 def test_uniform_keys_are_uniform_and_a_pure_function_of_the_seed():

@@ -14,8 +14,8 @@ the other inputs' dtypes (probs or routing map beside the logits, ``BLOCK_L``) a
 specialisations (1, multiples of 16, others) take turns over the cases. sm_80 and sm_100 compile a
 covering subset: each dtype and each constexpr value at least once. Identical specialisations
 compile once: 278 (222 for sm_90, 28 each for sm_80 and sm_100), in two worker processes.
-Measured: 1 min 44 s of CPU for the whole test (user + sys, ptxas included), so about a minute on
-two idle cores; 5.5 and 17 min of wall time on a 2-core machine shared at load averages of 36-60.
+Measured on a 2-core machine shared with other jobs: 2 min 56 s wall at load averages of 8 to 100
+(55 s to 1 min 44 s of CPU, user + sys, over runs); 5.5 and 17 min wall at load averages of 36-60.
 """
 
 import concurrent.futures

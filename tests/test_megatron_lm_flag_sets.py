@@ -23,7 +23,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKOUT = os.environ.get("MEGATRON_LM_DIR")
-LAUNCHERS = {"train_single_node.sh"}
+LAUNCHERS = {"train_single_node.sh", "slurm_check.sh"}
 # No data, no Transformer Engine here: mock data, and the TE-only fusions off (validate_args asks).
 CPU_OVERRIDES = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "32000",
                  "--transformer-impl", "local", "--no-rope-fusion", "--no-persist-layer-norm",

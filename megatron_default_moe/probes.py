@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from megatron_default_moe.statistics import counts_on
+
 PROBE_PROB = -1.0  # a uniform draw's probe; a weighted draw's carries -W_t (its importance weight)
 PROBE_DRAWS = ("uniform", "weighted")
 
@@ -125,9 +127,7 @@ def probe_stats_EH1(out_RH, rows_B, is_probe_B, p_B, tokens_per_expert_L, first:
     poisons its own expert only."""
     hidden = out_RH.shape[1]
     local = len(tokens_per_expert_L)
-    if not isinstance(tokens_per_expert_L, torch.Tensor):
-        tokens_per_expert_L = torch.tensor([int(n) for n in tokens_per_expert_L], dtype=torch.long)
-    ends_L = tokens_per_expert_L.to(device=out_RH.device, dtype=torch.long, non_blocking=True).cumsum(0)
+    ends_L = counts_on(tokens_per_expert_L, out_RH.device)[0].cumsum(0)
     ids_B = torch.searchsorted(ends_L, rows_B, right=True)  # local expert; L: past the counts
     keep_B = is_probe_B & (ids_B < local)
     rows_BH = torch.where(keep_B[:, None], -out_RH.detach().index_select(0, rows_B).float(), 0.0)
@@ -184,8 +184,6 @@ class ProbeSampler:
     """
 
     def __init__(self, budget: int, draw: str, seed: int, sources: int, token_set: int):
-        if draw not in PROBE_DRAWS:
-            raise ValueError(f"--moe-default-probe-draw must be one of {PROBE_DRAWS}, got {draw!r}")
         self.budget, self.draw, self.seed = int(budget), draw, int(seed)
         self.max_rows = self.budget * max(int(sources), 1)
         self.token_set = int(token_set)

@@ -177,13 +177,9 @@ def router_gradients(model, loss_fn: Callable, dense=(), topk=()) -> Dict[int, t
     return out
 
 
-def router_gradient_cosines(model, loss_fn: Callable, isolate_layers: bool = True) -> Dict[int, Dict[str, Optional[float]]]:
-    """``{layer: {"topk": cos(TopK, dense), "default": cos(Default MoE, dense) or None,
-    "extra_ratio": ‖default − topk‖ / ‖topk‖ or None}}``.
-
-    ``default`` and ``extra_ratio`` are ``None`` for stock ``MoELayer``s (no default vectors). See
-    the module docstring for ``isolate_layers``.
-    """
+def router_gradient_triples(model, loss_fn: Callable, isolate_layers: bool = True) -> Dict[int, tuple]:
+    """``{layer: (topk, default, dense)}`` router-weight gradients; ``default`` is None for stock
+    ``MoELayer``s (their as-built gradient is the TopK one)."""
     layers = moe_layers(model)
     keys = [_layer_key(layer, i) for i, layer in enumerate(layers)]
     is_default = [isinstance(layer, DefaultMoELayer) for layer in layers]
@@ -197,13 +193,23 @@ def router_gradient_cosines(model, loss_fn: Callable, isolate_layers: bool = Tru
     else:
         dense = router_gradients(model, loss_fn, dense=layers)
         topk = router_gradients(model, loss_fn, topk=layers) if any(is_default) else as_built
+    return {k: (topk[k], as_built[k] if d else None, dense[k]) for k, d in zip(keys, is_default)}
+
+
+def router_gradient_cosines(model, loss_fn: Callable, isolate_layers: bool = True) -> Dict[int, Dict[str, Optional[float]]]:
+    """``{layer: {"topk": cos(TopK, dense), "default": cos(Default MoE, dense) or None,
+    "extra_ratio": ‖default − topk‖ / ‖topk‖ or None}}``.
+
+    ``default`` and ``extra_ratio`` are ``None`` for stock ``MoELayer``s (no default vectors). See
+    the module docstring for ``isolate_layers``.
+    """
     return {
         k: {
-            "topk": cosine(topk[k], dense[k]),
-            "default": cosine(as_built[k], dense[k]) if d else None,
-            "extra_ratio": _relative_norm(as_built[k] - topk[k], topk[k]) if d else None,
+            "topk": cosine(t, g),
+            "default": cosine(d, g) if d is not None else None,
+            "extra_ratio": _relative_norm(d - t, t) if d is not None else None,
         }
-        for k, d in zip(keys, is_default)
+        for k, (t, d, g) in router_gradient_triples(model, loss_fn, isolate_layers).items()
     }
 
 

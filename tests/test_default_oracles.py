@@ -14,6 +14,7 @@ from test_routers import FAMILIES
 
 from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
 from megatron_default_moe import default_oracles as O
+from megatron_default_moe import oracle_fits as OF
 from megatron_default_moe.diagnostics import cosine, router_gradient_triples
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
@@ -42,7 +43,7 @@ def test_exact_vectors_give_the_dense_gradient(router):
     assert constant["dg"] / (constant["dd"] * constant["gg"]) ** 0.5 < 0.999  # not trivially dense
     # the layer's own vectors restored, and constant = the layer with Ê = u (in-batch fit)
     (x_NH, routed_NE, top1_N, _), = O.record_routing(layer, lambda m: m(x)).values()
-    u_EH = O.fit_candidates(x_NH, routed_NE, top1_N, O.expert_outputs_ENH(layer, x_NH))["u_EH"]
+    u_EH = OF.fit_candidates(x_NH, routed_NE, top1_N, O.expert_outputs_ENH(layer, x_NH))["u_EH"]
     saved = layer.default_vectors.clone()
     layer.default_vectors.copy_(u_EH.float())
     t, d, dense = router_gradient_triples(layer, lambda m: (m(x)[0] * g).sum())[1]
@@ -63,7 +64,7 @@ def test_fits_recover_what_they_can_represent():
     b_EHH = u[:, :, :2] @ torch.diag_embed(s[:, :2]) @ vt[:, :2]  # rank 2
     c_EH = torch.randn(e, h, generator=gen, dtype=torch.float64)
     o_ENH = c_EH[:, None] + torch.einsum("nh,ehk->enk", x, b_EHH)
-    fit = O.fit_candidates(x, routed, top1, o_ENH, ranks=(2, 1), ridge=0.0)
+    fit = OF.fit_candidates(x, routed, top1, o_ENH, ranks=(2, 1), ridge=0.0)
     unchosen = ~routed.T
     for i in range(e):
         torch.testing.assert_close(fit["u_EH"][i], o_ENH[i][unchosen[i]].mean(0))
@@ -71,11 +72,11 @@ def test_fits_recover_what_they_can_represent():
             rows = unchosen[i] & (top1 == j)
             want = o_ENH[i][rows].mean(0) if rows.any() else fit["u_EH"][i]
             torch.testing.assert_close(fit["top1_EEH"][i, j], want)
-    v = O.candidate_vectors_TEH("linear-2", {**fit, "maps": {2: fit["maps"][2]}}, x, top1)
+    v = OF.candidate_vectors_TEH("linear-2", {**fit, "maps": {2: fit["maps"][2]}}, x, top1)
     torch.testing.assert_close(v, o_ENH.transpose(0, 1))  # a rank-2 affine map: recovered exactly
-    v1 = O.candidate_vectors_TEH("linear-1", {**fit, "maps": {1: fit["maps"][1]}}, x, top1)
+    v1 = OF.candidate_vectors_TEH("linear-1", {**fit, "maps": {1: fit["maps"][1]}}, x, top1)
     assert (v1 - o_ENH.transpose(0, 1)).norm() > 1e-3  # rank 1 cannot
-    v = O.candidate_vectors_TEH("top1", fit, x, top1)
+    v = OF.candidate_vectors_TEH("top1", fit, x, top1)
     torch.testing.assert_close(v[5, 2], fit["top1_EEH"][2, top1[5]])
 
 
@@ -83,10 +84,10 @@ def test_shrink_ceiling_matches_brute_force():
     gen = torch.Generator().manual_seed(1)
     t, d, g = (torch.randn(50, generator=gen, dtype=torch.float64) for _ in range(3))
     d = 0.5 * d + 0.5 * g
-    gram = O.gram_of(t, d, g)
+    gram = OF.gram_of(t, d, g)
     for alpha in (0.0, 0.3, 1.0):
-        assert O.shrunk_cosine(gram, alpha) == pytest.approx(cosine(t + alpha * (d - t), g))
-    alpha, best = O.shrink_ceiling(gram, steps=200)
+        assert OF.shrunk_cosine(gram, alpha) == pytest.approx(cosine(t + alpha * (d - t), g))
+    alpha, best = OF.shrink_ceiling(gram, steps=200)
     brute = max(cosine(t + a / 200 * (d - t), g) for a in range(201))
     assert best == pytest.approx(brute) and 0 < alpha <= 1
     assert best >= max(cosine(t, g), cosine(d, g))

@@ -345,7 +345,7 @@ def resolve_router(spec, experts):
         return transformer_config(spec, experts, PAPER_ROUTER), note
 
 
-def build_layer(config, default_moe: bool, device, seed=1234, stats_stride=1, local_experts=None):
+def build_layer(config, default_moe: bool, device, seed=1234, stats_stride=1, local_experts=None, probes=0):
     """A stock ``MoELayer`` or a ``DefaultMoELayer``, same seed, so the same weights (checked)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -357,7 +357,7 @@ def build_layer(config, default_moe: bool, device, seed=1234, stats_stride=1, lo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if default_moe:
-            dm_config = DefaultMoEConfig(stats_stride=stats_stride)
+            dm_config = DefaultMoEConfig(stats_stride=stats_stride, probes=probes)
             layer = DefaultMoELayer(config, subs, layer_number=1, dm_config=dm_config)
             if local_experts:
                 count_as_ep_rank(layer, local_experts)
@@ -649,7 +649,7 @@ def measure_points(spec, args, device, local):
         for variant in variants:
             default, _, stride = variant.partition(":")
             layer = build_layer(config, default == "default", device, stats_stride=int(stride or 1),
-                                local_experts=local)
+                                local_experts=local, probes=args.probe_budget)
             base.setdefault(variant, {})[e] = state_bytes(layer)
             if variant == "topk":
                 fingerprint = weights_fingerprint(layer)
@@ -681,11 +681,38 @@ def ep_of(args, name, spec):
     return ep
 
 
+PROBE_SAMPLES_PER_EXPERT = 16  # per micro-batch over the stage: the "rule" budget
+
+
+def probe_budget_of(args, spec, ep):
+    """Probes per GPU and micro-batch: ``--probes N``, or the rule: ``16 E / (EP · DP)`` (the
+    statistics are summed over the stage, so each expert gets about 16 samples a micro-batch)."""
+    if args.probes == "rule":
+        budget = math.ceil(PROBE_SAMPLES_PER_EXPERT * spec["experts"] / (ep * args.dp))
+    else:
+        budget = int(args.probes)
+    if budget > args.tokens:
+        raise SystemExit(f"--probes {budget} exceeds --tokens {args.tokens}: the a + bT fit needs every measured "
+                         "size to draw the whole budget; raise --tokens")
+    return budget
+
+
+def probe_traffic(spec, budget, tokens):
+    """What ``budget`` probe rows add to the dispatcher, balanced: the all-to-all carries ``T K``
+    rows of ``H`` bf16 values each way (dispatch, combine; again in the backward), probes add
+    ``B`` rows each way; in rows, also the experts' GEMMs."""
+    routed_rows = tokens * spec["topk"]
+    row_bytes = spec["hidden"] * 2
+    return dict(probes=budget, routed_rows=routed_rows, extra_row_fraction=budget / routed_rows,
+                a2a_bytes_topk=4 * routed_rows * row_bytes, a2a_bytes_extra=4 * budget * row_bytes)
+
+
 def run_shape(name, args, device, gpu):
     """One result per ``--stats-stride`` (TopK counted once for all)."""
     spec = shape_spec(args, name)
     ep = ep_of(args, name, spec)
     local = spec["experts"] // ep
+    args.probe_budget = probe_budget_of(args, spec, ep)
     points, peaks, base, es, ts, shape_notes = measure_points(spec, args, device, local)
     target = (args.target_tokens, spec["experts"])
     results = []
@@ -722,6 +749,8 @@ def _result(name, spec, args, ep, local, stride, notes, es, ts, fitted, tot, mis
         shape=name, spec={k_: v for k_, v in spec.items()}, notes=notes, measured_tokens=ts, measured_experts=es,
         target_tokens=args.target_tokens, experts_impl=args.experts_impl, stats_stride=stride, ep=ep,
         local_experts=local, stats_kernel=kernel, topk=k, default=d,
+        probe_traffic=probe_traffic(spec, args.probe_budget, args.target_tokens),
+        extra_flops_fraction=(d["flops"] - k["flops"]) / k["flops"],
         ratio_time=d["time_s"] / k["time_s"], ratio_bytes=d["bytes"] / k["bytes"],
         extra_kernels=d["kernels"] - k["kernels"], extra_syncs=d["syncs"] - k["syncs"],
         extra_peak_bytes=d["peak_bytes"] - k["peak_bytes"],
@@ -760,7 +789,8 @@ def cuda_measure(name, args, device, stride):
 def _cuda_measure_at(spec, e, args, device, stride):
     config, note = resolve_router(spec, e)
     out = dict(experts=e, tokens=args.target_tokens, note=note, iters=args.iters)
-    layers = [build_layer(config, False, device), build_layer(config, True, device, stats_stride=stride)]
+    layers = [build_layer(config, False, device), build_layer(config, True, device, stats_stride=stride,
+                                                                  probes=args.probe_budget)]
     x, g = tokens_for(spec["hidden"], args.target_tokens, device)
     times = [[], []]
     for it in range(args.warmup + args.iters):
@@ -804,7 +834,8 @@ def print_shape(r, gpu, top):
     print(f"\n== {r['shape']}: hidden {s['hidden']}, {s['experts']} experts, FFN {s['ffn']}, top-{s['topk']}, "
           f"{'SwiGLU' if s['glu'] else 'GeLU'}; per GPU at EP={r['ep']} ({r['local_experts']} local experts, "
           f"{r['target_tokens']} tokens); measured at T={r['measured_tokens']}, E={r['measured_experts']}; "
-          f"experts as {r['experts_impl']} kernels; Default with --moe-default-stats-stride {r['stats_stride']}")
+          f"experts as {r['experts_impl']} kernels; Default with --moe-default-stats-stride {r['stats_stride']}"
+          + (f", --moe-default-probes {r['probe_traffic']['probes']}" if r["probe_traffic"]["probes"] else ""))
     for note in r["notes"]:
         print(f"   NOTE: {note}")
     print(f"   {'':9} {'HBM bytes':>11} {'GFLOP':>9} {'kernels':>8} {'syncs':>6} {'time µs':>9} {'peak mem':>11}")
@@ -823,6 +854,12 @@ def print_shape(r, gpu, top):
           f"{r['ratio_bytes']:.4f} ({100 * (r['ratio_bytes'] - 1):+.1f}%); extra kernels {r['extra_kernels']}, "
           f"extra host syncs {r['extra_syncs']}; extra peak memory {fmt_bytes(r['extra_peak_bytes'])} "
           f"({100 * r['extra_peak_fraction']:+.2f}%)")
+    p = r["probe_traffic"]
+    if p["probes"]:
+        print(f"   probes: {p['probes']} per GPU and micro-batch, +{100 * p['extra_row_fraction']:.3f}% expert rows; "
+              f"expert FLOPs +{100 * r['extra_flops_fraction']:.3f}% (counted, forward + backward); all-to-all "
+              f"{fmt_bytes(p['a2a_bytes_topk'])} + {fmt_bytes(p['a2a_bytes_extra'])} both ways, forward + backward "
+              f"(not in the roofline: the dispatcher's all-to-all is not modelled)")
     print(f"   of which issued by {PACKAGE}: {o['kernels']} kernels, {fmt_bytes(o['bytes'])}, "
           f"{o['time_s'] * 1e6:.1f} µs of the {(r['default']['time_s'] - r['topk']['time_s']) * 1e6:.1f} µs extra")
     print(f"   top extra ops ({gpu['name']} roofline):")
@@ -869,6 +906,11 @@ def parse_args(argv=None):
     p.add_argument("--kernel-model-only", action="store_true",
                    help="print expert_stats' kernel model (both designs, balanced and 90%% hot) per shape and stride, "
                         "and measure nothing")
+    p.add_argument("--probes", default="0",
+                   help="Default MoE's --moe-default-probes per GPU and micro-batch: N, or 'rule' "
+                        f"({PROBE_SAMPLES_PER_EXPERT} E / (EP DP): about {PROBE_SAMPLES_PER_EXPERT} samples per expert "
+                        "and micro-batch over the stage)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size of the stage, for --probes rule")
     p.add_argument("--top", type=int, default=8, help="top extra ops to print")
     p.add_argument("--iters", type=int, default=20, help="CUDA timing iterations")
     p.add_argument("--warmup", type=int, default=5)

@@ -226,10 +226,11 @@ def richer_table(result):
     mean = lambda f: sum(f(s) for s in steps) / len(steps)  # noqa: E731
     label = {n: "today" if n == base else n for n in names}
     head = (f"{'layer':>5} {'T':>6} {'T|D':>6} " + " ".join(f"{label[n]:>12} {'+shrink (α)':>13}" for n in names)
-            + " " + " ".join(f"{c:>9}" for c in CANDIDATES) + f" {'const+shrink':>13}")
+            + " " + " ".join(f"{c:>14}" for c in CANDIDATES) + f" {'const+shrink':>13}")
     rows = [f"Richer defaults, means over steps {steps[0]}-{steps[-1]}: router-gradient cosine to dense. Per "
             "variant its own gradient and the term shrunk toward TopK by the best α in [0, 1] (mean α*); "
-            "candidates on the base model, fitted on another validation micro-batch (exact: a check, 1.000).",
+            "candidates on the base model, fitted on another validation micro-batch (exact: a check, 1.000), "
+            "in brackets ‖V − E(x)‖ / ‖u − E(x)‖ over the unchosen pairs.",
             head, "-" * len(head)]
     for layer in layers:
         cells = [f"{mean(lambda s: h['TopK'][s]['cos'][layer]['topk']):>6.3f}",
@@ -238,7 +239,9 @@ def richer_table(result):
             best = [shrink_ceiling(h[n][s]["gram"][layer]) for s in steps]
             cells.append(f"{mean(lambda s: _gram_cos(h[n][s]['gram'][layer])):>12.3f}")
             cells.append(f"{sum(c for _, c in best) / len(best):>6.3f} ({sum(a for a, _ in best) / len(best):.2f})")
-        cells += [f"{mean(lambda s: _gram_cos(h[base][s]['richer'][c][layer])):>9.3f}" for c in CANDIDATES]
+        cells += [f"{mean(lambda s: _gram_cos(h[base][s]['richer'][c][layer])):>6.3f} "
+                  f"({mean(lambda s: h[base][s]['richer'][c][layer].get('fit_error', float('nan'))):>5.2f})"
+                  for c in CANDIDATES]
         best = [shrink_ceiling(h[base][s]["richer"]["constant"][layer]) for s in steps]
         cells.append(f"{sum(c for _, c in best) / len(best):>6.3f} ({sum(a for a, _ in best) / len(best):.2f})")
         rows.append(f"{int(layer):>5} " + " ".join(cells))

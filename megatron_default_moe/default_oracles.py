@@ -25,7 +25,7 @@ from typing import Callable, Dict
 import torch
 
 from megatron_default_moe import functional as F
-from megatron_default_moe.diagnostics import _eval_mode, _patched, router_gradient_triples
+from megatron_default_moe.diagnostics import _eval_mode, _layer_key, _patched, moe_layers, router_gradient_triples
 from megatron_default_moe.layer import DefaultMoELayer, _group_rank, _group_size
 from megatron_default_moe.oracle_fits import CANDIDATES, candidate_vectors_TEH, fit_candidates, gram_of
 from megatron_default_moe.vector_quality import _gather_rows
@@ -145,13 +145,25 @@ def richer_default_ceilings(model, loss_fn: Callable, forward_fit: Callable, for
     for layer, (x_NH, routed_NE, top1_N, _) in record_routing(model, forward_fit).items():
         fits[layer] = fit_candidates(x_NH, routed_NE, top1_N, expert_outputs_ENH(layer, x_NH))
     measured = record_routing(model, forward_measure)
+    exact = {layer: expert_outputs_ENH(layer, x_NH)[:, mine] for layer, (x_NH, _, _, mine) in measured.items()}
     out = {}
     for name in candidates:
-        vectors = {}
-        for layer, (x_NH, _, top1_N, mine) in measured.items():
-            o_ETH = expert_outputs_ENH(layer, x_NH)[:, mine] if name == "exact" else None
-            vectors[layer] = candidate_vectors_TEH(name, fits[layer], x_NH[mine], top1_N[mine], o_ETH).contiguous()
+        vectors, errors = {}, {}
+        for layer, (x_NH, routed_NE, top1_N, mine) in measured.items():
+            v = candidate_vectors_TEH(name, fits[layer], x_NH[mine], top1_N[mine], exact[layer]).contiguous()
+            vectors[layer] = v
+            constant = candidate_vectors_TEH("constant", fits[layer], x_NH[mine], top1_N[mine])
+            errors[layer] = _fit_error(v, constant, exact[layer].transpose(0, 1), ~routed_NE[mine])
         with token_defaults(vectors):
             triples = router_gradient_triples(model, loss_fn)
+        layer_keys = {id(layer): _layer_key(layer, i) for i, layer in enumerate(moe_layers(model))}
         out[name] = {k: gram_of(t, d, g) for k, (t, d, g) in triples.items() if d is not None}
+        for layer, err in errors.items():
+            out[name][layer_keys[id(layer)]]["fit_error"] = err
     return out
+
+
+def _fit_error(v_TEH, constant_TEH, exact_TEH, unchosen_TE):
+    """``‖V − E(x)‖ / ‖u − E(x)‖`` over the unchosen pairs (the constant candidate: 1)."""
+    m = unchosen_TE.unsqueeze(-1)
+    return float(((v_TEH - exact_TEH) * m).norm() / ((constant_TEH - exact_TEH) * m).norm().clamp_min(1e-300))

@@ -22,84 +22,15 @@ counter carried by the checkpoint; ranks that hold the same tokens (tensor-paral
 sequence parallelism) draw the same pairs. No host sync: the budget fixes every size.
 """
 
-import math
-
 import torch
 
+from megatron_default_moe.probe_draw import PROBE_DRAWS, PROBE_PROB, draw_probes, probe_seed, uniform_keys  # noqa: F401
 from megatron_default_moe.statistics import counts_on
-
-PROBE_PROB = -1.0  # a uniform draw's probe; a weighted draw's carries -W_t (its importance weight)
-PROBE_DRAWS = ("uniform", "weighted")
 
 
 def probe_budget(budget: int, tokens: int) -> int:
     """Pairs drawn per micro-batch: the budget, at most one per token (host-known shapes)."""
     return min(int(budget), tokens)
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(h, c: int):
-    """``h * c mod 2^32`` for ``0 <= h < 2^32`` in int64 without overflow (16-bit halves of ``c``)."""
-    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _fmix32(h):
-    """MurmurHash3's finaliser: every input bit moves every output bit."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def uniform_keys(numel: int, seed: int, device) -> torch.Tensor:
-    """``numel`` uniforms in (0, 1), fp32, a pure function of ``seed`` (a ``probe_seed``) and the
-    index: the same values on every device and under fake tensors."""
-    index = torch.arange(numel, device=device, dtype=torch.int64)
-    h = _fmix32((index ^ (seed & _M32)) & _M32)
-    h = _fmix32(h ^ ((seed >> 32) & _M32))
-    return (h.to(torch.float64) + 0.5).mul_(2.0**-32).to(torch.float32)
-
-
-def _token_stride(seed: int, tokens: int):
-    """``(a, b)`` with ``gcd(a, tokens) = 1``: ``j -> (a·j + b) mod tokens`` visits distinct tokens."""
-    a = 1 + probe_seed(seed, 1, 0, 0) % max(tokens - 1, 1)
-    while math.gcd(a, tokens) != 1:
-        a += 1
-    return a, probe_seed(seed, 2, 0, 0) % tokens
-
-
-def draw_probes(weights_TE, routing_map_TE, budget: int, seed: int, draw: str):
-    """``(tokens_B, experts_B, probs_B)``: ``probe_budget`` distinct unrouted pairs, one per token.
-
-    The tokens are a random affine walk over the micro-batch (distinct, each token equally
-    likely); each takes one of its unrouted experts with ``w > 0``: ``uniform``: alike (every
-    eligible pair then equally likely; prob ``PROBE_PROB``); ``weighted``: in proportion to ``w``,
-    with prob ``-W_t`` (``W_t = Σ w`` of the token's unrouted experts) so that the statistics,
-    weighting each row by ``|p|``, estimate the ``w``-weighted unchosen mean. A token with no
-    eligible pair (padding) gets a filler: an unrouted pair with prob 0, run like Megatron's own
-    padding rows and never counted. Work: ``O(budget · E)``, no host sync.
-    """
-    if draw not in PROBE_DRAWS:
-        raise ValueError(f"--moe-default-probe-draw must be one of {PROBE_DRAWS}, got {draw!r}")
-    tokens, experts = weights_TE.shape
-    a, b = _token_stride(seed, tokens)
-    j_B = torch.arange(budget, device=weights_TE.device, dtype=torch.int64)
-    tokens_B = (j_B * a + b) % tokens
-    routed_BE = routing_map_TE.index_select(0, tokens_B)
-    w_BE = weights_TE.detach().index_select(0, tokens_B).float().masked_fill_(routed_BE, 0.0)
-    mass_BE = w_BE if draw == "weighted" else (w_BE > 0).float()
-    cdf_BE = mass_BE.cumsum(-1)
-    total_B1 = cdf_BE[:, -1:]
-    target_B1 = uniform_keys(budget, seed, weights_TE.device)[:, None] * total_B1
-    last_B = experts - 1 - (mass_BE > 0).flip(-1).int().argmax(-1)  # the last eligible expert
-    picked_B = torch.minimum((cdf_BE <= target_B1).sum(-1), last_B)
-    eligible_B = total_B1.squeeze(-1) > 0
-    experts_B = torch.where(eligible_B, picked_B, (~routed_BE).int().argmax(-1))
-    weight_B = w_BE.sum(-1) if draw == "weighted" else torch.ones_like(total_B1.squeeze(-1))
-    return tokens_B, experts_B, torch.where(eligible_B, -weight_B, 0.0)
 
 
 def add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B):
@@ -162,17 +93,6 @@ class ExcludeProbeRows(torch.autograd.Function):
 def _zero_rows_(x_RH, rows_B, is_probe_B):
     kept_BH = torch.where(is_probe_B[:, None], 0.0, x_RH.index_select(0, rows_B))  # NaN rows too
     return x_RH.index_copy_(0, rows_B, kept_BH)
-
-
-def probe_seed(seed: int, counter: int, layer_number: int, token_set: int) -> int:
-    """One 63-bit seed per (seed, micro-batch counter, layer, set of tokens) (splitmix64 steps)."""
-    x = 0
-    for part in (seed, counter, layer_number or 0, token_set):
-        x = (x ^ (part & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-    return x & 0x7FFFFFFFFFFFFFFF
 
 
 class ProbeSampler:

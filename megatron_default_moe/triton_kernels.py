@@ -174,3 +174,56 @@ def _weights_bwd_kernel(g_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E, scale
     if HAS_BASE:  # Megatron's own logits gradient, added in this pass
         dz += tl.load(base_ptr + idx, mask=m, other=0.0).to(tl.float32)
     tl.store(dz_ptr + idx, dz.to(dz_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _fmix32(h):
+    """MurmurHash3's finaliser on uint32 lanes (wrapping products); ``probe_draw._fmix32``."""
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit(do_not_specialize=["a", "b", "k0", "k1", "k2", "k3"])
+def _probe_draw_kernel(w_ptr, routed_ptr, tokens_ptr, experts_ptr, probs_ptr, T, E, B, a, b, k0, k1, k2, k3,
+                       WEIGHTED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+    """``BLOCK_B`` probes per program, one token row of ``E`` each: the walk's token, its key, the
+    eligible experts' cumulative shares, the pick; see ``probe_draw.probe_draw_reference``. The
+    seed comes as four 16-bit pieces ``k0..k3`` (low first) and the per-call integers are not
+    specialised: every seed runs the same compiled kernel."""
+    j = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mj = j < B
+    t = (j.to(tl.int64) * a + b) % T
+    e = tl.arange(0, BLOCK_E)
+    me = e < E
+    m = mj[:, None] & me[None, :]
+    idx = t[:, None] * E + e[None, :]
+    routed = tl.load(routed_ptr + idx, mask=m, other=1) != 0
+    w = tl.where(routed, 0.0, tl.load(w_ptr + idx, mask=m, other=0.0).to(tl.float32))
+    if WEIGHTED:
+        mass = w
+    else:
+        mass = tl.where(w > 0.0, 1.0, 0.0)
+    cdf = tl.cumsum(mass, axis=1)
+    total = tl.max(cdf, axis=1)  # the last column: shares are >= 0
+    seed_lo = (k1.to(tl.uint32) << 16) | k0.to(tl.uint32)
+    seed_hi = (k3.to(tl.uint32) << 16) | k2.to(tl.uint32)
+    h = _fmix32(j.to(tl.uint32) ^ seed_lo)
+    h = _fmix32(h ^ seed_hi)
+    key = ((h.to(tl.float64) + 0.5) * (2.0**-32)).to(tl.float32)
+    target = key * total
+    picked = tl.sum(tl.where(me[None, :] & (cdf <= target[:, None]), 1, 0), axis=1).to(tl.int64)
+    last = tl.max(tl.where(mass > 0.0, e[None, :], -1), axis=1).to(tl.int64)
+    eligible = total > 0.0
+    first_free = tl.min(tl.where(m & ~routed, e[None, :], BLOCK_E), axis=1)
+    fallback = tl.where(first_free < BLOCK_E, first_free, 0).to(tl.int64)
+    expert = tl.where(eligible, tl.minimum(picked, last), fallback)
+    if WEIGHTED:
+        weight = tl.sum(w, axis=1)
+    else:
+        weight = tl.full([BLOCK_B], 1.0, tl.float32)
+    tl.store(tokens_ptr + j, t, mask=mj)
+    tl.store(experts_ptr + j, expert, mask=mj)
+    tl.store(probs_ptr + j, tl.where(eligible, -weight, 0.0), mask=mj)

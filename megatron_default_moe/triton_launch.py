@@ -111,9 +111,27 @@ def default_weights_backward_launches(grad_TE, logits_TE, probs_TE, selected_TE,
     return dz, [Launch(K._weights_bwd_kernel, (T,), args, flags)] if T else []
 
 
+PROBE_BLOCK_B = 16  # probes per program of probe_draw
+
+
+def probe_draw_launches(weights_TE, routing_map_TE, budget, a, b, seed, weighted):
+    T, E = weights_TE.shape
+    dev = weights_TE.device
+    tokens = torch.empty(budget, dtype=torch.int64, device=dev)
+    experts = torch.empty(budget, dtype=torch.int64, device=dev)
+    probs = torch.empty(budget, dtype=torch.float32, device=dev)
+    routed = routing_map_TE.contiguous().view(torch.uint8)
+    pieces = tuple((seed >> s) & 0xFFFF for s in (0, 16, 32, 48))  # always int32: one compiled kernel
+    args = (weights_TE.contiguous(), routed, tokens, experts, probs, T, E, budget, a, b, *pieces)
+    flags = dict(WEIGHTED=weighted, BLOCK_B=PROBE_BLOCK_B, BLOCK_E=max(2, triton.next_power_of_2(E)))
+    grid = (triton.cdiv(budget, PROBE_BLOCK_B),)
+    return (tokens, experts, probs), [Launch(K._probe_draw_kernel, grid, args, flags)] if budget else []
+
+
 LAUNCHES = dict(expert_stats=expert_stats_launches, ema_update=ema_update_launches,
                 default_weights=default_weights_launches,
-                default_weights_backward=default_weights_backward_launches)  # fmt: skip
+                default_weights_backward=default_weights_backward_launches,
+                probe_draw=probe_draw_launches)  # fmt: skip
 
 
 def launcher(op: str):
@@ -133,3 +151,4 @@ expert_stats = launcher("expert_stats")
 ema_update_ = launcher("ema_update")
 default_weights = launcher("default_weights")
 default_weights_backward = launcher("default_weights_backward")
+probe_draw = launcher("probe_draw")

@@ -64,7 +64,7 @@ def test_fits_recover_what_they_can_represent():
     b_EHH = u[:, :, :2] @ torch.diag_embed(s[:, :2]) @ vt[:, :2]  # rank 2
     c_EH = torch.randn(e, h, generator=gen, dtype=torch.float64)
     o_ENH = c_EH[:, None] + torch.einsum("nh,ehk->enk", x, b_EHH)
-    fit = OF.fit_candidates(x, routed, top1, o_ENH, ranks=(2, 1), ridge=0.0)
+    fit = OF.fit_candidates(x, routed, top1, o_ENH, ranks=(2, 1), shared_ranks=(6,), ridge=0.0)
     unchosen = ~routed.T
     for i in range(e):
         torch.testing.assert_close(fit["u_EH"][i], o_ENH[i][unchosen[i]].mean(0))
@@ -72,10 +72,11 @@ def test_fits_recover_what_they_can_represent():
             rows = unchosen[i] & (top1 == j)
             want = o_ENH[i][rows].mean(0) if rows.any() else fit["u_EH"][i]
             torch.testing.assert_close(fit["top1_EEH"][i, j], want)
-    v = OF.candidate_vectors_TEH("linear-2", {**fit, "maps": {2: fit["maps"][2]}}, x, top1)
+    v = OF.candidate_vectors_TEH("linear-2", fit, x, top1)
     torch.testing.assert_close(v, o_ENH.transpose(0, 1))  # a rank-2 affine map: recovered exactly
-    v1 = OF.candidate_vectors_TEH("linear-1", {**fit, "maps": {1: fit["maps"][1]}}, x, top1)
+    v1 = OF.candidate_vectors_TEH("linear-1", fit, x, top1)
     assert (v1 - o_ENH.transpose(0, 1)).norm() > 1e-3  # rank 1 cannot
+    torch.testing.assert_close(OF.candidate_vectors_TEH("shared-6", fit, x, top1), o_ENH.transpose(0, 1))  # full basis
     v = OF.candidate_vectors_TEH("top1", fit, x, top1)
     torch.testing.assert_close(v[5, 2], fit["top1_EEH"][2, top1[5]])
 

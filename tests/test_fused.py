@@ -301,6 +301,66 @@ def test_triton_kernels_match_references_in_the_interpreter():
     assert "CHECKED 76" in proc.stdout
 
 
+PROBE_DRAW_CHECK = textwrap.dedent("""
+import torch
+from megatron_default_moe import probe_draw as D
+from megatron_default_moe import triton_launch as TL
+checked = 0
+for T, E, budget in ((64, 8, 64), (300, 16, 37), (50, 160, 50), (33, 3, 5)):
+    for weighted in (False, True):
+        for wdtype in (torch.float32, torch.bfloat16):
+            for seed in (0, 7, 2**63 - 5, 123456789012345):
+                gen = torch.Generator().manual_seed(seed % 1000 + T)
+                w = torch.rand(T, E, generator=gen)
+                routed = torch.rand(T, E, generator=gen) < 0.3
+                w[routed] = 0
+                w[::7] = 0  # padding tokens: no eligible pair
+                w = w.to(wdtype)
+                a, b = D._token_stride(seed, T)
+                ref = D.probe_draw_reference(w, routed, budget, a, b, seed, weighted)
+                got = TL.probe_draw(w, routed, budget, a, b, seed, weighted)
+                assert torch.equal(got[0], ref[0]), (T, E, seed)
+                same = got[1] == ref[1]
+                if not weighted:
+                    assert same.all(), (T, E, seed, got[1], ref[1])
+                    assert torch.equal(got[2], ref[2])
+                else:
+                    assert same.float().mean() >= 0.95, (T, E, seed)
+                    torch.testing.assert_close(got[2], ref[2], rtol=1e-6, atol=1e-6)
+                checked += 1
+print("CHECKED", checked)
+""")
+
+
+def test_probe_draw_kernel_matches_its_reference_in_the_interpreter():
+    """The draw's Triton kernel against ``probe_draw_reference``: the same tokens always, the same
+    experts and probs bit for bit on uniform draws (weighted: 95% of the picks at least, probs to
+    fp32 rounding), token-major bf16/fp32 weights, padding tokens, seeds up to 2^63."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", PROBE_DRAW_CHECK], env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "CHECKED 64" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the probe draw's Triton kernel on a GPU")
+def test_cuda_probe_draw_matches_its_reference():
+    from megatron_default_moe import probe_draw as D
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w = torch.rand(16384, 128, device=dev, generator=gen)
+    routed = torch.rand(16384, 128, device=dev, generator=gen) < 0.06
+    w[routed] = 0
+    for seed in (1, 2**62 + 3):
+        a, b = D._token_stride(seed, 16384)
+        got = D.probe_draw(w, routed, 1024, a, b, seed, False)
+        ref = D.probe_draw_reference(w, routed, 1024, a, b, seed, False)
+        for g, r in zip(got, ref):
+            assert torch.equal(g, r)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused ops' Triton kernels on a GPU")
 def test_cuda_ops_match_their_references():
     """On CUDA the ops run Triton; each must match its torch reference on the same device."""

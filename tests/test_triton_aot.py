@@ -64,6 +64,13 @@ def _weights_backward(logits_dtype, score, renorm_all, has_base, turn):
     return (torch.zeros(logits.shape), logits, _chosen(logits, turn), sel, score, *renorm_all, 1.0, 0.0, base)
 
 
+def _probe_draw(weights_dtype, weighted, turn):
+    tokens, experts = ((64, 8), (300, 128), (40, 160))[turn % 3]
+    weights = torch.zeros(tokens, experts, dtype=weights_dtype)
+    seed = (3, 2**63 - 1, 2**40 + 17)[turn % 3]  # one compiled kernel whatever the seed's size
+    return (weights, torch.zeros(tokens, experts, dtype=torch.bool), min(tokens, 37), 5, 1, seed, weighted)
+
+
 def full_cases():
     """``(op, args)``: every constexpr combination with every dtype (see the module docstring)."""
     cases = []
@@ -74,6 +81,8 @@ def full_cases():
         cases.append(("default_weights", _weights(z, w, s, n, turn)))
     for turn, (z, s, n, b) in enumerate(itertools.product(DTYPES, SCORE_FUNCTIONS, NORMALISERS, (True, False))):
         cases.append(("default_weights_backward", _weights_backward(z, s, n, b, turn)))
+    for turn, (w, weighted) in enumerate(itertools.product(DTYPES, (True, False))):
+        cases.append(("probe_draw", _probe_draw(w, weighted, turn)))
     return cases
 
 

@@ -1,0 +1,111 @@
+"""The probe draw (``probes.py``) as one op: which (token, expert) pairs a micro-batch's probes take.
+
+Unfused it is ~80 small torch kernels per layer and micro-batch (the key hash alone is ~40), about
+0.3 ms of launches on a GPU; ``probe_draw`` is one Triton kernel on CUDA (``triton_kernels.py``)
+and this reference elsewhere, the same draw bit for bit on uniform draws (weighted draws: the same
+pairs unless a key falls within fp32 rounding of a boundary between two experts' shares, and
+``W_t`` summed in another order). Pure torch, no Megatron.
+
+The draw is a pure function of its inputs: a counter-based integer hash of ``(seed, index)`` for
+the keys (no generator state: the same bits on any device and under fake tensors), and the token
+walk ``j -> (a·j + b) mod T`` from host-side integers.
+"""
+
+import math
+
+import torch
+
+PROBE_PROB = -1.0  # a uniform draw's probe; a weighted draw's carries -W_t (its importance weight)
+PROBE_DRAWS = ("uniform", "weighted")
+
+
+def probe_seed(seed: int, counter: int, layer_number: int, token_set: int) -> int:
+    """One 63-bit seed per (seed, micro-batch counter, layer, set of tokens) (splitmix64 steps)."""
+    x = 0
+    for part in (seed, counter, layer_number or 0, token_set):
+        x = (x ^ (part & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h, c: int):
+    """``h * c mod 2^32`` for ``0 <= h < 2^32`` in int64 without overflow (16-bit halves of ``c``)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h):
+    """MurmurHash3's finaliser: every input bit moves every output bit."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def uniform_keys(numel: int, seed: int, device) -> torch.Tensor:
+    """``numel`` uniforms in (0, 1), fp32, a pure function of ``seed`` (a ``probe_seed``) and the
+    index: the same values on every device and under fake tensors."""
+    index = torch.arange(numel, device=device, dtype=torch.int64)
+    h = _fmix32((index ^ (seed & _M32)) & _M32)
+    h = _fmix32(h ^ ((seed >> 32) & _M32))
+    return (h.to(torch.float64) + 0.5).mul_(2.0**-32).to(torch.float32)
+
+
+def _token_stride(seed: int, tokens: int):
+    """``(a, b)`` with ``gcd(a, tokens) = 1``: ``j -> (a·j + b) mod tokens`` visits distinct tokens."""
+    a = 1 + probe_seed(seed, 1, 0, 0) % max(tokens - 1, 1)
+    while math.gcd(a, tokens) != 1:
+        a += 1
+    return a, probe_seed(seed, 2, 0, 0) % tokens
+
+
+def probe_draw_reference(weights_TE: torch.Tensor, routing_map_TE: torch.Tensor, budget: int, a: int, b: int,
+                         seed: int, weighted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(tokens_B, experts_B, probs_B)`` (int64, int64, fp32) of ``draw_probes``; ``(a, b)`` the
+    token walk, ``seed`` the keys'."""
+    tokens, experts = weights_TE.shape
+    j_B = torch.arange(budget, device=weights_TE.device, dtype=torch.int64)
+    tokens_B = (j_B * a + b) % tokens
+    routed_BE = routing_map_TE.index_select(0, tokens_B)
+    w_BE = weights_TE.index_select(0, tokens_B).float().masked_fill_(routed_BE, 0.0)
+    mass_BE = w_BE if weighted else (w_BE > 0).float()
+    cdf_BE = mass_BE.cumsum(-1)
+    total_B1 = cdf_BE[:, -1:]
+    target_B1 = uniform_keys(budget, seed, weights_TE.device)[:, None] * total_B1
+    last_B = experts - 1 - (mass_BE > 0).flip(-1).int().argmax(-1)  # the last eligible expert
+    picked_B = torch.minimum((cdf_BE <= target_B1).sum(-1), last_B)
+    eligible_B = total_B1.squeeze(-1) > 0
+    experts_B = torch.where(eligible_B, picked_B, (~routed_BE).int().argmax(-1).long())
+    weight_B = w_BE.sum(-1) if weighted else torch.ones_like(total_B1.squeeze(-1))
+    return tokens_B, experts_B, torch.where(eligible_B, -weight_B, 0.0)
+
+
+probe_draw = torch.library.custom_op("default_moe::probe_draw", mutates_args=())(probe_draw_reference)
+
+
+@probe_draw.register_fake
+def _(weights_TE, routing_map_TE, budget, a, b, seed, weighted):
+    new = weights_TE.new_empty
+    return new(budget, dtype=torch.int64), new(budget, dtype=torch.int64), new(budget, dtype=torch.float32)
+
+
+def draw_probes(weights_TE, routing_map_TE, budget: int, seed: int, draw: str):
+    """``(tokens_B, experts_B, probs_B)``: ``probe_budget`` distinct unrouted pairs, one per token.
+
+    The tokens are a random affine walk over the micro-batch (distinct, each token equally
+    likely); each takes one of its unrouted experts with ``w > 0``: ``uniform``: alike (every
+    eligible pair then equally likely; prob ``PROBE_PROB``); ``weighted``: in proportion to ``w``,
+    with prob ``-W_t`` (``W_t = Σ w`` of the token's unrouted experts) so that the statistics,
+    weighting each row by ``|p|``, estimate the ``w``-weighted unchosen mean. A token with no
+    eligible pair (padding) gets a filler: an unrouted pair with prob 0, run like Megatron's own
+    padding rows and never counted. Work: ``O(budget · E)`` in one op, no host sync.
+    """
+    if draw not in PROBE_DRAWS:
+        raise ValueError(f"--moe-default-probe-draw must be one of {PROBE_DRAWS}, got {draw!r}")
+    a, b = _token_stride(seed, weights_TE.shape[0])
+    return probe_draw(weights_TE.detach(), routing_map_TE, int(budget), a, b, int(seed), draw == "weighted")

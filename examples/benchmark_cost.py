@@ -12,7 +12,8 @@ A CPU cannot time what a GPU pays: there the expert matmuls dwarf every extra me
    default vectors stay fp32, as the layer keeps them), local spec (``SequentialMLP`` experts), one
    process, and run one forward + backward of the same tokens under a ``TorchDispatchMode`` that
    records every aten op: bytes read (its input tensors: unique elements of each, so a broadcast
-   read counts once) and written (outputs; in-place ops write their mutated argument), matmul FLOPs
+   read counts once) and written (outputs; in-place ops write their mutated argument, ``index_copy_`` /
+   ``index_add_`` only its indexed rows: the source's size), matmul FLOPs
    (``2 M N K`` for mm / addmm / bmm / baddbmm / mv / dot / _grouped_mm), and one kernel per call.
    View and metadata ops (``FREE_OPS`` and every op whose schema says it is a view) cost 0 bytes
    and 0 kernels; allocations (``empty*``) cost no kernel. Elementwise FLOPs are left out (those
@@ -107,6 +108,7 @@ SYNC_OPS = frozenset({"nonzero", "_local_scalar_dense", "masked_select", "_uniqu
                       "unique_dim", "is_nonzero", "equal"})  # fmt: skip
 WRITE_ONLY = frozenset({"copy_", "fill_", "zero_", "normal_", "uniform_", "random_"})
 # Their tensor arguments give only dtype, device or shape: nothing is read.
+INDEXED_WRITES = frozenset({"index_copy_", "index_add_"})  # in place, touching the indexed rows only
 READ_NOTHING = frozenset({"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like",
                           "rand_like", "randn_like", "randint_like"})
 PACKAGE = "megatron_default_moe"
@@ -266,6 +268,10 @@ class CostMode(TorchDispatchMode):
         reads = [] if name in READ_NOTHING else [
             t for t in _tensors(list(named.values())) if not (write_only and any(t is m for m in mutated))]
         written = mutated + [t for t in outs if not any(t is m for m in mutated)]
+        if name in INDEXED_WRITES:  # only the indexed rows of the destination: the source's size
+            source = named["source"]
+            reads = [t for t in reads if t is not named["self"]] + ([source] if name == "index_add_" else [])
+            written = [source]
         self.ops.append(dict(
             op=name, phase=phase, region=region, ours=ours, where=where,
             bytes_read=sum(tensor_bytes(t) for t in reads),
@@ -738,6 +744,10 @@ def run_shape(name, args, device, gpu):
     return results
 
 
+def _region_flops(fitted, region="experts"):
+    return sum(rec["flops"] for key, rec in fitted.items() if key[1] == region)
+
+
 def _result(name, spec, args, ep, local, stride, notes, es, ts, fitted, tot, mism, gpu, kernel):
     if any(mism.values()):
         notes.append(f"ops seen at one measured size only (topk {mism['topk']}, default {mism['default']}): "
@@ -751,6 +761,7 @@ def _result(name, spec, args, ep, local, stride, notes, es, ts, fitted, tot, mis
         local_experts=local, stats_kernel=kernel, topk=k, default=d,
         probe_traffic=probe_traffic(spec, args.probe_budget, args.target_tokens),
         extra_flops_fraction=(d["flops"] - k["flops"]) / k["flops"],
+        extra_expert_flops_fraction=_region_flops(fitted["default"]) / _region_flops(fitted["topk"]) - 1.0,
         ratio_time=d["time_s"] / k["time_s"], ratio_bytes=d["bytes"] / k["bytes"],
         extra_kernels=d["kernels"] - k["kernels"], extra_syncs=d["syncs"] - k["syncs"],
         extra_peak_bytes=d["peak_bytes"] - k["peak_bytes"],
@@ -857,7 +868,8 @@ def print_shape(r, gpu, top):
     p = r["probe_traffic"]
     if p["probes"]:
         print(f"   probes: {p['probes']} per GPU and micro-batch, +{100 * p['extra_row_fraction']:.3f}% expert rows; "
-              f"expert FLOPs +{100 * r['extra_flops_fraction']:.3f}% (counted, forward + backward); all-to-all "
+              f"the experts' FLOPs +{100 * r['extra_expert_flops_fraction']:.3f}% (counted, forward + backward; all "
+              f"FLOPs +{100 * r['extra_flops_fraction']:.3f}%); all-to-all "
               f"{fmt_bytes(p['a2a_bytes_topk'])} + {fmt_bytes(p['a2a_bytes_extra'])} both ways, forward + backward "
               f"(not in the roofline: the dispatcher's all-to-all is not modelled)")
     print(f"   of which issued by {PACKAGE}: {o['kernels']} kernels, {fmt_bytes(o['bytes'])}, "

@@ -13,7 +13,8 @@ A CPU cannot time what a GPU pays: there the expert matmuls dwarf every extra me
    process, and run one forward + backward of the same tokens under a ``TorchDispatchMode`` that
    records every aten op: bytes read (its input tensors: unique elements of each, so a broadcast
    read counts once) and written (outputs; in-place ops write their mutated argument, ``index_copy_`` /
-   ``index_add_`` only its indexed rows: the source's size), matmul FLOPs
+   ``index_add_`` only its indexed rows: the source's size; ``index_select`` reads the rows it
+   gathers, its output's size, not its whole source), matmul FLOPs
    (``2 M N K`` for mm / addmm / bmm / baddbmm / mv / dot / _grouped_mm), and one kernel per call.
    View and metadata ops (``FREE_OPS`` and every op whose schema says it is a view) cost 0 bytes
    and 0 kernels; allocations (``empty*``) cost no kernel. Elementwise FLOPs are left out (those
@@ -268,6 +269,8 @@ class CostMode(TorchDispatchMode):
         reads = [] if name in READ_NOTHING else [
             t for t in _tensors(list(named.values())) if not (write_only and any(t is m for m in mutated))]
         written = mutated + [t for t in outs if not any(t is m for m in mutated)]
+        if name == "index_select":  # a gather reads the rows it selects (each time), not the whole source
+            reads = [named["index"]] + outs
         if name in INDEXED_WRITES:  # only the indexed rows of the destination: the source's size
             source = named["source"]
             reads = [t for t in reads if t is not named["self"]] + ([source] if name == "index_add_" else [])
@@ -663,6 +666,8 @@ def measure_points(spec, args, device, local):
                 raise RuntimeError("TopK and Default layers got different weights")
             for t in ts:
                 x, g = tokens_for(spec["hidden"], t, device)
+                if getattr(layer, "probes", None) is not None:
+                    set_probe_budget(layer, args.probe_budget * t // args.target_tokens)
                 mode = count_step(layer, x, g)
                 points[variant].append(((t, e), keyed(mode, e, args.experts_impl)))
                 peaks[variant][(t, e)] = mode.peak_bytes + mode.base_bytes
@@ -697,10 +702,17 @@ def probe_budget_of(args, spec, ep):
         budget = math.ceil(PROBE_SAMPLES_PER_EXPERT * spec["experts"] / (ep * args.dp))
     else:
         budget = int(args.probes)
-    if budget > args.tokens:
-        raise SystemExit(f"--probes {budget} exceeds --tokens {args.tokens}: the a + bT fit needs every measured "
-                         "size to draw the whole budget; raise --tokens")
+    if budget and (budget * args.tokens % args.target_tokens or budget * args.tokens < args.target_tokens):
+        raise SystemExit(f"--probes {budget} at --target-tokens {args.target_tokens}: measured at --tokens "
+                         f"{args.tokens}, the budget scales to {budget * args.tokens / args.target_tokens:g} probes; "
+                         "it must be a whole number >= 1 (pick a budget that is a multiple of target / tokens)")
     return budget
+
+
+def set_probe_budget(layer, budget):
+    """Probes in proportion to the measured tokens (``B · T / target``): the rows a GPU receives
+    scale like its routed rows, so the ``a + bT`` fit carries them to the target at any EP."""
+    layer.probes.budget = layer.probes.max_rows = budget
 
 
 def probe_traffic(spec, budget, tokens):
@@ -919,7 +931,7 @@ def parse_args(argv=None):
                    help="print expert_stats' kernel model (both designs, balanced and 90%% hot) per shape and stride, "
                         "and measure nothing")
     p.add_argument("--probes", default="0",
-                   help="Default MoE's --moe-default-probes per GPU and micro-batch: N, or 'rule' "
+                   help="Default MoE's --moe-default-probes per GPU and micro-batch at --target-tokens: N, or 'rule' "
                         f"({PROBE_SAMPLES_PER_EXPERT} E / (EP DP): about {PROBE_SAMPLES_PER_EXPERT} samples per expert "
                         "and micro-batch over the stage)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size of the stage, for --probes rule")

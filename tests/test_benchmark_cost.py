@@ -62,6 +62,8 @@ def test_in_place_and_write_only_ops(bench):
     assert op["bytes_read"] == 16 + 64 and op["bytes_written"] == 64
     (op,) = count(bench, lambda: big.index_add_(0, rows, src)).ops  # reads the rows it adds to
     assert op["bytes_read"] == 16 + 64 + 64 and op["bytes_written"] == 64
+    (op,) = count(bench, lambda: big.index_select(0, torch.tensor([3, 3, 7]))).ops  # the rows it gathers
+    assert op["bytes_read"] == 24 + 96 and op["bytes_written"] == 96
 
 
 def test_backward_ops_are_counted_and_syncs_flagged(bench):
@@ -202,14 +204,16 @@ def test_probes_rows_and_traffic(tmp_path):
     bytes by the same fraction, and the rule's budget from E / EP."""
     out = tmp_path / "cost.json"
     cmd = [sys.executable, SCRIPT, "--shapes", "custom", "--hidden", "32", "--experts", "4", "--ffn", "64",
-           "--topk", "2", "--tokens", "16", "--target-tokens", "1024", "--probes", "8", "--json", str(out)]  # fmt: skip
+           "--topk", "2", "--tokens", "16", "--target-tokens", "1024", "--probes", "64", "--ep", "2",
+           "--json", str(out)]  # fmt: skip
     text = helpers.run_isolated(cmd, timeout_s=240, cwd=ROOT)
-    assert "--moe-default-probes 8" in text and "probes: 8 per GPU" in text
+    assert "--moe-default-probes 64" in text and "probes: 64 per GPU" in text
     (r,) = json.loads(out.read_text())["shapes"]
     p = r["probe_traffic"]
-    assert p["probes"] == 8 and p["routed_rows"] == 2048 and p["extra_row_fraction"] == 8 / 2048
-    assert p["a2a_bytes_extra"] / p["a2a_bytes_topk"] == pytest.approx(8 / 2048)
-    assert r["extra_expert_flops_fraction"] == pytest.approx(8 / 2048, rel=1e-6)
+    assert p["probes"] == 64 and p["routed_rows"] == 2048 and p["extra_row_fraction"] == 64 / 2048
+    assert p["a2a_bytes_extra"] / p["a2a_bytes_topk"] == pytest.approx(64 / 2048)
+    # measured with 1 and 2 probes at 16 and 32 tokens: 64 at 1024, per GPU at EP = 2 as well
+    assert r["extra_expert_flops_fraction"] == pytest.approx(64 / 2048, rel=1e-6)
     assert r["unmatched_keys"] == {"topk": 0, "default": 0}
 
 
@@ -217,11 +221,11 @@ def test_probe_budget_rule(bench):
     import argparse
 
     spec = bench.SHAPES["qwen3-30b-a3b"]
-    args = argparse.Namespace(probes="rule", dp=1, tokens=4096)
+    args = argparse.Namespace(probes="rule", dp=1, tokens=256, target_tokens=16384)
     assert bench.probe_budget_of(args, spec, 8) == 16 * 128 // 8
-    assert bench.probe_budget_of(argparse.Namespace(probes="rule", dp=4, tokens=4096), spec, 8) == 64
-    with pytest.raises(SystemExit, match="--probes 300 exceeds --tokens 256"):
-        bench.probe_budget_of(argparse.Namespace(probes="300", dp=1, tokens=256), spec, 8)
+    assert bench.probe_budget_of(argparse.Namespace(**dict(vars(args), dp=4)), spec, 8) == 64
+    with pytest.raises(SystemExit, match="scales to 4.6875 probes"):
+        bench.probe_budget_of(argparse.Namespace(**dict(vars(args), probes="300")), spec, 8)
 
 
 GPU_SCRIPTS = [os.path.join(ROOT, "scripts", name) for name in ("gpu_check.sh", "gpu_wheels.sh")]

@@ -27,7 +27,7 @@ import torch
 
 from megatron_default_moe import fallback
 from megatron_default_moe import functional as F
-from megatron_default_moe.probe_draw import probe_draw, probe_draw_reference
+from megatron_default_moe.probe_ops import probe_draw, probe_draw_reference, probe_exclude, probe_exclude_reference
 
 
 def row_weights(p_R: torch.Tensor, uniform: bool):
@@ -209,6 +209,7 @@ OPS = {  # name: (op, its torch reference)
     "ema_update": (ema_update, ema_update_reference),
     "default_weights": (default_weights, default_weights_reference),
     "default_weights_backward": (default_weights_backward, default_weights_backward_reference),
-    "probe_draw": (probe_draw, probe_draw_reference),  # the op lives with the draw (probe_draw.py)
+    "probe_draw": (probe_draw, probe_draw_reference),  # the probes' ops live with them (probe_ops.py)
+    "probe_exclude": (probe_exclude, probe_exclude_reference),
 }
 TRITON_ON_CUDA = fallback.register(OPS) if torch.cuda.is_available() else None

@@ -24,7 +24,15 @@ sequence parallelism) draw the same pairs. No host sync: the budget fixes every 
 
 import torch
 
-from megatron_default_moe.probe_draw import PROBE_DRAWS, PROBE_PROB, draw_probes, probe_seed, uniform_keys  # noqa: F401
+from megatron_default_moe.probe_ops import (  # noqa: F401
+    PROBE_DRAWS,
+    PROBE_PROB,
+    draw_probes,
+    probe_exclude,
+    probe_seed,
+    uniform_keys,
+    zero_rows_,
+)
 from megatron_default_moe.statistics import counts_on
 
 
@@ -51,48 +59,24 @@ def probe_rows(probs_R: torch.Tensor, max_rows: int):
     return rows_B, values_B.bool(), p_R.index_select(0, rows_B).float()
 
 
-def probe_stats_EH1(out_RH, rows_B, is_probe_B, p_B, tokens_per_expert_L, first: int, num_experts: int,
-                    count_rows: bool):  # fmt: skip
-    """Per-expert ``[Σ |p|·E_i(x) | Σ |p|]`` over this rank's probe rows, fp32 ``[E, H+1]``: a row
-    holds ``out = p·E_i(x)`` with ``p < 0``, so its weighted output is ``-out``. A NaN/Inf probe row
-    poisons its own expert only."""
-    hidden = out_RH.shape[1]
-    local = len(tokens_per_expert_L)
-    ends_L = counts_on(tokens_per_expert_L, out_RH.device)[0].cumsum(0)
-    ids_B = torch.searchsorted(ends_L, rows_B, right=True)  # local expert; L: past the counts
-    keep_B = is_probe_B & (ids_B < local)
-    rows_BH = torch.where(keep_B[:, None], -out_RH.detach().index_select(0, rows_B).float(), 0.0)
-    sums_LH1 = out_RH.new_zeros(local + 1, hidden + 1, dtype=torch.float32)
-    sums_LH1[:, :hidden].index_add_(0, ids_B, rows_BH)
-    if count_rows:
-        sums_LH1[:, hidden].index_add_(0, ids_B, torch.where(keep_B, -p_B, 0.0))
-    out_EH1 = out_RH.new_zeros(num_experts, hidden + 1, dtype=torch.float32)
-    out_EH1[first : first + local] = sums_LH1[:local]
-    return out_EH1
-
-
 class ExcludeProbeRows(torch.autograd.Function):
-    """Zero the probe rows of the expert output in place, and of its gradient (``rows_B`` holds
-    every probe row; the other rows it names are written back unchanged)."""
+    """The probe rows' statistics, and those rows of the expert output zeroed in place
+    (``probe_exclude``: one op), and of its gradient (``rows_B`` holds every probe row)."""
 
     @staticmethod
-    def forward(ctx, out_RH, rows_B, is_probe_B):
+    def forward(ctx, out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts, count_rows):
         ctx.save_for_backward(rows_B, is_probe_B)
-        _zero_rows_(out_RH, rows_B, is_probe_B)
+        stats_EH1 = probe_exclude(out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts, count_rows)
         ctx.mark_dirty(out_RH)
-        return out_RH
+        ctx.mark_non_differentiable(stats_EH1)
+        return out_RH, stats_EH1
 
     @staticmethod
-    def backward(ctx, grad_RH):
+    def backward(ctx, grad_RH, _):
         rows_B, is_probe_B = ctx.saved_tensors
         if grad_RH._is_view() or not grad_RH.is_contiguous():
             grad_RH = grad_RH.contiguous().clone()
-        return _zero_rows_(grad_RH, rows_B, is_probe_B), None, None
-
-
-def _zero_rows_(x_RH, rows_B, is_probe_B):
-    kept_BH = torch.where(is_probe_B[:, None], 0.0, x_RH.index_select(0, rows_B))  # NaN rows too
-    return x_RH.index_copy_(0, rows_B, kept_BH)
+        return zero_rows_(grad_RH, rows_B, is_probe_B), None, None, None, None, None, None, None
 
 
 class ProbeSampler:
@@ -128,9 +112,11 @@ class ProbeSampler:
         """``(out_RH`` with its probe rows zeroed (autograd-aware), ``probs_R`` with theirs zeroed
         (a copy: routed-row statistics then skip them as padding), the probes' ``[E, H+1]``)."""
         rows_B, is_probe_B, p_B = probe_rows(probs_R, self.max_rows)
-        stats_EH1 = probe_stats_EH1(out_RH, rows_B, is_probe_B, p_B, tokens_per_expert_L, first, num_experts, count_rows)
+        counts_L = counts_on(tokens_per_expert_L, out_RH.device)[0]
+        out_RH, stats_EH1 = ExcludeProbeRows.apply(out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts,
+                                                   count_rows)  # fmt: skip
         routed_R = probs_R.detach().reshape(-1).clamp_min(0.0)
-        return ExcludeProbeRows.apply(out_RH, rows_B, is_probe_B), routed_R, stats_EH1
+        return out_RH, routed_R, stats_EH1
 
 
 def probe_sampler_of(layer) -> ProbeSampler:

@@ -178,7 +178,7 @@ def _weights_bwd_kernel(g_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E, scale
 
 @triton.jit
 def _fmix32(h):
-    """MurmurHash3's finaliser on uint32 lanes (wrapping products); ``probe_draw._fmix32``."""
+    """MurmurHash3's finaliser on uint32 lanes (wrapping products); ``probe_ops._fmix32``."""
     h = h ^ (h >> 16)
     h = h * 0x85EBCA6B
     h = h ^ (h >> 13)
@@ -190,7 +190,7 @@ def _fmix32(h):
 def _probe_draw_kernel(w_ptr, routed_ptr, tokens_ptr, experts_ptr, probs_ptr, T, E, B, a, b, k0, k1, k2, k3,
                        WEIGHTED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
     """``BLOCK_B`` probes per program, one token row of ``E`` each: the walk's token, its key, the
-    eligible experts' cumulative shares, the pick; see ``probe_draw.probe_draw_reference``. The
+    eligible experts' cumulative shares, the pick; see ``probe_ops.probe_draw_reference``. The
     seed comes as four 16-bit pieces ``k0..k3`` (low first) and the per-call integers are not
     specialised: every seed runs the same compiled kernel."""
     j = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -227,3 +227,43 @@ def _probe_draw_kernel(w_ptr, routed_ptr, tokens_ptr, experts_ptr, probs_ptr, T,
     tl.store(tokens_ptr + j, t, mask=mj)
     tl.store(experts_ptr + j, expert, mask=mj)
     tl.store(probs_ptr + j, tl.where(eligible, -weight, 0.0), mask=mj)
+
+
+@triton.jit
+def _probe_exclude_kernel(out_ptr, ld, rows_ptr, isp_ptr, p_ptr, counts_ptr, stats_ptr, H, B, L, first,
+                          COUNT_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
+                          BLOCK_H: tl.constexpr):  # fmt: skip
+    """Program (columns ``h``): over the candidate rows in order, each probe row's ``-out`` summed
+    into its local expert (a one-hot ``[L, B] @ [B, h]`` product, fp32, non-finite values kept
+    out of the product and re-applied to their own expert only), then the row's columns zeroed;
+    see ``probe_ops.probe_exclude_reference``."""
+    hb = tl.program_id(0)
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    mh = h < H
+    lane = tl.arange(0, BLOCK_L)
+    ml = lane < L
+    ends = tl.cumsum(tl.load(counts_ptr + lane, mask=ml, other=0).to(tl.int64), axis=0)
+    acc = tl.zeros([BLOCK_L, BLOCK_H], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_L, BLOCK_H], dtype=tl.float32)  # NaN/Inf seen per (expert, column)
+    cnt = tl.zeros([BLOCK_L], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        mb = b < B
+        row = tl.load(rows_ptr + b, mask=mb, other=0).to(tl.int64)
+        probe = (tl.load(isp_ptr + b, mask=mb, other=0) != 0) & mb
+        ids = tl.sum(tl.where(ml[None, :] & (ends[None, :] <= row[:, None]), 1, 0), axis=1)
+        keep = probe & (ids < L)
+        ptrs = out_ptr + row[:, None] * ld + h[None, :]
+        x = -tl.load(ptrs, mask=keep[:, None] & mh[None, :], other=0.0).to(tl.float32)
+        finite = (x - x) == 0.0
+        onehot = tl.where((lane[:, None] == ids[None, :]) & keep[None, :], 1.0, 0.0)  # [L, B]
+        acc += tl.dot(onehot, tl.where(finite, x, 0.0), input_precision="ieee")
+        bad += tl.dot(onehot, tl.where(finite, 0.0, 1.0), input_precision="ieee")
+        if COUNT_ROWS:
+            p = tl.load(p_ptr + b, mask=mb, other=0.0).to(tl.float32)
+            cnt += tl.sum(onehot * tl.where(keep, -p, 0.0)[None, :], axis=1)
+        tl.store(ptrs, tl.zeros([BLOCK_B, BLOCK_H], dtype=out_ptr.dtype.element_ty), mask=probe[:, None] & mh[None, :])
+    dest = stats_ptr + (first + lane).to(tl.int64)[:, None] * (H + 1)
+    tl.store(dest + h[None, :], tl.where(bad > 0.0, float("nan"), acc), mask=ml[:, None] & mh[None, :])
+    if COUNT_ROWS:
+        tl.store(stats_ptr + (first + lane).to(tl.int64) * (H + 1) + H, cnt, mask=ml & (hb == 0))

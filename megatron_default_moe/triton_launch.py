@@ -128,10 +128,28 @@ def probe_draw_launches(weights_TE, routing_map_TE, budget, a, b, seed, weighted
     return (tokens, experts, probs), [Launch(K._probe_draw_kernel, grid, args, flags)] if budget else []
 
 
+EXCLUDE_BLOCK_B = 16  # probe_exclude: candidate rows per step (a tl.dot needs 16)
+
+
+def probe_exclude_launches(out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts, count_rows):
+    """One program per block of columns, each over all ``B`` candidate rows (a few hundred to a few
+    thousand): no atomics, a fixed order. The non-local stats rows are zeros."""
+    R, H = out_RH.shape
+    _in_place("out_RH", out_RH)
+    B, L = rows_B.numel(), counts_L.numel()
+    stats = torch.zeros(num_experts, H + 1, dtype=torch.float32, device=out_RH.device)
+    args = (out_RH, H, rows_B.contiguous(), is_probe_B.contiguous().view(torch.uint8), p_B.contiguous(),
+            counts_L.to(torch.long).contiguous(), stats, H, B, L, first)  # fmt: skip
+    block_l = max(16, triton.next_power_of_2(L))
+    block_h = min(64, max(16, 2048 // block_l))  # two [L, h] fp32 accumulators stay in registers
+    flags = dict(COUNT_ROWS=count_rows, BLOCK_B=EXCLUDE_BLOCK_B, BLOCK_L=block_l, BLOCK_H=block_h)
+    return stats, [Launch(K._probe_exclude_kernel, (triton.cdiv(H, block_h),), args, flags)] if L else []
+
+
 LAUNCHES = dict(expert_stats=expert_stats_launches, ema_update=ema_update_launches,
                 default_weights=default_weights_launches,
                 default_weights_backward=default_weights_backward_launches,
-                probe_draw=probe_draw_launches)  # fmt: skip
+                probe_draw=probe_draw_launches, probe_exclude=probe_exclude_launches)  # fmt: skip
 
 
 def launcher(op: str):
@@ -152,3 +170,4 @@ ema_update_ = launcher("ema_update")
 default_weights = launcher("default_weights")
 default_weights_backward = launcher("default_weights_backward")
 probe_draw = launcher("probe_draw")
+probe_exclude = launcher("probe_exclude")

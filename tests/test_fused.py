@@ -303,7 +303,7 @@ def test_triton_kernels_match_references_in_the_interpreter():
 
 PROBE_DRAW_CHECK = textwrap.dedent("""
 import torch
-from megatron_default_moe import probe_draw as D
+from megatron_default_moe import probe_ops as D
 from megatron_default_moe import triton_launch as TL
 checked = 0
 for T, E, budget in ((64, 8, 64), (300, 16, 37), (50, 160, 50), (33, 3, 5)):
@@ -344,9 +344,50 @@ def test_probe_draw_kernel_matches_its_reference_in_the_interpreter():
     assert "CHECKED 64" in proc.stdout
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the probe draw's Triton kernel on a GPU")
-def test_cuda_probe_draw_matches_its_reference():
-    from megatron_default_moe import probe_draw as D
+PROBE_EXCLUDE_CHECK = textwrap.dedent("""
+import torch
+from megatron_default_moe import probe_ops as D
+from megatron_default_moe import triton_launch as TL
+checked = 0
+for counts, hidden, max_rows, first, E in (([7, 0, 13, 21], 24, 16, 2, 8), ([40] * 16, 70, 40, 0, 16), ([5, 9], 130, 8, 6, 8)):
+    for dtype in (torch.float32, torch.bfloat16):
+        for count_rows in (True, False):
+            gen = torch.Generator().manual_seed(len(counts) + hidden)
+            rows = sum(counts) + 3
+            out = torch.randn(rows, hidden, generator=gen).to(dtype)
+            p = torch.rand(rows, generator=gen) + 0.1
+            probe = torch.randperm(rows, generator=gen)[: max_rows - 2]
+            p[probe] = -(torch.rand(len(probe), generator=gen) + 0.5)
+            p[-1] = -1.0  # a probe row past the counts: zeroed, never counted
+            out[probe[0], 3] = float("nan")  # poisons its own expert only
+            vals, rows_B = (p < 0).to(torch.uint8).topk(max_rows, sorted=False)
+            is_probe, p_B = vals.bool(), p[rows_B]
+            counts_L = torch.tensor(counts)
+            ref_out, got_out = out.clone(), out.clone()
+            ref = D.probe_exclude_reference(ref_out, rows_B, is_probe, p_B, counts_L, first, E, count_rows)
+            got = TL.probe_exclude(got_out, rows_B, is_probe, p_B, counts_L, first, E, count_rows)
+            assert torch.equal(got_out, ref_out)
+            assert torch.equal(got.isnan(), ref.isnan()), (got.isnan().nonzero(), ref.isnan().nonzero())
+            torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), rtol=1e-5, atol=1e-5)
+            checked += 1
+print("CHECKED", checked)
+""")
+
+
+def test_probe_exclude_kernel_matches_its_reference_in_the_interpreter():
+    """The exclusion's Triton kernel against ``probe_exclude_reference``: the same zeroed rows bit
+    for bit (a probe row past the counts too), the same NaN-poisoned experts, sums to fp32 rounding."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", PROBE_EXCLUDE_CHECK], env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "CHECKED 12" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the probes' Triton kernels on a GPU")
+def test_cuda_probe_ops_match_their_references():
+    from megatron_default_moe import probe_ops as D
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -359,6 +400,16 @@ def test_cuda_probe_draw_matches_its_reference():
         ref = D.probe_draw_reference(w, routed, 1024, a, b, seed, False)
         for g, r in zip(got, ref):
             assert torch.equal(g, r)
+    out = torch.randn(20000, 2048, device=dev, generator=gen).bfloat16()
+    p = torch.rand(20000, device=dev, generator=gen) + 0.1
+    p[torch.randperm(20000, device=dev, generator=gen)[:500]] = -1.0
+    vals, rows = (p < 0).to(torch.uint8).topk(512, sorted=False)
+    counts = torch.full((16,), 1250, device=dev)
+    got_out, ref_out = out.clone(), out.clone()
+    got = D.probe_exclude(got_out, rows, vals.bool(), p[rows], counts, 16, 128, True)
+    ref = D.probe_exclude_reference(ref_out, rows, vals.bool(), p[rows], counts, 16, 128, True)
+    assert torch.equal(got_out, ref_out)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused ops' Triton kernels on a GPU")

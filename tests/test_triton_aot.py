@@ -71,6 +71,14 @@ def _probe_draw(weights_dtype, weighted, turn):
     return (weights, torch.zeros(tokens, experts, dtype=torch.bool), min(tokens, 37), 5, 1, seed, weighted)
 
 
+def _probe_exclude(out_dtype, count_rows, turn):
+    local, hidden = ((1, 1024), (16, 1000), (128, 2048))[turn % 3]
+    out = torch.zeros(64, hidden, dtype=out_dtype)
+    rows = torch.zeros(24, dtype=torch.long)
+    return (out, rows, torch.zeros(24, dtype=torch.bool), torch.zeros(24), torch.ones(local, dtype=torch.long), 0,
+            local + 8, count_rows)  # fmt: skip
+
+
 def full_cases():
     """``(op, args)``: every constexpr combination with every dtype (see the module docstring)."""
     cases = []
@@ -83,6 +91,8 @@ def full_cases():
         cases.append(("default_weights_backward", _weights_backward(z, s, n, b, turn)))
     for turn, (w, weighted) in enumerate(itertools.product(DTYPES, (True, False))):
         cases.append(("probe_draw", _probe_draw(w, weighted, turn)))
+    for turn, (o, c) in enumerate(itertools.product(DTYPES, (True, False))):
+        cases.append(("probe_exclude", _probe_exclude(o, c, turn)))
     return cases
 
 

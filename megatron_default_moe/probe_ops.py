@@ -1,10 +1,15 @@
-"""The probe draw (``probes.py``) as one op: which (token, expert) pairs a micro-batch's probes take.
+"""The probes' (``probes.py``) two hot steps as ops: the draw, and the exclusion of the probe rows.
 
-Unfused it is ~80 small torch kernels per layer and micro-batch (the key hash alone is ~40), about
-0.3 ms of launches on a GPU; ``probe_draw`` is one Triton kernel on CUDA (``triton_kernels.py``)
-and this reference elsewhere, the same draw bit for bit on uniform draws (weighted draws: the same
-pairs unless a key falls within fp32 rounding of a boundary between two experts' shares, and
-``W_t`` summed in another order). Pure torch, no Megatron.
+Unfused, the draw is ~80 small torch kernels per layer and micro-batch (the key hash alone is
+~40) and the exclusion ~20, about 0.4 ms of launches on a GPU. Each op is one Triton kernel on
+CUDA (``triton_kernels.py``) and the reference below elsewhere (pure torch, no Megatron):
+
+- ``probe_draw``: which (token, expert) pairs a micro-batch's probes take; the kernel draws the
+  same pairs bit for bit on uniform draws (weighted draws: the same pairs unless a key falls
+  within fp32 rounding of a boundary between two experts' shares, and ``W_t`` summed in another
+  order);
+- ``probe_exclude``: on the expert rank, the probe rows' per-expert statistics, and those rows
+  zeroed in place (only they are touched); the kernel sums in another order (fp32 rounding).
 
 The draw is a pure function of its inputs: a counter-based integer hash of ``(seed, index)`` for
 the keys (no generator state: the same bits on any device and under fake tensors), and the token
@@ -109,3 +114,40 @@ def draw_probes(weights_TE, routing_map_TE, budget: int, seed: int, draw: str):
         raise ValueError(f"--moe-default-probe-draw must be one of {PROBE_DRAWS}, got {draw!r}")
     a, b = _token_stride(seed, weights_TE.shape[0])
     return probe_draw(weights_TE.detach(), routing_map_TE, int(budget), a, b, int(seed), draw == "weighted")
+
+
+def probe_exclude_reference(out_RH: torch.Tensor, rows_B: torch.Tensor, is_probe_B: torch.Tensor, p_B: torch.Tensor,
+                            counts_L: torch.Tensor, first: int, num_experts: int, count_rows: bool) -> torch.Tensor:  # fmt: skip
+    """Per-expert ``[Σ |p|·E_i(x) | Σ |p|]`` over the probe rows among ``rows_B``, fp32 ``[E, H+1]``
+    (a row holds ``out = p·E_i(x)`` with ``p < 0``: its weighted output is ``-out``; a NaN/Inf
+    probe row poisons its own expert only; the count column stays 0 unless ``count_rows``), and
+    those rows of ``out_RH`` zeroed in place (the other rows ``rows_B`` names are left as they are)."""
+    hidden, local = out_RH.shape[1], counts_L.numel()
+    ids_B = torch.searchsorted(counts_L.cumsum(0), rows_B, right=True)  # local expert; L: past the counts
+    keep_B = is_probe_B & (ids_B < local)
+    x_BH = out_RH.index_select(0, rows_B)
+    sums_LH1 = out_RH.new_zeros(local + 1, hidden + 1, dtype=torch.float32)
+    sums_LH1[:, :hidden].index_add_(0, ids_B, torch.where(keep_B[:, None], -x_BH.float(), 0.0))
+    if count_rows:
+        sums_LH1[:, hidden].index_add_(0, ids_B, torch.where(keep_B, -p_B.float(), 0.0))
+    out_EH1 = out_RH.new_zeros(num_experts, hidden + 1, dtype=torch.float32)
+    out_EH1[first : first + local] = sums_LH1[:local]
+    zero_rows_(out_RH, rows_B, is_probe_B, x_BH)
+    return out_EH1
+
+
+def zero_rows_(x_RH, rows_B, is_probe_B, x_BH=None):
+    """Zero the probe rows among ``rows_B`` of ``x_RH`` in place (NaN rows too); ``x_BH``: those
+    rows, if already read."""
+    x_BH = x_RH.index_select(0, rows_B) if x_BH is None else x_BH
+    return x_RH.index_copy_(0, rows_B, torch.where(is_probe_B[:, None], 0.0, x_BH))
+
+
+probe_exclude = torch.library.custom_op("default_moe::probe_exclude", mutates_args=("out_RH",))(
+    probe_exclude_reference
+)
+
+
+@probe_exclude.register_fake
+def _(out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts, count_rows):
+    return out_RH.new_empty(num_experts, out_RH.shape[1] + 1, dtype=torch.float32)

@@ -14,7 +14,8 @@ A CPU cannot time what a GPU pays: there the expert matmuls dwarf every extra me
    records every aten op: bytes read (its input tensors: unique elements of each, so a broadcast
    read counts once) and written (outputs; in-place ops write their mutated argument, ``index_copy_`` /
    ``index_add_`` only its indexed rows: the source's size; ``index_select`` reads the rows it
-   gathers, its output's size, not its whole source), matmul FLOPs
+   gathers, its output's size, not its whole source; ``probe_exclude`` the candidate rows it reads
+   and zeroes), matmul FLOPs
    (``2 M N K`` for mm / addmm / bmm / baddbmm / mv / dot / _grouped_mm), and one kernel per call.
    View and metadata ops (``FREE_OPS`` and every op whose schema says it is a view) cost 0 bytes
    and 0 kernels; allocations (``empty*``) cost no kernel. Elementwise FLOPs are left out (those
@@ -271,14 +272,18 @@ class CostMode(TorchDispatchMode):
         written = mutated + [t for t in outs if not any(t is m for m in mutated)]
         if name == "index_select":  # a gather reads the rows it selects (each time), not the whole source
             reads = [named["index"]] + outs
+        if name == "probe_exclude":  # reads and zeroes the candidate rows of the expert output only
+            rows = tensor_bytes(named["out_RH"]) * named["rows_B"].numel() // max(named["out_RH"].shape[0], 1)
+            reads = [t for t in reads if t is not named["out_RH"]]
+            written = outs
         if name in INDEXED_WRITES:  # only the indexed rows of the destination: the source's size
             source = named["source"]
             reads = [t for t in reads if t is not named["self"]] + ([source] if name == "index_add_" else [])
             written = [source]
         self.ops.append(dict(
             op=name, phase=phase, region=region, ours=ours, where=where,
-            bytes_read=sum(tensor_bytes(t) for t in reads),
-            bytes_written=sum(tensor_bytes(t) for t in written),
+            bytes_read=sum(tensor_bytes(t) for t in reads) + (rows if name == "probe_exclude" else 0),
+            bytes_written=sum(tensor_bytes(t) for t in written) + (rows if name == "probe_exclude" else 0),
             flops=matmul_flops(name, args, outs[0]) if outs else 0,
             kernels=1, sync=is_sync(func, args, kwargs),
         ))  # fmt: skip

@@ -14,7 +14,9 @@ reference as the fallback when the kernel cannot run there (``fallback.py``):
 - ``ema_update``: ``functional.ema_update_`` plus the skip counter and the snapshot cast;
 - ``default_weights`` / ``default_weights_backward``: the router's default weights
   (``functional.router_scores_TE`` + ``default_weights_TE``), written in the dtype that reads
-  them, and their logits gradient (scores recomputed) added to Megatron's own logits gradient.
+  them, and their logits gradient (scores recomputed) added to Megatron's own logits gradient;
+- ``probe_draw`` / ``probe_exclude``: the probes' draw and the exclusion of their rows, defined
+  with the probes (``probe_ops.py``) and registered here with the others.
 
 Rows are sampled ``offset, offset + stride, ...`` (``C`` of them); ``stride = 1`` takes all.
 Each op is an opaque ``torch.library`` op (its torch body: ``<op>_reference``), so

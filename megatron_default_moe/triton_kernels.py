@@ -1,7 +1,7 @@
 """Triton kernels of the fused ops (``fused.py``): one or two launches where the reference takes ~10.
 
-Each kernel computes exactly its reference in ``fused.py`` (same formulas, fp32 arithmetic); only
-summation orders may differ. ``triton_launch.py`` builds their launches. Tested against the
+Each kernel computes exactly its reference in ``fused.py`` or ``probe_ops.py`` (same formulas,
+fp32 arithmetic); only summation orders may differ. ``triton_launch.py`` builds their launches. Tested against the
 references on CPU under ``TRITON_INTERPRET=1`` (``tests/test_fused.py``), compiled for sm_80 /
 sm_90 / sm_100 without a GPU (``tests/test_triton_aot.py``), on CUDA by ``scripts/gpu_check.sh``.
 """

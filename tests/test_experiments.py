@@ -83,3 +83,23 @@ def test_quick_sweep_end_to_end_and_restart(exp, tmp_path):
     assert "4 runs reused" in again
     assert len(exp.load_runs(str(tmp_path / "runs.jsonl"))) == 4  # no new runs
     assert (tmp_path / "worker.log").stat().st_size == log_size  # no launch at all
+
+
+def test_fidelity_quick_end_to_end(tmp_path):
+    """``--fidelity`` (examples/fidelity.py) on the tiny model: every checkpoint holds each variant's
+    cosines and Gram matrix, the base variant's oracles and richer-default candidates, and the
+    exact candidate reproduces the dense gradient (cosine 1)."""
+    out = tmp_path / "fid"
+    text = run_isolated([sys.executable, SCRIPT, "--fidelity", "--quick", "--router", "mixtral", "--probes", "8",
+                         "--steps", "2", "--out", str(out), "--no-plot"], timeout_s=600, cwd=ROOT)  # fmt: skip
+    assert "Richer defaults" in text and "shared-4" in text
+    result = json.loads((out / "fidelity_mixtral.json").read_text())
+    assert [n for n, _ in result["variants"]] == ["uniform b=0.9", "probes 8"]
+    h = result["history"]
+    for step in ("0", "1", "2"):
+        base = h["uniform b=0.9"][step]
+        for variant in ("uniform b=0.9", "probes 8"):
+            assert set(h[variant][step]["gram"]) == set(base["bias"])  # every MoE layer
+        for layer, gram in base["richer"]["exact"].items():
+            assert gram["dg"] / math.sqrt(gram["dd"] * gram["gg"]) == pytest.approx(1.0, abs=1e-5), (step, layer)
+            assert base["richer"]["constant"][layer]["fit_error"] == pytest.approx(1.0)

@@ -25,7 +25,7 @@ _PROGRAM_START_TIME = time.time()
 
 def import_pretrain_hybrid():
     """``pretrain_hybrid`` of the checkout, imported the way running it as a script would see it."""
-    from megatron_default_moe.arguments import import_megatron_lm_script
+    from megatron_default_moe.model_config import import_megatron_lm_script
 
     return import_megatron_lm_script("pretrain_hybrid", "pretrain_hybrid_default_moe.py")
 
@@ -37,7 +37,7 @@ def parse_and_configure(base):
     """
     from megatron.training.argument_utils import hybrid_config_from_args
 
-    from megatron_default_moe.arguments import configure_hybrid_model_config
+    from megatron_default_moe.model_config import configure_hybrid_model_config
     from megatron_default_moe.entry import parse_and_configure as parse
 
     return parse(base, hybrid_config_from_args, "ModelOptHybridModelConfig", configure_hybrid_model_config)

@@ -14,11 +14,8 @@ import pytest
 import torch
 
 from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer, DefaultMoERouter
-from megatron_default_moe.arguments import (
-    add_default_moe_args,
-    configure_gpt_model_config,
-    default_moe_config_from_args,
-)
+from megatron_default_moe.arguments import add_default_moe_args, default_moe_config_from_args
+from megatron_default_moe.model_config import configure_gpt_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "examples", "pretrain_gpt_default_moe.py")
@@ -213,7 +210,7 @@ def test_user_spec_is_rewritten():
     """A ``--spec`` of the user's keeps its layers, with the MoE ones made Default MoE."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_default_moe.arguments import _spec_with_default_moe
+    from megatron_default_moe.model_config import _spec_with_default_moe
 
     dm = DefaultMoEConfig(beta=0.7)
     spec = _spec_with_default_moe(get_gpt_layer_local_spec(num_experts=4), dm)
@@ -372,7 +369,7 @@ def test_mtp_moe_layers_are_default_moe_on_the_entry_route(megatron_args):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training.argument_utils import gpt_config_from_args
 
-    from megatron_default_moe.arguments import DefaultMoEGPTModelBuilder
+    from megatron_default_moe.model_config import DefaultMoEGPTModelBuilder
 
     mtp = ("--mtp-num-layers", "1", "--position-embedding-type", "rope")
     args = megatron_args(*mtp, "--moe-default-vectors")

@@ -947,6 +947,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write every figure to this path")
     args = p.parse_args(argv)
     args.stats_strides = [int(v) for v in str(args.stats_stride).split(",")]
+    if args.probes != "0" and args.stats_strides != [1]:
+        p.error("--stats-stride does not apply with --probes: the vectors then average the probe rows only")
     return args
 
 

@@ -84,10 +84,13 @@ def parse_args(argv=None):
 def grid(quick=False, stats_stride=1, probes=0):
     """The cells: dicts of router, lr, ema weighting, beta, and a readable name (tagged
     ``stride=N`` when Default MoE runs with ``--moe-default-stats-stride N``)."""
+    if probes and stats_stride != 1:
+        raise SystemExit("--stats-stride does not apply with --probes: the vectors then average the probe rows only")
     cells = []
     for router in ("paper", "mixtral", "deepseek-v3"):
         for lr in (BASE_LR, 4 * BASE_LR):
-            ema = [(w, b) for w in ("uniform", "router") for b in (0.9, 0.99)] if router == "paper" else [("uniform", 0.9)]
+            weightings = ("uniform",) if probes else ("uniform", "router")  # probes: rows weigh |p|
+            ema = [(w, b) for w in weightings for b in (0.9, 0.99)] if router == "paper" else [("uniform", 0.9)]
             for weighting, beta in ema:
                 name = f"{router} lr={lr:g}" + (f" {weighting} b={beta}" if router == "paper" else "")
                 name += f" stride={stats_stride}" if stats_stride != 1 else ""

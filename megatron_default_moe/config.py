@@ -96,7 +96,9 @@ class DefaultMoEConfig:
             still averages thousands of rows per expert (see the README's cost section).
         probes: unchosen (token, expert) pairs each rank sends to the experts per micro-batch for
             the default vectors only (``probes.py``); the vectors then average the experts'
-            outputs on tokens that did *not* choose them, where the default term uses them. 0: off.
+            outputs on tokens that did *not* choose them, where the default term uses them, and the
+            routed rows' statistics are not taken (``stats_stride`` and ``ema_weighting`` then do
+            not apply: rejected unless 1 and ``uniform``). 0: off.
         probe_draw: ``uniform`` over the pairs with a nonzero default weight, or ``weighted``
             (proportional to it: the vectors then estimate the weight-averaged unchosen output).
         probe_seed: seeds the draws with the checkpointed micro-batch counter (a resume is exact).
@@ -117,6 +119,12 @@ class DefaultMoEConfig:
             raise ValueError(f"--moe-default-probes must be an integer >= 0, got {self.probes!r}")
         if isinstance(self.stats_stride, bool) or int(self.stats_stride) != self.stats_stride or self.stats_stride < 1:
             raise ValueError(f"--moe-default-stats-stride must be an integer >= 1, got {self.stats_stride!r}")
+        if self.probes and self.stats_stride != 1:
+            raise ValueError(f"--moe-default-stats-stride {self.stats_stride} does not apply with --moe-default-probes: "
+                             "the vectors then average the probe rows only, not the routed rows it thins")
+        if self.probes and self.ema_weighting != "uniform":
+            raise ValueError(f"--moe-default-ema-weighting {self.ema_weighting!r} does not apply with "
+                             "--moe-default-probes (it weights the routed rows); use --moe-default-probe-draw weighted")
         if not 0.0 <= float(self.beta) <= 1.0:
             raise ValueError(f"--moe-default-ema-beta must lie in [0, 1], got {self.beta}")
         for flag, value, allowed in (

@@ -172,26 +172,24 @@ class DefaultMoELayer(MoELayer):
         the rows the combine takes (probe rows zeroed)."""
         if self._phase not in ("update", "accumulate"):
             return out_RH
-        probe_stats_EH1 = None
-        if self.probes is not None:
-            out_RH, probs_R, probe_stats_EH1 = self.probes.exclude(
+        if self.probes is not None:  # the vectors follow the probes': no pass over the routed rows
+            out_RH, stats_EH1 = self.probes.exclude(
                 out_RH, probs_R, tokens_per_expert, self.local_expert_indices[0], self.config.num_moe_experts,
                 self.counts_rows,
             )
-        stats_EH1 = expert_output_stats_EH1(
-            out_RH,
-            probs_R,
-            tokens_per_expert,
-            self.local_expert_indices[0],
-            self.config.num_moe_experts,
-            weighting=self.dm_config.ema_weighting,
-            count_rows=self.counts_rows,
-            row_stride=self.dm_config.stats_stride,
-            row_offset=self._stats_updates % self.dm_config.stats_stride,
-        )
+        else:
+            stats_EH1 = expert_output_stats_EH1(
+                out_RH,
+                probs_R,
+                tokens_per_expert,
+                self.local_expert_indices[0],
+                self.config.num_moe_experts,
+                weighting=self.dm_config.ema_weighting,
+                count_rows=self.counts_rows,
+                row_stride=self.dm_config.stats_stride,
+                row_offset=self._stats_updates % self.dm_config.stats_stride,
+            )
         self._stats_updates += 1
-        if probe_stats_EH1 is not None:  # [routed | probes]: one reduction carries both
-            stats_EH1 = torch.cat([stats_EH1, probe_stats_EH1], dim=1)
         if self._phase == "accumulate":
             if self._step_stats_EH1 is None:
                 self._step_stats_EH1 = torch.zeros_like(stats_EH1)
@@ -205,10 +203,7 @@ class DefaultMoELayer(MoELayer):
 
     def apply_ema(self, stats_EH1: torch.Tensor, snapshot_dtype=torch.float32) -> torch.Tensor:
         """EMA step from statistics already reduced over the stage (identical on every rank);
-        returns a copy of the new vectors in ``snapshot_dtype`` (one fused op on CUDA). With
-        probes the statistics are ``[routed | probes]`` and the vectors follow the probes'."""
-        if stats_EH1.shape[1] == 2 * (self.default_vectors.shape[1] + 1):
-            stats_EH1 = stats_EH1[:, self.default_vectors.shape[1] + 1 :].contiguous()
+        returns a copy of the new vectors in ``snapshot_dtype`` (one fused op on CUDA)."""
         with torch.no_grad():
             snapshot_EH, self.experts_updated = fused.ema_update(
                 self.default_vectors, stats_EH1, float(self.dm_config.beta), self.nonfinite_skips, snapshot_dtype
@@ -254,6 +249,5 @@ class DefaultMoELayer(MoELayer):
         """This step's accumulated local statistics ``[E, H+1]`` (zeros if none), and reset."""
         stats, self._step_stats_EH1 = self._step_stats_EH1, None
         if stats is None:
-            width = (self.default_vectors.shape[1] + 1) * (1 if self.probes is None else 2)
-            stats = self.default_vectors.new_zeros(self.default_vectors.shape[0], width)
+            stats = self.default_vectors.new_zeros(self.default_vectors.shape[0], self.default_vectors.shape[1] + 1)
         return stats

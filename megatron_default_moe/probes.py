@@ -109,14 +109,13 @@ class ProbeSampler:
         return torch.zeros(shape, dtype=torch.bool).index_put_((tokens_B.cpu(), experts_B.cpu()), probs_B.cpu() < 0)
 
     def exclude(self, out_RH, probs_R, tokens_per_expert_L, first: int, num_experts: int, count_rows: bool):
-        """``(out_RH`` with its probe rows zeroed (autograd-aware), ``probs_R`` with theirs zeroed
-        (a copy: routed-row statistics then skip them as padding), the probes' ``[E, H+1]``)."""
+        """``(out_RH`` with its probe rows zeroed (autograd-aware), the probes' ``[E, H+1]``)``: the
+        statistics the vectors follow (the routed rows' are not taken)."""
         rows_B, is_probe_B, p_B = probe_rows(probs_R, self.max_rows)
         counts_L = counts_on(tokens_per_expert_L, out_RH.device)[0]
         out_RH, stats_EH1 = ExcludeProbeRows.apply(out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts,
                                                    count_rows)  # fmt: skip
-        routed_R = probs_R.detach().reshape(-1).clamp_min(0.0)
-        return out_RH, routed_R, stats_EH1
+        return out_RH, stats_EH1
 
 
 def probe_sampler_of(layer) -> ProbeSampler:

@@ -198,6 +198,29 @@ def test_probes_reject_what_they_cannot_hold(override, flag):
         DefaultMoEConfig(probes=4).validate(config)
     with pytest.raises(ValueError, match="--moe-default-probes"):
         DefaultMoEConfig(probes=-1)
+    with pytest.raises(ValueError, match="--moe-default-stats-stride"):
+        DefaultMoEConfig(probes=4, stats_stride=4)
+    with pytest.raises(ValueError, match="--moe-default-ema-weighting 'router'"):
+        DefaultMoEConfig(probes=4, ema_weighting="router")
+
+
+def test_probes_take_no_statistics_of_the_routed_rows(monkeypatch):
+    """The vectors follow the probes alone: the routed rows' statistics pass (a read of the whole
+    ``[rows, H]`` expert output) is not run, and the table all-reduced is ``[E, H+1]``."""
+    import megatron_default_moe.layer as L
+
+    _, layer = twin_layers("mixtral", "alltoall", budget=6)
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("the routed rows' statistics were taken with probes on")
+
+    monkeypatch.setattr(L, "expert_output_stats_EH1", not_called)
+    torch.manual_seed(5)
+    step(layer, torch.randn(6, 2, 16), torch.randn(6, 2, 16))
+    assert layer._stats_updates == 1 and layer.default_vectors.abs().sum() > 0
+    layer.dm_config.update = "step"
+    step(layer, torch.randn(6, 2, 16), torch.randn(6, 2, 16))
+    assert layer.take_step_stats().shape == (8, 17)
 
 
 @pytest.mark.parametrize("update", ["microbatch", "step"])

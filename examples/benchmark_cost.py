@@ -872,11 +872,12 @@ def print_shape(r, gpu, top):
         print(f"   {v:9} {fmt_bytes(t['bytes']):>11} {t['flops'] / 1e9:>9.1f} {t['kernels']:>8} {t['syncs']:>6} "
               f"{t['time_s'] * 1e6:>9.1f} {fmt_bytes(t['peak_bytes']):>11}")
     k = r["stats_kernel"]
-    print(f"   expert_stats ({k['design']} kernel model): {k['programs']} programs on {gpu['sms']} SMs over "
-          f"{k['sampled_rows']} sampled rows (at most {k['max_rows']} in one expert): {k['kernel_s'] * 1e6:.1f} µs "
-          f"+ {k['kernels']} launches, against {k['roofline_s'] * 1e6:.1f} µs reading the rows at full bandwidth; "
-          f"Default/TopK time by kernel design: "
-          + ", ".join(f"{d} {v:.4f}" for d, v in k["ratio_time_by_design"].items()))
+    if not r["probe_traffic"]["probes"]:  # with probes the routed rows' statistics are not taken
+        print(f"   expert_stats ({k['design']} kernel model): {k['programs']} programs on {gpu['sms']} SMs over "
+              f"{k['sampled_rows']} sampled rows (at most {k['max_rows']} in one expert): {k['kernel_s'] * 1e6:.1f} µs "
+              f"+ {k['kernels']} launches, against {k['roofline_s'] * 1e6:.1f} µs reading the rows at full bandwidth; "
+              f"Default/TopK time by kernel design: "
+              + ", ".join(f"{d} {v:.4f}" for d, v in k["ratio_time_by_design"].items()))
     o = r["ours"]
     print(f"   Default/TopK: time {r['ratio_time']:.4f} ({100 * (r['ratio_time'] - 1):+.1f}%), bytes "
           f"{r['ratio_bytes']:.4f} ({100 * (r['ratio_bytes'] - 1):+.1f}%); extra kernels {r['extra_kernels']}, "

@@ -51,12 +51,11 @@ def add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B):
 
 def probe_rows(probs_R: torch.Tensor, max_rows: int):
     """``(rows_B, is_probe_B, p_B)``: ``max_rows`` row indices that include every probe row of this
-    rank (``p < 0``), which of them are probe rows, and their probs. No host sync: a fixed-size
-    top-k over the rows' probs."""
+    rank (``p < 0``), which of them are probe rows, and their probs. No host sync: one fixed-size
+    top-k of the smallest probs (the negative ones come first)."""
     p_R = probs_R.detach().reshape(-1)
-    k = min(max_rows, p_R.numel())
-    values_B, rows_B = (p_R < 0).to(torch.uint8).topk(k, sorted=False)
-    return rows_B, values_B.bool(), p_R.index_select(0, rows_B).float()
+    p_B, rows_B = p_R.topk(min(max_rows, p_R.numel()), largest=False, sorted=False)
+    return rows_B, p_B < 0, p_B.float()
 
 
 class ExcludeProbeRows(torch.autograd.Function):

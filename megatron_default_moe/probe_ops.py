@@ -140,7 +140,7 @@ def zero_rows_(x_RH, rows_B, is_probe_B, x_BH=None):
     """Zero the probe rows among ``rows_B`` of ``x_RH`` in place (NaN rows too); ``x_BH``: those
     rows, if already read."""
     x_BH = x_RH.index_select(0, rows_B) if x_BH is None else x_BH
-    return x_RH.index_copy_(0, rows_B, torch.where(is_probe_B[:, None], 0.0, x_BH))
+    return x_RH.index_copy_(0, rows_B, x_BH.masked_fill(is_probe_B[:, None], 0.0))
 
 
 probe_exclude = torch.library.custom_op("default_moe::probe_exclude", mutates_args=("out_RH",))(

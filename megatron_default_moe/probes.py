@@ -41,12 +41,28 @@ def probe_budget(budget: int, tokens: int) -> int:
     return min(int(budget), tokens)
 
 
-def add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B):
+class _WithProbeProbs(torch.autograd.Function):
+    """``probs_TE`` with the probes' probs written in. The gradient passes through unchanged: at a
+    probe pair it is the expert's, 0 (its output row's gradient is zeroed), and Megatron's router
+    reads only its selected pairs' gradient (a scatter's backward), so no ``[T, E]`` pass is spent
+    on zeroing it."""
+
+    @staticmethod
+    def forward(ctx, probs_TE, tokens_B, experts_B, probs_B):
+        return probs_TE.index_put((tokens_B, experts_B), probs_B.to(probs_TE.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_TE):
+        return grad_TE, None, None, None
+
+
+def add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B, true_B=None):
     """What the dispatcher gets: the probe pairs routed with their negative probs (constants: the
-    router's gradient at those pairs stays the stock one, zero)."""
-    index = (tokens_B, experts_B)
-    routing_map_TE = routing_map_TE.index_put(index, torch.ones_like(probs_B, dtype=torch.bool))
-    return probs_TE.index_put(index, probs_B.to(probs_TE.dtype)), routing_map_TE
+    router's gradient at those pairs stays the stock one, zero). ``true_B``: ``B`` ``True``s, kept
+    by the caller across micro-batches."""
+    true_B = torch.ones_like(probs_B, dtype=torch.bool) if true_B is None else true_B
+    routing_map_TE = routing_map_TE.index_put((tokens_B, experts_B), true_B)
+    return _WithProbeProbs.apply(probs_TE, tokens_B, experts_B, probs_B), routing_map_TE
 
 
 def probe_rows(probs_R: torch.Tensor, max_rows: int):
@@ -65,6 +81,7 @@ class ExcludeProbeRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts, count_rows):
         ctx.save_for_backward(rows_B, is_probe_B)
+        ctx.set_materialize_grads(False)  # no zeros for the statistics' (non-differentiable) gradient
         stats_EH1 = probe_exclude(out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts, count_rows)
         ctx.mark_dirty(out_RH)
         ctx.mark_non_differentiable(stats_EH1)
@@ -73,6 +90,8 @@ class ExcludeProbeRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RH, _):
         rows_B, is_probe_B = ctx.saved_tensors
+        if grad_RH is None:
+            return (None,) * 8
         if grad_RH._is_view() or not grad_RH.is_contiguous():
             grad_RH = grad_RH.contiguous().clone()
         return zero_rows_(grad_RH, rows_B, is_probe_B), None, None, None, None, None, None, None
@@ -91,6 +110,7 @@ class ProbeSampler:
         self.max_rows = self.budget * max(int(sources), 1)
         self.token_set = int(token_set)
         self.last_probes = None  # the last draw: (tokens_B, experts_B, probs_B) and [T, E]
+        self._true_B = None
 
     def add(self, probs_TE, routing_map_TE, weights_TE, counter: int, layer_number: int):
         """``(probs, routing_map`` with this micro-batch's probes added (``add_probes``), the number
@@ -99,7 +119,9 @@ class ProbeSampler:
         budget = probe_budget(self.budget, weights_TE.shape[0])
         tokens_B, experts_B, probs_B = draw_probes(weights_TE, routing_map_TE, budget, seed, self.draw)
         self.last_probes = (tokens_B, experts_B, probs_B, tuple(weights_TE.shape))
-        return (*add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B), budget)
+        if self._true_B is None or self._true_B.shape != probs_B.shape or self._true_B.device != probs_B.device:
+            self._true_B = torch.ones_like(probs_B, dtype=torch.bool)  # once, not per micro-batch
+        return (*add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B, self._true_B), budget)
 
     @property
     def last_probes_TE(self):

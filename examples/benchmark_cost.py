@@ -14,8 +14,8 @@ A CPU cannot time what a GPU pays: there the expert matmuls dwarf every extra me
    records every aten op: bytes read (its input tensors: unique elements of each, so a broadcast
    read counts once) and written (outputs; in-place ops write their mutated argument, ``index_copy_`` /
    ``index_add_`` only its indexed rows: the source's size; ``index_select`` reads the rows it
-   gathers, its output's size, not its whole source; ``probe_exclude`` the candidate rows it reads
-   and zeroes), matmul FLOPs
+   gathers, its output's size, not its whole source; ``probe_exclude`` / ``probe_zero`` the
+   candidate rows they read and zero, ``probe_draw`` the rows of the tokens it walks), matmul FLOPs
    (``2 M N K`` for mm / addmm / bmm / baddbmm / mv / dot / _grouped_mm), and one kernel per call.
    View and metadata ops (``FREE_OPS`` and every op whose schema says it is a view) cost 0 bytes
    and 0 kernels; allocations (``empty*``) cost no kernel. Elementwise FLOPs are left out (those
@@ -272,18 +272,23 @@ class CostMode(TorchDispatchMode):
         written = mutated + [t for t in outs if not any(t is m for m in mutated)]
         if name == "index_select":  # a gather reads the rows it selects (each time), not the whole source
             reads = [named["index"]] + outs
-        if name == "probe_exclude":  # reads and zeroes the candidate rows of the expert output only
-            rows = tensor_bytes(named["out_RH"]) * named["rows_B"].numel() // max(named["out_RH"].shape[0], 1)
-            reads = [t for t in reads if t is not named["out_RH"]]
-            written = outs
+        rows = 0  # bytes of the rows a probe op reads (and, but for the draw, writes) of its [T|R, *] inputs
+        if name in ("probe_exclude", "probe_zero"):  # the candidate rows of the expert output / gradient only
+            target = named["out_RH" if name == "probe_exclude" else "x_RH"]
+            rows = tensor_bytes(target) * named["rows_B"].numel() // max(target.shape[0], 1)
+            reads, written = [t for t in reads if t is not target], outs
+        if name == "probe_draw":  # the walked tokens' rows of the weights (or blocked pairs) and routing map
+            big = [named["weights_TE"], named["routing_map_TE"]]
+            reads = [t for t in reads if not any(t is b for b in big)] 
+            rows = sum(tensor_bytes(t) for t in big) * named["budget"] // max(big[0].shape[0], 1)
         if name in INDEXED_WRITES:  # only the indexed rows of the destination: the source's size
             source = named["source"]
             reads = [t for t in reads if t is not named["self"]] + ([source] if name == "index_add_" else [])
             written = [source]
         self.ops.append(dict(
             op=name, phase=phase, region=region, ours=ours, where=where,
-            bytes_read=sum(tensor_bytes(t) for t in reads) + (rows if name == "probe_exclude" else 0),
-            bytes_written=sum(tensor_bytes(t) for t in written) + (rows if name == "probe_exclude" else 0),
+            bytes_read=sum(tensor_bytes(t) for t in reads) + rows,
+            bytes_written=sum(tensor_bytes(t) for t in written) + (rows if name != "probe_draw" else 0),
             flops=matmul_flops(name, args, outs[0]) if outs else 0,
             kernels=1, sync=is_sync(func, args, kwargs),
         ))  # fmt: skip

@@ -15,7 +15,8 @@ reference as the fallback when the kernel cannot run there (``fallback.py``):
 - ``default_weights`` / ``default_weights_backward``: the router's default weights
   (``functional.router_scores_TE`` + ``default_weights_TE``), written in the dtype that reads
   them, and their logits gradient (scores recomputed) added to Megatron's own logits gradient;
-- ``probe_draw`` / ``probe_exclude``: the probes' draw and the exclusion of their rows, defined
+- ``probe_draw`` / ``probe_exclude`` / ``probe_zero``: the probes' draw, the exclusion of their
+  rows and the zeroing of those rows' gradient, defined
   with the probes (``probe_ops.py``) and registered here with the others.
 
 Rows are sampled ``offset, offset + stride, ...`` (``C`` of them); ``stride = 1`` takes all.
@@ -29,7 +30,14 @@ import torch
 
 from megatron_default_moe import fallback
 from megatron_default_moe import functional as F
-from megatron_default_moe.probe_ops import probe_draw, probe_draw_reference, probe_exclude, probe_exclude_reference
+from megatron_default_moe.probe_ops import (
+    probe_draw,
+    probe_draw_reference,
+    probe_exclude,
+    probe_exclude_reference,
+    probe_zero,
+    probe_zero_reference,
+)
 
 
 def row_weights(p_R: torch.Tensor, uniform: bool):
@@ -213,5 +221,6 @@ OPS = {  # name: (op, its torch reference)
     "default_weights_backward": (default_weights_backward, default_weights_backward_reference),
     "probe_draw": (probe_draw, probe_draw_reference),  # the probes' ops live with them (probe_ops.py)
     "probe_exclude": (probe_exclude, probe_exclude_reference),
+    "probe_zero": (probe_zero, probe_zero_reference),
 }
 TRITON_ON_CUDA = fallback.register(OPS) if torch.cuda.is_available() else None

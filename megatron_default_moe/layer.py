@@ -161,9 +161,8 @@ class DefaultMoELayer(MoELayer):
         probs, routing_map = super().route(hidden_states, padding_mask)
         self.token_dispatcher.extra_routed_pairs = 0
         if self.probes is not None and self._phase in ("update", "accumulate"):
-            weights_TE = self.router.default_term[0].weights()
             probs, routing_map, self.token_dispatcher.extra_routed_pairs = self.probes.add(
-                probs, routing_map, weights_TE, self._stats_updates, self.layer_number
+                probs, routing_map, self.router.default_term[0], self._stats_updates, self.layer_number
             )
         return probs, routing_map
 

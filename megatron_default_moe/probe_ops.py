@@ -2,14 +2,15 @@
 
 Unfused, the draw is ~80 small torch kernels per layer and micro-batch (the key hash alone is
 ~40) and the exclusion ~20, about 0.4 ms of launches on a GPU. Each op is one Triton kernel on
-CUDA (``triton_kernels.py``) and the reference below elsewhere (pure torch, no Megatron):
+CUDA (``triton_probe_kernels.py``) and the reference below elsewhere (pure torch, no Megatron):
 
 - ``probe_draw``: which (token, expert) pairs a micro-batch's probes take; the kernel draws the
   same pairs bit for bit on uniform draws (weighted draws: the same pairs unless a key falls
   within fp32 rounding of a boundary between two experts' shares, and ``W_t`` summed in another
   order);
 - ``probe_exclude``: on the expert rank, the probe rows' per-expert statistics, and those rows
-  zeroed in place (only they are touched); the kernel sums in another order (fp32 rounding).
+  zeroed in place (only they are touched); the kernel sums in another order (fp32 rounding);
+- ``probe_zero``: the same rows of the gradient zeroed in place, in the backward.
 
 The draw is a pure function of its inputs: a counter-based integer hash of ``(seed, index)`` for
 the keys (no generator state: the same bits on any device and under fake tensors), and the token
@@ -72,13 +73,17 @@ def _token_stride(seed: int, tokens: int):
 def probe_draw_reference(weights_TE: torch.Tensor, routing_map_TE: torch.Tensor, budget: int, a: int, b: int,
                          seed: int, weighted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(tokens_B, experts_B, probs_B)`` (int64, int64, fp32) of ``draw_probes``; ``(a, b)`` the
-    token walk, ``seed`` the keys'."""
+    token walk, ``seed`` the keys'. ``weights_TE``: weighted, the default weights ``w``; uniform,
+    the pairs blocked besides the routed ones (bool: padding tokens' rows), so ``w`` is not needed."""
     tokens, experts = weights_TE.shape
     j_B = torch.arange(budget, device=weights_TE.device, dtype=torch.int64)
     tokens_B = (j_B * a + b) % tokens
     routed_BE = routing_map_TE.index_select(0, tokens_B)
-    w_BE = weights_TE.index_select(0, tokens_B).float().masked_fill_(routed_BE, 0.0)
-    mass_BE = w_BE if weighted else (w_BE > 0).float()
+    if weighted:
+        w_BE = weights_TE.index_select(0, tokens_B).float().masked_fill_(routed_BE, 0.0)
+        mass_BE = w_BE
+    else:
+        mass_BE = (~(routed_BE | (weights_TE.index_select(0, tokens_B) != 0))).float()
     cdf_BE = mass_BE.cumsum(-1)
     total_B1 = cdf_BE[:, -1:]
     target_B1 = uniform_keys(budget, seed, weights_TE.device)[:, None] * total_B1
@@ -86,7 +91,7 @@ def probe_draw_reference(weights_TE: torch.Tensor, routing_map_TE: torch.Tensor,
     picked_B = torch.minimum((cdf_BE <= target_B1).sum(-1), last_B)
     eligible_B = total_B1.squeeze(-1) > 0
     experts_B = torch.where(eligible_B, picked_B, (~routed_BE).int().argmax(-1).long())
-    weight_B = w_BE.sum(-1) if weighted else torch.ones_like(total_B1.squeeze(-1))
+    weight_B = mass_BE.sum(-1) if weighted else torch.ones_like(total_B1.squeeze(-1))
     return tokens_B, experts_B, torch.where(eligible_B, -weight_B, 0.0)
 
 
@@ -108,7 +113,9 @@ def draw_probes(weights_TE, routing_map_TE, budget: int, seed: int, draw: str):
     with prob ``-W_t`` (``W_t = Σ w`` of the token's unrouted experts) so that the statistics,
     weighting each row by ``|p|``, estimate the ``w``-weighted unchosen mean. A token with no
     eligible pair (padding) gets a filler: an unrouted pair with prob 0, run like Megatron's own
-    padding rows and never counted. Work: ``O(budget · E)`` in one op, no host sync.
+    padding rows and never counted. Work: ``O(budget · E)`` in one op, no host sync. ``weights_TE``:
+    ``w`` for weighted draws; for uniform ones a bool of the pairs with weight 0 (the router's
+    chosen pairs and padding tokens), so that ``w`` itself is not computed.
     """
     if draw not in PROBE_DRAWS:
         raise ValueError(f"--moe-default-probe-draw must be one of {PROBE_DRAWS}, got {draw!r}")
@@ -116,14 +123,15 @@ def draw_probes(weights_TE, routing_map_TE, budget: int, seed: int, draw: str):
     return probe_draw(weights_TE.detach(), routing_map_TE, int(budget), a, b, int(seed), draw == "weighted")
 
 
-def probe_exclude_reference(out_RH: torch.Tensor, rows_B: torch.Tensor, is_probe_B: torch.Tensor, p_B: torch.Tensor,
-                            counts_L: torch.Tensor, first: int, num_experts: int, count_rows: bool) -> torch.Tensor:  # fmt: skip
-    """Per-expert ``[Σ |p|·E_i(x) | Σ |p|]`` over the probe rows among ``rows_B``, fp32 ``[E, H+1]``
-    (a row holds ``out = p·E_i(x)`` with ``p < 0``: its weighted output is ``-out``; a NaN/Inf
+def probe_exclude_reference(out_RH: torch.Tensor, rows_B: torch.Tensor, p_B: torch.Tensor, counts_L: torch.Tensor,
+                            first: int, num_experts: int, count_rows: bool) -> torch.Tensor:  # fmt: skip
+    """Per-expert ``[Σ |p|·E_i(x) | Σ |p|]`` over the probe rows (``p < 0``) among ``rows_B``, fp32
+    ``[E, H+1]`` (a row holds ``out = p·E_i(x)``: its weighted output is ``-out``; a NaN/Inf
     probe row poisons its own expert only; the count column stays 0 unless ``count_rows``), and
     those rows of ``out_RH`` zeroed in place (the other rows ``rows_B`` names are left as they are)."""
     hidden, local = out_RH.shape[1], counts_L.numel()
     ids_B = torch.searchsorted(counts_L.cumsum(0), rows_B, right=True)  # local expert; L: past the counts
+    is_probe_B = p_B < 0
     keep_B = is_probe_B & (ids_B < local)
     x_BH = out_RH.index_select(0, rows_B)
     sums_LH1 = out_RH.new_zeros(local + 1, hidden + 1, dtype=torch.float32)
@@ -132,22 +140,27 @@ def probe_exclude_reference(out_RH: torch.Tensor, rows_B: torch.Tensor, is_probe
         sums_LH1[:, hidden].index_add_(0, ids_B, torch.where(keep_B, -p_B.float(), 0.0))
     out_EH1 = out_RH.new_zeros(num_experts, hidden + 1, dtype=torch.float32)
     out_EH1[first : first + local] = sums_LH1[:local]
-    zero_rows_(out_RH, rows_B, is_probe_B, x_BH)
+    out_RH.index_copy_(0, rows_B, x_BH.masked_fill(is_probe_B[:, None], 0.0))
     return out_EH1
 
 
-def zero_rows_(x_RH, rows_B, is_probe_B, x_BH=None):
-    """Zero the probe rows among ``rows_B`` of ``x_RH`` in place (NaN rows too); ``x_BH``: those
-    rows, if already read."""
-    x_BH = x_RH.index_select(0, rows_B) if x_BH is None else x_BH
-    return x_RH.index_copy_(0, rows_B, x_BH.masked_fill(is_probe_B[:, None], 0.0))
+def probe_zero_reference(x_RH: torch.Tensor, rows_B: torch.Tensor, p_B: torch.Tensor) -> None:
+    """The probe rows (``p < 0``) among ``rows_B`` of ``x_RH`` zeroed in place (NaN rows too): the
+    gradient of the rows ``probe_exclude`` zeroed."""
+    x_RH.index_copy_(0, rows_B, x_RH.index_select(0, rows_B).masked_fill((p_B < 0)[:, None], 0.0))
 
 
 probe_exclude = torch.library.custom_op("default_moe::probe_exclude", mutates_args=("out_RH",))(
     probe_exclude_reference
 )
+probe_zero = torch.library.custom_op("default_moe::probe_zero", mutates_args=("x_RH",))(probe_zero_reference)
 
 
 @probe_exclude.register_fake
-def _(out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts, count_rows):
+def _(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows):
     return out_RH.new_empty(num_experts, out_RH.shape[1] + 1, dtype=torch.float32)
+
+
+@probe_zero.register_fake
+def _(x_RH, rows_B, p_B):
+    return None

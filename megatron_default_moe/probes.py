@@ -30,8 +30,8 @@ from megatron_default_moe.probe_ops import (  # noqa: F401
     draw_probes,
     probe_exclude,
     probe_seed,
+    probe_zero,
     uniform_keys,
-    zero_rows_,
 )
 from megatron_default_moe.statistics import counts_on
 
@@ -66,35 +66,37 @@ def add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B, true_B=No
 
 
 def probe_rows(probs_R: torch.Tensor, max_rows: int):
-    """``(rows_B, is_probe_B, p_B)``: ``max_rows`` row indices that include every probe row of this
-    rank (``p < 0``), which of them are probe rows, and their probs. No host sync: one fixed-size
-    top-k of the smallest probs (the negative ones come first)."""
+    """``(rows_B, p_B)``: ``max_rows`` row indices that include every probe row of this rank
+    (``p < 0``), and their probs. No host sync: one fixed-size top-k of the smallest probs (the
+    negative ones come first)."""
     p_R = probs_R.detach().reshape(-1)
     p_B, rows_B = p_R.topk(min(max_rows, p_R.numel()), largest=False, sorted=False)
-    return rows_B, p_B < 0, p_B.float()
+    return rows_B, p_B.float()
 
 
 class ExcludeProbeRows(torch.autograd.Function):
     """The probe rows' statistics, and those rows of the expert output zeroed in place
-    (``probe_exclude``: one op), and of its gradient (``rows_B`` holds every probe row)."""
+    (``probe_exclude``: one op), and of its gradient (``probe_zero``; ``rows_B`` holds every probe
+    row, ``p_B`` their probs)."""
 
     @staticmethod
-    def forward(ctx, out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts, count_rows):
-        ctx.save_for_backward(rows_B, is_probe_B)
+    def forward(ctx, out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows):
+        ctx.save_for_backward(rows_B, p_B)
         ctx.set_materialize_grads(False)  # no zeros for the statistics' (non-differentiable) gradient
-        stats_EH1 = probe_exclude(out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts, count_rows)
+        stats_EH1 = probe_exclude(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows)
         ctx.mark_dirty(out_RH)
         ctx.mark_non_differentiable(stats_EH1)
         return out_RH, stats_EH1
 
     @staticmethod
     def backward(ctx, grad_RH, _):
-        rows_B, is_probe_B = ctx.saved_tensors
         if grad_RH is None:
-            return (None,) * 8
+            return (None,) * 7
+        rows_B, p_B = ctx.saved_tensors
         if grad_RH._is_view() or not grad_RH.is_contiguous():
             grad_RH = grad_RH.contiguous().clone()
-        return zero_rows_(grad_RH, rows_B, is_probe_B), None, None, None, None, None, None, None
+        probe_zero(grad_RH, rows_B, p_B)
+        return grad_RH, None, None, None, None, None, None
 
 
 class ProbeSampler:
@@ -112,13 +114,15 @@ class ProbeSampler:
         self.last_probes = None  # the last draw: (tokens_B, experts_B, probs_B) and [T, E]
         self._true_B = None
 
-    def add(self, probs_TE, routing_map_TE, weights_TE, counter: int, layer_number: int):
+    def add(self, probs_TE, routing_map_TE, term_inputs, counter: int, layer_number: int):
         """``(probs, routing_map`` with this micro-batch's probes added (``add_probes``), the number
-        of pairs added``)``."""
+        of pairs added``)``. ``term_inputs``: the router's ``DefaultTermInputs`` (uniform draws read
+        only which pairs have weight 0, its ``chosen_TE``; weighted ones the weights)."""
         seed = probe_seed(self.seed, counter, layer_number, self.token_set)
-        budget = probe_budget(self.budget, weights_TE.shape[0])
+        budget = probe_budget(self.budget, routing_map_TE.shape[0])
+        weights_TE = term_inputs.weights() if self.draw == "weighted" else term_inputs.chosen_TE
         tokens_B, experts_B, probs_B = draw_probes(weights_TE, routing_map_TE, budget, seed, self.draw)
-        self.last_probes = (tokens_B, experts_B, probs_B, tuple(weights_TE.shape))
+        self.last_probes = (tokens_B, experts_B, probs_B, tuple(routing_map_TE.shape))
         if self._true_B is None or self._true_B.shape != probs_B.shape or self._true_B.device != probs_B.device:
             self._true_B = torch.ones_like(probs_B, dtype=torch.bool)  # once, not per micro-batch
         return (*add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B, self._true_B), budget)
@@ -132,10 +136,9 @@ class ProbeSampler:
     def exclude(self, out_RH, probs_R, tokens_per_expert_L, first: int, num_experts: int, count_rows: bool):
         """``(out_RH`` with its probe rows zeroed (autograd-aware), the probes' ``[E, H+1]``)``: the
         statistics the vectors follow (the routed rows' are not taken)."""
-        rows_B, is_probe_B, p_B = probe_rows(probs_R, self.max_rows)
+        rows_B, p_B = probe_rows(probs_R, self.max_rows)
         counts_L = counts_on(tokens_per_expert_L, out_RH.device)[0]
-        out_RH, stats_EH1 = ExcludeProbeRows.apply(out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts,
-                                                   count_rows)  # fmt: skip
+        out_RH, stats_EH1 = ExcludeProbeRows.apply(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows)
         return out_RH, stats_EH1
 
 

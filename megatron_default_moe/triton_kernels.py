@@ -1,7 +1,7 @@
 """Triton kernels of the fused ops (``fused.py``): one or two launches where the reference takes ~10.
 
-Each kernel computes exactly its reference in ``fused.py`` or ``probe_ops.py`` (same formulas,
-fp32 arithmetic); only summation orders may differ. ``triton_launch.py`` builds their launches. Tested against the
+Each kernel computes exactly its reference in ``fused.py`` (same formulas, fp32 arithmetic); only
+summation orders may differ; the probes' kernels are in ``triton_probe_kernels.py``. ``triton_launch.py`` builds their launches. Tested against the
 references on CPU under ``TRITON_INTERPRET=1`` (``tests/test_fused.py``), compiled for sm_80 /
 sm_90 / sm_100 without a GPU (``tests/test_triton_aot.py``), on CUDA by ``scripts/gpu_check.sh``.
 """
@@ -174,96 +174,3 @@ def _weights_bwd_kernel(g_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E, scale
     if HAS_BASE:  # Megatron's own logits gradient, added in this pass
         dz += tl.load(base_ptr + idx, mask=m, other=0.0).to(tl.float32)
     tl.store(dz_ptr + idx, dz.to(dz_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _fmix32(h):
-    """MurmurHash3's finaliser on uint32 lanes (wrapping products); ``probe_ops._fmix32``."""
-    h = h ^ (h >> 16)
-    h = h * 0x85EBCA6B
-    h = h ^ (h >> 13)
-    h = h * 0xC2B2AE35
-    return h ^ (h >> 16)
-
-
-@triton.jit(do_not_specialize=["a", "b", "k0", "k1", "k2", "k3"])
-def _probe_draw_kernel(w_ptr, routed_ptr, tokens_ptr, experts_ptr, probs_ptr, T, E, B, a, b, k0, k1, k2, k3,
-                       WEIGHTED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
-    """``BLOCK_B`` probes per program, one token row of ``E`` each: the walk's token, its key, the
-    eligible experts' cumulative shares, the pick; see ``probe_ops.probe_draw_reference``. The
-    seed comes as four 16-bit pieces ``k0..k3`` (low first) and the per-call integers are not
-    specialised: every seed runs the same compiled kernel."""
-    j = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mj = j < B
-    t = (j.to(tl.int64) * a + b) % T
-    e = tl.arange(0, BLOCK_E)
-    me = e < E
-    m = mj[:, None] & me[None, :]
-    idx = t[:, None] * E + e[None, :]
-    routed = tl.load(routed_ptr + idx, mask=m, other=1) != 0
-    w = tl.where(routed, 0.0, tl.load(w_ptr + idx, mask=m, other=0.0).to(tl.float32))
-    if WEIGHTED:
-        mass = w
-    else:
-        mass = tl.where(w > 0.0, 1.0, 0.0)
-    cdf = tl.cumsum(mass, axis=1)
-    total = tl.max(cdf, axis=1)  # the last column: shares are >= 0
-    seed_lo = (k1.to(tl.uint32) << 16) | k0.to(tl.uint32)
-    seed_hi = (k3.to(tl.uint32) << 16) | k2.to(tl.uint32)
-    h = _fmix32(j.to(tl.uint32) ^ seed_lo)
-    h = _fmix32(h ^ seed_hi)
-    key = ((h.to(tl.float64) + 0.5) * (2.0**-32)).to(tl.float32)
-    target = key * total
-    picked = tl.sum(tl.where(me[None, :] & (cdf <= target[:, None]), 1, 0), axis=1).to(tl.int64)
-    last = tl.max(tl.where(mass > 0.0, e[None, :], -1), axis=1).to(tl.int64)
-    eligible = total > 0.0
-    first_free = tl.min(tl.where(m & ~routed, e[None, :], BLOCK_E), axis=1)
-    fallback = tl.where(first_free < BLOCK_E, first_free, 0).to(tl.int64)
-    expert = tl.where(eligible, tl.minimum(picked, last), fallback)
-    if WEIGHTED:
-        weight = tl.sum(w, axis=1)
-    else:
-        weight = tl.full([BLOCK_B], 1.0, tl.float32)
-    tl.store(tokens_ptr + j, t, mask=mj)
-    tl.store(experts_ptr + j, expert, mask=mj)
-    tl.store(probs_ptr + j, tl.where(eligible, -weight, 0.0), mask=mj)
-
-
-@triton.jit
-def _probe_exclude_kernel(out_ptr, ld, rows_ptr, isp_ptr, p_ptr, counts_ptr, stats_ptr, H, B, L, first,
-                          COUNT_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
-                          BLOCK_H: tl.constexpr):  # fmt: skip
-    """Program (columns ``h``): over the candidate rows in order, each probe row's ``-out`` summed
-    into its local expert (a one-hot ``[L, B] @ [B, h]`` product, fp32, non-finite values kept
-    out of the product and re-applied to their own expert only), then the row's columns zeroed;
-    see ``probe_ops.probe_exclude_reference``."""
-    hb = tl.program_id(0)
-    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    mh = h < H
-    lane = tl.arange(0, BLOCK_L)
-    ml = lane < L
-    ends = tl.cumsum(tl.load(counts_ptr + lane, mask=ml, other=0).to(tl.int64), axis=0)
-    acc = tl.zeros([BLOCK_L, BLOCK_H], dtype=tl.float32)
-    bad = tl.zeros([BLOCK_L, BLOCK_H], dtype=tl.float32)  # NaN/Inf seen per (expert, column)
-    cnt = tl.zeros([BLOCK_L], dtype=tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        b = b0 + tl.arange(0, BLOCK_B)
-        mb = b < B
-        row = tl.load(rows_ptr + b, mask=mb, other=0).to(tl.int64)
-        probe = (tl.load(isp_ptr + b, mask=mb, other=0) != 0) & mb
-        ids = tl.sum(tl.where(ml[None, :] & (ends[None, :] <= row[:, None]), 1, 0), axis=1)
-        keep = probe & (ids < L)
-        ptrs = out_ptr + row[:, None] * ld + h[None, :]
-        x = -tl.load(ptrs, mask=keep[:, None] & mh[None, :], other=0.0).to(tl.float32)
-        finite = (x - x) == 0.0
-        onehot = tl.where((lane[:, None] == ids[None, :]) & keep[None, :], 1.0, 0.0)  # [L, B]
-        acc += tl.dot(onehot, tl.where(finite, x, 0.0), input_precision="ieee")
-        bad += tl.dot(onehot, tl.where(finite, 0.0, 1.0), input_precision="ieee")
-        if COUNT_ROWS:
-            p = tl.load(p_ptr + b, mask=mb, other=0.0).to(tl.float32)
-            cnt += tl.sum(onehot * tl.where(keep, -p, 0.0)[None, :], axis=1)
-        tl.store(ptrs, tl.zeros([BLOCK_B, BLOCK_H], dtype=out_ptr.dtype.element_ty), mask=probe[:, None] & mh[None, :])
-    dest = stats_ptr + (first + lane).to(tl.int64)[:, None] * (H + 1)
-    tl.store(dest + h[None, :], tl.where(bad > 0.0, float("nan"), acc), mask=ml[:, None] & mh[None, :])
-    if COUNT_ROWS:
-        tl.store(stats_ptr + (first + lane).to(tl.int64) * (H + 1) + H, cnt, mask=ml & (hb == 0))

@@ -1,4 +1,4 @@
-"""Launches of the Triton kernels (``triton_kernels.py``): each op's launcher builds its
+"""Launches of the Triton kernels (``triton_kernels.py``, ``triton_probe_kernels.py``): each op's launcher builds its
 ``Launch``es in one function, which ``tests/test_triton_aot.py`` compiles for every GPU target, so
 the compiled signatures are the launched ones.
 
@@ -13,6 +13,7 @@ import torch
 import triton
 
 from megatron_default_moe import triton_kernels as K
+from megatron_default_moe import triton_probe_kernels as KP
 
 BLOCK_H = 512  # 1-D passes over a row of H
 STATS_BLOCK_R, STATS_BLOCK_H = 32, 128  # expert_stats stage 1: a [rows, H] tile per step
@@ -121,35 +122,51 @@ def probe_draw_launches(weights_TE, routing_map_TE, budget, a, b, seed, weighted
     experts = torch.empty(budget, dtype=torch.int64, device=dev)
     probs = torch.empty(budget, dtype=torch.float32, device=dev)
     routed = routing_map_TE.contiguous().view(torch.uint8)
+    w = weights_TE.contiguous()
+    w = w.view(torch.uint8) if w.dtype == torch.bool else w  # uniform draws: the blocked pairs
     pieces = tuple((seed >> s) & 0xFFFF for s in (0, 16, 32, 48))  # always int32: one compiled kernel
-    args = (weights_TE.contiguous(), routed, tokens, experts, probs, T, E, budget, a, b, *pieces)
+    args = (w, routed, tokens, experts, probs, T, E, budget, a, b, *pieces)
     flags = dict(WEIGHTED=weighted, BLOCK_B=PROBE_BLOCK_B, BLOCK_E=max(2, triton.next_power_of_2(E)))
     grid = (triton.cdiv(budget, PROBE_BLOCK_B),)
-    return (tokens, experts, probs), [Launch(K._probe_draw_kernel, grid, args, flags)] if budget else []
+    return (tokens, experts, probs), [Launch(KP._probe_draw_kernel, grid, args, flags)] if budget else []
 
 
 EXCLUDE_BLOCK_B = 16  # probe_exclude: candidate rows per step (a tl.dot needs 16)
 
 
-def probe_exclude_launches(out_RH, rows_B, is_probe_B, p_B, counts_L, first, num_experts, count_rows):
+def probe_exclude_launches(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows):
     """One program per block of columns, each over all ``B`` candidate rows (a few hundred to a few
     thousand): no atomics, a fixed order. The non-local stats rows are zeros."""
     R, H = out_RH.shape
     _in_place("out_RH", out_RH)
     B, L = rows_B.numel(), counts_L.numel()
     stats = torch.zeros(num_experts, H + 1, dtype=torch.float32, device=out_RH.device)
-    args = (out_RH, H, rows_B.contiguous(), is_probe_B.contiguous().view(torch.uint8), p_B.contiguous(),
-            counts_L.to(torch.long).contiguous(), stats, H, B, L, first)  # fmt: skip
+    args = (out_RH, H, rows_B.contiguous(), p_B.contiguous(), counts_L.to(torch.long).contiguous(), stats, H, B, L,
+            first)  # fmt: skip
     block_l = max(16, triton.next_power_of_2(L))
     block_h = min(64, max(16, 2048 // block_l))  # two [L, h] fp32 accumulators stay in registers
     flags = dict(COUNT_ROWS=count_rows, BLOCK_B=EXCLUDE_BLOCK_B, BLOCK_L=block_l, BLOCK_H=block_h)
-    return stats, [Launch(K._probe_exclude_kernel, (triton.cdiv(H, block_h),), args, flags)] if L else []
+    return stats, [Launch(KP._probe_exclude_kernel, (triton.cdiv(H, block_h),), args, flags)] if L else []
+
+
+ZERO_BLOCK_B, ZERO_BLOCK_H = 16, 256  # probe_zero: a [rows, H] tile per program
+
+
+def probe_zero_launches(x_RH, rows_B, p_B):
+    """One program per (block of candidate rows, block of columns); only probe rows are written."""
+    _in_place("x_RH", x_RH)
+    B, H = rows_B.numel(), x_RH.shape[1]
+    args = (x_RH, H, rows_B.contiguous(), p_B.contiguous(), H, B)
+    grid = (triton.cdiv(B, ZERO_BLOCK_B), triton.cdiv(H, ZERO_BLOCK_H))
+    flags = dict(BLOCK_B=ZERO_BLOCK_B, BLOCK_H=ZERO_BLOCK_H)
+    return None, [Launch(KP._probe_zero_kernel, grid, args, flags)] if B and H else []
 
 
 LAUNCHES = dict(expert_stats=expert_stats_launches, ema_update=ema_update_launches,
                 default_weights=default_weights_launches,
                 default_weights_backward=default_weights_backward_launches,
-                probe_draw=probe_draw_launches, probe_exclude=probe_exclude_launches)  # fmt: skip
+                probe_draw=probe_draw_launches, probe_exclude=probe_exclude_launches,
+                probe_zero=probe_zero_launches)  # fmt: skip
 
 
 def launcher(op: str):
@@ -171,3 +188,4 @@ default_weights = launcher("default_weights")
 default_weights_backward = launcher("default_weights_backward")
 probe_draw = launcher("probe_draw")
 probe_exclude = launcher("probe_exclude")
+probe_zero = launcher("probe_zero")

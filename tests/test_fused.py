@@ -317,6 +317,7 @@ for T, E, budget in ((64, 8, 64), (300, 16, 37), (50, 160, 50), (33, 3, 5)):
                 w[::7] = 0  # padding tokens: no eligible pair
                 w = w.to(wdtype)
                 a, b = D._token_stride(seed, T)
+                w = w if weighted else w == 0  # uniform draws take the blocked pairs
                 ref = D.probe_draw_reference(w, routed, budget, a, b, seed, weighted)
                 got = TL.probe_draw(w, routed, budget, a, b, seed, weighted)
                 assert torch.equal(got[0], ref[0]), (T, E, seed)
@@ -360,13 +361,16 @@ for counts, hidden, max_rows, first, E in (([7, 0, 13, 21], 24, 16, 2, 8), ([40]
             p[probe] = -(torch.rand(len(probe), generator=gen) + 0.5)
             p[-1] = -1.0  # a probe row past the counts: zeroed, never counted
             out[probe[0], 3] = float("nan")  # poisons its own expert only
-            vals, rows_B = (p < 0).to(torch.uint8).topk(max_rows, sorted=False)
-            is_probe, p_B = vals.bool(), p[rows_B]
+            p_B, rows_B = p.topk(max_rows, largest=False, sorted=False)
             counts_L = torch.tensor(counts)
             ref_out, got_out = out.clone(), out.clone()
-            ref = D.probe_exclude_reference(ref_out, rows_B, is_probe, p_B, counts_L, first, E, count_rows)
-            got = TL.probe_exclude(got_out, rows_B, is_probe, p_B, counts_L, first, E, count_rows)
+            ref = D.probe_exclude_reference(ref_out, rows_B, p_B, counts_L, first, E, count_rows)
+            got = TL.probe_exclude(got_out, rows_B, p_B, counts_L, first, E, count_rows)
             assert torch.equal(got_out, ref_out)
+            ref_grad, got_grad = out.clone(), out.clone()  # the backward's zeroing: the same rows
+            D.probe_zero_reference(ref_grad, rows_B, p_B)
+            TL.probe_zero(got_grad, rows_B, p_B)
+            assert torch.equal(got_grad, ref_grad) and torch.equal(got_grad, ref_out)
             assert torch.equal(got.isnan(), ref.isnan()), (got.isnan().nonzero(), ref.isnan().nonzero())
             torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), rtol=1e-5, atol=1e-5)
             checked += 1
@@ -376,7 +380,8 @@ print("CHECKED", checked)
 
 def test_probe_exclude_kernel_matches_its_reference_in_the_interpreter():
     """The exclusion's Triton kernel against ``probe_exclude_reference``: the same zeroed rows bit
-    for bit (a probe row past the counts too), the same NaN-poisoned experts, sums to fp32 rounding."""
+    for bit (a probe row past the counts too), the same NaN-poisoned experts, sums to fp32 rounding;
+    the backward's ``probe_zero`` kernel zeroes exactly those rows."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-c", PROBE_EXCLUDE_CHECK], env=env, capture_output=True, text=True,
@@ -396,19 +401,23 @@ def test_cuda_probe_ops_match_their_references():
     w[routed] = 0
     for seed in (1, 2**62 + 3):
         a, b = D._token_stride(seed, 16384)
-        got = D.probe_draw(w, routed, 1024, a, b, seed, False)
-        ref = D.probe_draw_reference(w, routed, 1024, a, b, seed, False)
+        got = D.probe_draw(w == 0, routed, 1024, a, b, seed, False)
+        ref = D.probe_draw_reference(w == 0, routed, 1024, a, b, seed, False)
         for g, r in zip(got, ref):
             assert torch.equal(g, r)
     out = torch.randn(20000, 2048, device=dev, generator=gen).bfloat16()
     p = torch.rand(20000, device=dev, generator=gen) + 0.1
     p[torch.randperm(20000, device=dev, generator=gen)[:500]] = -1.0
-    vals, rows = (p < 0).to(torch.uint8).topk(512, sorted=False)
+    p_B, rows = p.topk(512, largest=False, sorted=False)
     counts = torch.full((16,), 1250, device=dev)
     got_out, ref_out = out.clone(), out.clone()
-    got = D.probe_exclude(got_out, rows, vals.bool(), p[rows], counts, 16, 128, True)
-    ref = D.probe_exclude_reference(ref_out, rows, vals.bool(), p[rows], counts, 16, 128, True)
+    got = D.probe_exclude(got_out, rows, p_B, counts, 16, 128, True)
+    ref = D.probe_exclude_reference(ref_out, rows, p_B, counts, 16, 128, True)
     assert torch.equal(got_out, ref_out)
+    got_grad, ref_grad = out.clone(), out.clone()
+    D.probe_zero(got_grad, rows, p_B)
+    D.probe_zero_reference(ref_grad, rows, p_B)
+    assert torch.equal(got_grad, ref_grad)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 

@@ -130,9 +130,10 @@ def test_draws_are_reproducible_distinct_unrouted_and_weighted_draws_follow_w():
     w_TE[routed_TE] = 0.0
     w_TE[5] = 0.0  # a padding token: a filler if drawn
     seed = P.probe_seed(1, 2, 3, 4)
-    t, e, p = P.draw_probes(w_TE, routed_TE, 64, seed, "uniform")
-    assert all(torch.equal(a, b) for a, b in zip((t, e, p), P.draw_probes(w_TE, routed_TE, 64, seed, "uniform")))
-    assert not torch.equal(e, P.draw_probes(w_TE, routed_TE, 64, seed + 1, "uniform")[1])
+    blocked_TE = w_TE == 0  # uniform draws read which pairs have weight 0, not w
+    t, e, p = P.draw_probes(blocked_TE, routed_TE, 64, seed, "uniform")
+    assert all(torch.equal(a, b) for a, b in zip((t, e, p), P.draw_probes(blocked_TE, routed_TE, 64, seed, "uniform")))
+    assert not torch.equal(e, P.draw_probes(blocked_TE, routed_TE, 64, seed + 1, "uniform")[1])
     assert sorted(t.tolist()) == list(range(64))  # budget = tokens: every token once
     assert not routed_TE[t, e].any() and (w_TE[t, e] > 0).sum() == 63
     assert p[t == 5].item() == 0.0 and (p[t != 5] == P.PROBE_PROB).all()  # the filler runs uncounted
@@ -144,7 +145,7 @@ def test_draws_are_reproducible_distinct_unrouted_and_weighted_draws_follow_w():
     hits = {draw: torch.zeros(5) for draw in P.PROBE_DRAWS}
     for k in range(400):
         for draw in P.PROBE_DRAWS:
-            t, e, p = P.draw_probes(w_TE, routed_TE, 2, P.probe_seed(k, 0, 0, 0), draw)
+            t, e, p = P.draw_probes(w_TE if draw == "weighted" else w_TE == 0, routed_TE, 2, P.probe_seed(k, 0, 0, 0), draw)
             hits[draw] += torch.bincount(e, minlength=5)
             if draw == "weighted":
                 assert torch.allclose(p, torch.full_like(p, -2.1))  # -W_t

@@ -66,7 +66,7 @@ def _weights_backward(logits_dtype, score, renorm_all, has_base, turn):
 
 def _probe_draw(weights_dtype, weighted, turn):
     tokens, experts = ((64, 8), (300, 128), (40, 160))[turn % 3]
-    weights = torch.zeros(tokens, experts, dtype=weights_dtype)
+    weights = torch.zeros(tokens, experts, dtype=weights_dtype if weighted else torch.bool)  # uniform: blocked pairs
     seed = (3, 2**63 - 1, 2**40 + 17)[turn % 3]  # one compiled kernel whatever the seed's size
     return (weights, torch.zeros(tokens, experts, dtype=torch.bool), min(tokens, 37), 5, 1, seed, weighted)
 
@@ -75,8 +75,12 @@ def _probe_exclude(out_dtype, count_rows, turn):
     local, hidden = ((1, 1024), (16, 1000), (128, 2048))[turn % 3]
     out = torch.zeros(64, hidden, dtype=out_dtype)
     rows = torch.zeros(24, dtype=torch.long)
-    return (out, rows, torch.zeros(24, dtype=torch.bool), torch.zeros(24), torch.ones(local, dtype=torch.long), 0,
-            local + 8, count_rows)  # fmt: skip
+    return (out, rows, torch.zeros(24), torch.ones(local, dtype=torch.long), 0, local + 8, count_rows)
+
+
+def _probe_zero(x_dtype, turn):
+    hidden = (1024, 1000, 2048)[turn % 3]
+    return (torch.zeros(64, hidden, dtype=x_dtype), torch.zeros(24, dtype=torch.long), torch.zeros(24))
 
 
 def full_cases():
@@ -93,6 +97,7 @@ def full_cases():
         cases.append(("probe_draw", _probe_draw(w, weighted, turn)))
     for turn, (o, c) in enumerate(itertools.product(DTYPES, (True, False))):
         cases.append(("probe_exclude", _probe_exclude(o, c, turn)))
+    cases += [("probe_zero", _probe_zero(d, turn)) for turn, d in enumerate(DTYPES)]
     return cases
 
 
@@ -116,17 +121,26 @@ def specialisation(launch, capability):
     return key, fn, signature, constexprs, attrs
 
 
+KERNEL_FILES = ("triton_kernels.py", "triton_probe_kernels.py")
+
+
 @functools.cache
-def _kernels_module():
-    """``triton_kernels.py`` alone (it imports only Triton): a worker need not import Megatron."""
+def _kernels_module(filename):
+    """One kernels file alone (it imports only Triton): a worker need not import Megatron."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_default_moe",
-                        "triton_kernels.py")  # fmt: skip
-    spec = importlib.util.spec_from_file_location("default_moe_triton_kernels", path)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_default_moe", filename)
+    spec = importlib.util.spec_from_file_location("default_moe_" + filename[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def _kernel_file(name):
+    """The kernels file defining ``name``."""
+    return next(f for f in KERNEL_FILES if f"def {name}(" in open(os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_default_moe", f)).read())
 
 
 def compile_one(job):
@@ -138,7 +152,7 @@ def compile_one(job):
 
     name, signature, constexprs, attrs, capability = job
     start = time.process_time()
-    kernel = triton.compile(ASTSource(getattr(_kernels_module(), name), signature, constexprs, attrs),
+    kernel = triton.compile(ASTSource(getattr(_kernels_module(_kernel_file(name)), name), signature, constexprs, attrs),
                             target=GPUTarget("cuda", capability, 32))  # fmt: skip
     return len(kernel.asm["cubin"]), time.process_time() - start
 
@@ -159,10 +173,11 @@ def jobs_for(cases, capability):
 
 def test_every_kernel_compiles_for_sm80_sm90_sm100(tmp_path, monkeypatch):
     from megatron_default_moe import triton_kernels as K
+    from megatron_default_moe import triton_probe_kernels as KP
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile, never reuse a cached cubin
     jobs, kernels = jobs_for(full_cases(), 90)
-    assert kernels == {n for n, v in vars(K).items() if isinstance(v, triton.runtime.jit.JITFunction)
+    assert kernels == {n for m in (K, KP) for n, v in vars(m).items() if isinstance(v, triton.runtime.jit.JITFunction)
                        and n.endswith("_kernel")}, kernels  # fmt: skip
     for capability in (80, 100):
         more, seen = jobs_for(full_cases(), capability)

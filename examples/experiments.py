@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny model, 2 cells, 2 seeds (test suite)")
     p.add_argument("--fidelity", action="store_true", help="per-layer cosine and bias over training")
     p.add_argument("--router", default="paper", choices=sorted(TOPK), help="--fidelity: the router family")
+    p.add_argument("--fidelity-seed", type=int, default=1234,
+                   help="--fidelity: the run's seed (the demo's 1234 by default; others write *_seed<N>.json)")
     p.add_argument("--probes", default="", help="sweep: Default MoE with --moe-default-probes N (cells "
                    "tagged probes=N); --fidelity: compare probes at these budgets (comma-separated, per rank "
                    "and micro-batch; a 'w' suffix draws weighted) with today's EMA")

@@ -47,8 +47,9 @@ def fidelity(args):
     os.makedirs(args.out, exist_ok=True)
     steps = args.steps or (6 if args.quick else 300)
     flags = (SIZES["quick"] if args.quick else []) + ["--steps", str(steps)]
-    flags += ["--router", args.router, "--topk", str(TOPK[args.router])]
+    flags += ["--router", args.router, "--topk", str(TOPK[args.router]), "--seed", str(args.fidelity_seed)]
     name = "fidelity" if args.router == "paper" and not args.probes else f"fidelity_{args.router}"
+    name += f"_seed{args.fidelity_seed}" if args.fidelity_seed != 1234 else ""
     spec = dict(kind="fidelity", flags=flags, interval=max(1, steps // 6), out=os.path.abspath(args.out),
                 results=os.path.abspath(os.path.join(args.out, name + ".json")), probes=args.probes)
     launch(args, spec, lambda line: print(line, flush=True))

@@ -702,14 +702,14 @@ def ep_of(args, name, spec):
     return ep
 
 
-PROBE_SAMPLES_PER_EXPERT = 16  # per micro-batch over the stage: the "rule" budget
-
-
 def probe_budget_of(args, spec, ep):
-    """Probes per GPU and micro-batch: ``--probes N``, or the rule: ``16 E / (EP · DP)`` (the
-    statistics are summed over the stage, so each expert gets about 16 samples a micro-batch)."""
-    if args.probes == "rule":
-        budget = math.ceil(PROBE_SAMPLES_PER_EXPERT * spec["experts"] / (ep * args.dp))
+    """Probes per GPU and micro-batch: ``--probes N``, or the rule of ``--moe-default-probes auto``:
+    ``16 E / (EP · DP)`` (the statistics are summed over the stage, so each expert gets about 16
+    samples a micro-batch)."""
+    if args.probes in ("rule", "auto"):
+        from megatron_default_moe.probes import auto_probe_budget
+
+        budget = auto_probe_budget(spec["experts"], ep * args.dp)
     else:
         budget = int(args.probes)
     if budget and (budget * args.tokens % args.target_tokens or budget * args.tokens < args.target_tokens):
@@ -943,7 +943,7 @@ def parse_args(argv=None):
                         "and measure nothing")
     p.add_argument("--probes", default="0",
                    help="Default MoE's --moe-default-probes per GPU and micro-batch at --target-tokens: N, or 'rule' "
-                        f"({PROBE_SAMPLES_PER_EXPERT} E / (EP DP): about {PROBE_SAMPLES_PER_EXPERT} samples per expert "
+                        "(16 E / (EP DP), as --moe-default-probes auto: about 16 samples per expert "
                         "and micro-batch over the stage)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size of the stage, for --probes rule")
     p.add_argument("--top", type=int, default=8, help="top extra ops to print")

@@ -16,6 +16,16 @@ from megatron_default_moe.model_config import DefaultMoEGPTModelBuilder  # noqa:
 from megatron_default_moe.probes import PROBE_DRAWS
 
 # (flag, args attribute, DefaultMoEConfig field, argparse kwargs)
+def _probes_arg(value: str):
+    """``--moe-default-probes``: an integer, or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'auto', got {value!r}") from None
+
+
 _FLAGS = (
     (
         "--moe-default-ema-beta",
@@ -86,11 +96,13 @@ _FLAGS = (
         "moe_default_probes",
         "probes",
         dict(
-            type=int,
+            type=_probes_arg,
             default=0,
             help="Unchosen (token, expert) pairs each rank sends to the experts per micro-batch for the "
             "default vectors only (excluded from output, losses and gradients): the vectors then average "
-            "each expert's output on tokens that did not choose it, where they are used. 0 (default): off.",
+            "each expert's output on tokens that did not choose it, where they are used. 0 (default): off; "
+            "'auto': ceil(16 x experts / token sets in the stage) for renormalised and sigmoid routers, "
+            "off for the paper's pre-softmax router.",
         ),
     ),
     (

@@ -1,9 +1,10 @@
 """``DefaultMoEConfig``: the knobs of Default MoE and the Megatron options it cannot run with."""
 
 from dataclasses import dataclass
+from typing import Union
 
 from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, NORMALISERS, forward_mode_allowed
-from megatron_default_moe.probes import PROBE_DRAWS
+from megatron_default_moe.probes import PROBE_DRAWS, auto_probe_budget
 
 UPDATES = ("microbatch", "step")
 
@@ -98,7 +99,8 @@ class DefaultMoEConfig:
             the default vectors only (``probes.py``); the vectors then average the experts'
             outputs on tokens that did *not* choose them, where the default term uses them, and the
             routed rows' statistics are not taken (``stats_stride`` and ``ema_weighting`` then do
-            not apply: rejected unless 1 and ``uniform``). 0: off.
+            not apply: rejected unless 1 and ``uniform``). 0: off. ``auto``: about 16 per expert
+            over the stage for renormalised and sigmoid routers, off otherwise (``resolved_probes``).
         probe_draw: ``uniform`` over the pairs with a nonzero default weight, or ``weighted``
             (proportional to it: the vectors then estimate the weight-averaged unchosen output).
         probe_seed: seeds the draws with the checkpointed micro-batch counter (a resume is exact).
@@ -110,19 +112,20 @@ class DefaultMoEConfig:
     mode: str = "auto"
     normaliser: str = "selected"
     stats_stride: int = 1
-    probes: int = 0
+    probes: Union[int, str] = 0
     probe_draw: str = "uniform"
     probe_seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.probes, bool) or int(self.probes) != self.probes or self.probes < 0:
-            raise ValueError(f"--moe-default-probes must be an integer >= 0, got {self.probes!r}")
+        if self.probes != "auto" and (not isinstance(self.probes, int) or isinstance(self.probes, bool)
+                                      or self.probes < 0):  # fmt: skip
+            raise ValueError(f"--moe-default-probes must be an integer >= 0 or 'auto', got {self.probes!r}")
         if isinstance(self.stats_stride, bool) or int(self.stats_stride) != self.stats_stride or self.stats_stride < 1:
             raise ValueError(f"--moe-default-stats-stride must be an integer >= 1, got {self.stats_stride!r}")
-        if self.probes and self.stats_stride != 1:
+        if self.probes not in (0, "auto") and self.stats_stride != 1:
             raise ValueError(f"--moe-default-stats-stride {self.stats_stride} does not apply with --moe-default-probes: "
                              "the vectors then average the probe rows only, not the routed rows it thins")
-        if self.probes and self.ema_weighting != "uniform":
+        if self.probes not in (0, "auto") and self.ema_weighting != "uniform":
             raise ValueError(f"--moe-default-ema-weighting {self.ema_weighting!r} does not apply with "
                              "--moe-default-probes (it weights the routed rows); use --moe-default-probe-draw weighted")
         if not 0.0 <= float(self.beta) <= 1.0:
@@ -144,6 +147,22 @@ class DefaultMoEConfig:
             return "forward" if allowed else "backward-only"
         return self.mode
 
+    def resolved_probes(self, config, token_sets: int = 1):
+        """``(budget per rank, why)``. ``auto``: ``auto_probe_budget`` for renormalised and sigmoid
+        routers (backward-only), 0 for the paper's forward-mode router and wherever probes cannot
+        run (``why`` says which); an integer is taken as given."""
+        if self.probes != "auto":
+            return int(self.probes), "as given"
+        if self.resolved_mode(config) == "forward":
+            return 0, "off for a forward-mode router: probes did not beat TopK in every layer there"
+        if self.stats_stride != 1 or self.ema_weighting != "uniform":
+            return 0, "off: --moe-default-stats-stride / --moe-default-ema-weighting shape the routed statistics"
+        conflict = _probe_conflict(config)
+        if conflict:
+            return 0, "off: " + conflict
+        budget = auto_probe_budget(config.num_moe_experts, token_sets)
+        return budget, f"16 x {config.num_moe_experts} experts / {token_sets} token sets in the stage"
+
     def validate(self, config) -> None:
         """Raise ``ValueError`` naming the Megatron flag of any option Default MoE cannot run with."""
         for field, flag, unsupported, why in _REJECTED:
@@ -164,8 +183,8 @@ class DefaultMoEConfig:
                 "default term to the forward would inflate the mixture mass beyond the scaling factor; "
                 "use --moe-default-mode auto or backward-only."
             )
-        if self.probes:
-            _validate_probes(config)
+        if self.probes not in (0, "auto") and _probe_conflict(config):
+            raise ValueError(_probe_conflict(config))
         scopes = _cuda_graph_moe_scopes(config)
         if scopes:
             raise ValueError(
@@ -175,8 +194,9 @@ class DefaultMoEConfig:
             )
 
 
-def _validate_probes(config) -> None:
-    """Probes ride Megatron's dropless dispatch as extra routed pairs; reject where they cannot."""
+def _probe_conflict(config):
+    """Why probes cannot ride this config's dispatch (they are extra routed pairs of Megatron's
+    dropless dispatch), or None."""
     for field, flag, unsupported, why in (
         ("moe_expert_capacity_factor", "--moe-expert-capacity-factor", lambda v: v is not None,
          "probe pairs would compete with routed pairs for expert capacity"),
@@ -187,6 +207,5 @@ def _validate_probes(config) -> None:
     ):
         value = getattr(config, field, None)
         if unsupported(value):
-            raise ValueError(
-                f"--moe-default-probes does not support {flag}={value!r} (TransformerConfig.{field}): {why}."
-            )
+            return f"--moe-default-probes does not support {flag}={value!r} (TransformerConfig.{field}): {why}."
+    return None

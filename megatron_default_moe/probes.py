@@ -22,6 +22,8 @@ counter carried by the checkpoint; ranks that hold the same tokens (tensor-paral
 sequence parallelism) draw the same pairs. No host sync: the budget fixes every size.
 """
 
+import logging
+
 import torch
 
 from megatron_default_moe.probe_ops import (  # noqa: F401
@@ -34,6 +36,15 @@ from megatron_default_moe.probe_ops import (  # noqa: F401
     uniform_keys,
 )
 from megatron_default_moe.statistics import counts_on
+
+
+PROBE_SAMPLES_PER_EXPERT = 16  # per expert and micro-batch over the stage: ``--moe-default-probes auto``
+
+
+def auto_probe_budget(num_experts: int, token_sets: int) -> int:
+    """The budget per rank of ``--moe-default-probes auto``: ``ceil(16 E / token sets)``, about 16
+    probes per expert and micro-batch once the stage's ranks are summed (at least 1)."""
+    return max(1, -(-PROBE_SAMPLES_PER_EXPERT * int(num_experts) // max(int(token_sets), 1)))
 
 
 def probe_budget(budget: int, tokens: int) -> int:
@@ -153,4 +164,19 @@ def probe_sampler_of(layer) -> ProbeSampler:
     ep_group = layer.token_dispatcher.tp_ep_group
     sources = dist.get_world_size(ep_group) if dist.is_initialized() and ep_group is not None else 1
     dm = layer.dm_config
-    return ProbeSampler(dm.probes, dm.probe_draw, dm.probe_seed, sources, token_set)
+    budget, why = dm.resolved_probes(layer.config, _token_sets(layer))
+    if dm.probes == "auto":
+        logging.getLogger(__name__).info("Default MoE layer %s: --moe-default-probes auto -> %d (%s)",
+                                         layer.layer_number, budget, why)  # fmt: skip
+    return ProbeSampler(budget, dm.probe_draw, dm.probe_seed, sources, token_set) if budget else None
+
+
+def _token_sets(layer) -> int:
+    """Distinct sets of tokens routed in the layer's stage (its statistics group's ranks; tensor-
+    parallel peers without sequence parallelism route the same tokens)."""
+    dist = torch.distributed
+    if not dist.is_initialized():
+        return 1
+    tp = dist.get_world_size(layer.router.tp_group) if layer.router.tp_group is not None else 1
+    tp = 1 if layer.config.sequence_parallel else tp
+    return max(1, dist.get_world_size(layer.stats_group) // max(tp, 1))

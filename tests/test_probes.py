@@ -251,3 +251,33 @@ def test_recompute_and_step_mode_with_probes(update):
         assert torch.equal(probed.default_vectors, recomputed.default_vectors)
         assert probed._stats_updates == recomputed._stats_updates
     assert probed.default_vectors.any() and not torch.equal(plain.default_vectors, probed.default_vectors)
+
+
+def test_auto_budget_follows_the_rule_and_is_off_where_probes_do_not_help_or_hold():
+    """``--moe-default-probes auto``: ``ceil(16 E / token sets)`` per rank for renormalised and
+    sigmoid routers; off (no sampler, no error) for the paper's forward-mode router and where probes
+    cannot run; the flag parses ``auto`` and rejects other words by name."""
+    import argparse
+
+    from megatron_default_moe.arguments import add_default_moe_args, default_moe_config_from_args
+
+    assert P.auto_probe_budget(128, 8) == 256 and P.auto_probe_budget(256, 64 * 16) == 4
+    assert P.auto_probe_budget(8, 1000) == 1
+    auto = DefaultMoEConfig(probes="auto")
+    for router, on in (("mixtral", True), ("deepseek_v3", True), ("paper", False)):
+        config = moe_config(**ROUTERS[router])
+        layer = DefaultMoELayer(config, moe_submodules(config.num_moe_experts), dm_config=auto)
+        assert (layer.probes.budget if layer.probes else 0) == 16 * config.num_moe_experts * on, router
+    capped = moe_config(**ROUTERS["mixtral"], moe_expert_capacity_factor=1.0)
+    budget, why = auto.resolved_probes(capped)
+    assert budget == 0 and "--moe-expert-capacity-factor" in why
+    assert DefaultMoELayer(capped, moe_submodules(8), dm_config=auto).probes is None
+    assert DefaultMoEConfig(probes="auto", stats_stride=4).resolved_probes(moe_config(**ROUTERS["mixtral"]))[0] == 0
+    with pytest.raises(ValueError, match="'auto'"):
+        DefaultMoEConfig(probes="some")
+    parser = add_default_moe_args(argparse.ArgumentParser(allow_abbrev=False))
+    args = parser.parse_args(["--moe-default-vectors", "--moe-default-probes", "auto"])
+    assert default_moe_config_from_args(args).probes == "auto"
+    assert default_moe_config_from_args(parser.parse_args(["--moe-default-vectors", "--moe-default-probes", "3"])).probes == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--moe-default-probes", "many"])

@@ -92,7 +92,22 @@ def check(name, dispatcher):
         failures.append("default vectors differ across ranks")
     if torch.equal(plain.default_vectors, probed.default_vectors) or drawn.item() == 0:
         failures.append("the probes never reached the statistics")
+    failures += auto_budget_failures(plain)
     return sorted(set(failures))
+
+
+def auto_budget_failures(plain):
+    """``--moe-default-probes auto`` sizes the budget by the stage's token sets (every rank here:
+    sequence parallelism wherever TP > 1)."""
+    from helpers import moe_submodules
+
+    from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
+    from megatron_default_moe.probes import auto_probe_budget
+
+    experts = plain.config.num_moe_experts
+    auto = DefaultMoELayer(plain.config, moe_submodules(experts), dm_config=DefaultMoEConfig(probes="auto"))
+    want = auto_probe_budget(experts, torch.distributed.get_world_size())
+    return [] if auto.probes is not None and auto.probes.budget == want else [f"auto budget, want {want}"]
 
 
 def main():

@@ -101,8 +101,7 @@ _FLAGS = (
             help="Unchosen (token, expert) pairs each rank sends to the experts per micro-batch for the "
             "default vectors only (excluded from output, losses and gradients): the vectors then average "
             "each expert's output on tokens that did not choose it, where they are used. 0 (default): off; "
-            "'auto': ceil(16 x experts / token sets in the stage) for renormalised and sigmoid routers, "
-            "off for the paper's pre-softmax router.",
+            "'auto': ceil(16 x experts / token sets in the stage), off (logged) where probes cannot run.",
         ),
     ),
     (

@@ -100,7 +100,7 @@ class DefaultMoEConfig:
             outputs on tokens that did *not* choose them, where the default term uses them, and the
             routed rows' statistics are not taken (``stats_stride`` and ``ema_weighting`` then do
             not apply: rejected unless 1 and ``uniform``). 0: off. ``auto``: about 16 per expert
-            over the stage for renormalised and sigmoid routers, off otherwise (``resolved_probes``).
+            over the stage, off where probes cannot run (``resolved_probes``).
         probe_draw: ``uniform`` over the pairs with a nonzero default weight, or ``weighted``
             (proportional to it: the vectors then estimate the weight-averaged unchosen output).
         probe_seed: seeds the draws with the checkpointed micro-batch counter (a resume is exact).
@@ -148,13 +148,10 @@ class DefaultMoEConfig:
         return self.mode
 
     def resolved_probes(self, config, token_sets: int = 1):
-        """``(budget per rank, why)``. ``auto``: ``auto_probe_budget`` for renormalised and sigmoid
-        routers (backward-only), 0 for the paper's forward-mode router and wherever probes cannot
+        """``(budget per rank, why)``. ``auto``: ``auto_probe_budget``, or 0 wherever probes cannot
         run (``why`` says which); an integer is taken as given."""
         if self.probes != "auto":
             return int(self.probes), "as given"
-        if self.resolved_mode(config) == "forward":
-            return 0, "off for a forward-mode router: probes did not beat TopK in every layer there"
         if self.stats_stride != 1 or self.ema_weighting != "uniform":
             return 0, "off: --moe-default-stats-stride / --moe-default-ema-weighting shape the routed statistics"
         conflict = _probe_conflict(config)

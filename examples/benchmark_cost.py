@@ -279,7 +279,7 @@ class CostMode(TorchDispatchMode):
             reads, written = [t for t in reads if t is not target], outs
         if name == "probe_draw":  # the walked tokens' rows of the weights (or blocked pairs) and routing map
             big = [named["weights_TE"], named["routing_map_TE"]]
-            reads = [t for t in reads if not any(t is b for b in big)] 
+            reads = [t for t in reads if not any(t is b for b in big)]
             rows = sum(tensor_bytes(t) for t in big) * named["budget"] // max(big[0].shape[0], 1)
         if name in INDEXED_WRITES:  # only the indexed rows of the destination: the source's size
             source = named["source"]

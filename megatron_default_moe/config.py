@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, NORMALISERS, forward_mode_allowed
-from megatron_default_moe.probes import PROBE_DRAWS, auto_probe_budget
+from megatron_default_moe.probes import PROBE_DRAWS, PROBE_SAMPLES_PER_EXPERT, auto_probe_budget
 
 UPDATES = ("microbatch", "step")
 
@@ -123,8 +123,9 @@ class DefaultMoEConfig:
         if isinstance(self.stats_stride, bool) or int(self.stats_stride) != self.stats_stride or self.stats_stride < 1:
             raise ValueError(f"--moe-default-stats-stride must be an integer >= 1, got {self.stats_stride!r}")
         if self.probes not in (0, "auto") and self.stats_stride != 1:
-            raise ValueError(f"--moe-default-stats-stride {self.stats_stride} does not apply with --moe-default-probes: "
-                             "the vectors then average the probe rows only, not the routed rows it thins")
+            raise ValueError(f"--moe-default-stats-stride {self.stats_stride} does not apply with "
+                             "--moe-default-probes: the vectors then average the probe rows only, not the routed "
+                             "rows it thins")
         if self.probes not in (0, "auto") and self.ema_weighting != "uniform":
             raise ValueError(f"--moe-default-ema-weighting {self.ema_weighting!r} does not apply with "
                              "--moe-default-probes (it weights the routed rows); use --moe-default-probe-draw weighted")
@@ -158,7 +159,8 @@ class DefaultMoEConfig:
         if conflict:
             return 0, "off: " + conflict
         budget = auto_probe_budget(config.num_moe_experts, token_sets)
-        return budget, f"16 x {config.num_moe_experts} experts / {token_sets} token sets in the stage"
+        experts = config.num_moe_experts
+        return budget, f"{PROBE_SAMPLES_PER_EXPERT} x {experts} experts / {token_sets} token sets in the stage"
 
     def validate(self, config) -> None:
         """Raise ``ValueError`` naming the Megatron flag of any option Default MoE cannot run with."""
@@ -180,8 +182,9 @@ class DefaultMoEConfig:
                 "default term to the forward would inflate the mixture mass beyond the scaling factor; "
                 "use --moe-default-mode auto or backward-only."
             )
-        if self.probes not in (0, "auto") and _probe_conflict(config):
-            raise ValueError(_probe_conflict(config))
+        conflict = _probe_conflict(config) if self.probes not in (0, "auto") else None
+        if conflict:
+            raise ValueError(conflict)
         scopes = _cuda_graph_moe_scopes(config)
         if scopes:
             raise ValueError(

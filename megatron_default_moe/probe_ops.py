@@ -140,14 +140,19 @@ def probe_exclude_reference(out_RH: torch.Tensor, rows_B: torch.Tensor, p_B: tor
         sums_LH1[:, hidden].index_add_(0, ids_B, torch.where(keep_B, -p_B.float(), 0.0))
     out_EH1 = out_RH.new_zeros(num_experts, hidden + 1, dtype=torch.float32)
     out_EH1[first : first + local] = sums_LH1[:local]
-    out_RH.index_copy_(0, rows_B, x_BH.masked_fill(is_probe_B[:, None], 0.0))
+    _zero_rows_(out_RH, rows_B, is_probe_B, x_BH)
     return out_EH1
 
 
+def _zero_rows_(x_RH, rows_B, is_probe_B, x_BH):
+    """The probe rows among ``rows_B`` of ``x_RH`` zeroed in place (NaN rows too); ``x_BH``: those rows."""
+    x_RH.index_copy_(0, rows_B, x_BH.masked_fill(is_probe_B[:, None], 0.0))
+
+
 def probe_zero_reference(x_RH: torch.Tensor, rows_B: torch.Tensor, p_B: torch.Tensor) -> None:
-    """The probe rows (``p < 0``) among ``rows_B`` of ``x_RH`` zeroed in place (NaN rows too): the
-    gradient of the rows ``probe_exclude`` zeroed."""
-    x_RH.index_copy_(0, rows_B, x_RH.index_select(0, rows_B).masked_fill((p_B < 0)[:, None], 0.0))
+    """The probe rows (``p < 0``) among ``rows_B`` of ``x_RH`` zeroed in place: the gradient of the
+    rows ``probe_exclude`` zeroed."""
+    _zero_rows_(x_RH, rows_B, p_B < 0, x_RH.index_select(0, rows_B))
 
 
 probe_exclude = torch.library.custom_op("default_moe::probe_exclude", mutates_args=("out_RH",))(

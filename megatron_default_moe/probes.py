@@ -67,11 +67,10 @@ class _WithProbeProbs(torch.autograd.Function):
         return grad_TE, None, None, None
 
 
-def add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B, true_B=None):
+def add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B, true_B):
     """What the dispatcher gets: the probe pairs routed with their negative probs (constants: the
     router's gradient at those pairs stays the stock one, zero). ``true_B``: ``B`` ``True``s, kept
     by the caller across micro-batches."""
-    true_B = torch.ones_like(probs_B, dtype=torch.bool) if true_B is None else true_B
     routing_map_TE = routing_map_TE.index_put((tokens_B, experts_B), true_B)
     return _WithProbeProbs.apply(probs_TE, tokens_B, experts_B, probs_B), routing_map_TE
 
@@ -154,29 +153,21 @@ class ProbeSampler:
 
 
 def probe_sampler_of(layer) -> ProbeSampler:
-    """The probes of a ``DefaultMoELayer``: ranks routing the same tokens (TP peers without sequence
-    parallelism) draw alike; probes reach its experts from the dispatcher's expert-TP × EP group."""
+    """The probes of a ``DefaultMoELayer`` (None if its budget resolves to 0): ranks routing the same
+    tokens (TP peers without sequence parallelism) draw alike, and count once among the stage's
+    token sets (``auto``'s budget); probes reach its experts from the dispatcher's expert-TP × EP group."""
     dist = torch.distributed
-    token_set = dist.get_rank() if dist.is_initialized() else 0
-    tp_group = layer.router.tp_group
-    if dist.is_initialized() and dist.get_world_size(tp_group) > 1 and not layer.config.sequence_parallel:
-        token_set = min(dist.get_process_group_ranks(tp_group))
-    ep_group = layer.token_dispatcher.tp_ep_group
-    sources = dist.get_world_size(ep_group) if dist.is_initialized() and ep_group is not None else 1
+    token_set, token_sets, sources = 0, 1, 1
+    if dist.is_initialized():
+        tp_group, ep_group = layer.router.tp_group, layer.token_dispatcher.tp_ep_group
+        tp = dist.get_world_size(tp_group)
+        shared = tp > 1 and not layer.config.sequence_parallel  # TP peers route the same tokens
+        token_set = min(dist.get_process_group_ranks(tp_group)) if shared else dist.get_rank()
+        token_sets = max(1, dist.get_world_size(layer.stats_group) // (tp if shared else 1))
+        sources = dist.get_world_size(ep_group) if ep_group is not None else 1
     dm = layer.dm_config
-    budget, why = dm.resolved_probes(layer.config, _token_sets(layer))
+    budget, why = dm.resolved_probes(layer.config, token_sets)
     if dm.probes == "auto":
         logging.getLogger(__name__).info("Default MoE layer %s: --moe-default-probes auto -> %d (%s)",
                                          layer.layer_number, budget, why)  # fmt: skip
     return ProbeSampler(budget, dm.probe_draw, dm.probe_seed, sources, token_set) if budget else None
-
-
-def _token_sets(layer) -> int:
-    """Distinct sets of tokens routed in the layer's stage (its statistics group's ranks; tensor-
-    parallel peers without sequence parallelism route the same tokens)."""
-    dist = torch.distributed
-    if not dist.is_initialized():
-        return 1
-    tp = dist.get_world_size(layer.router.tp_group) if layer.router.tp_group is not None else 1
-    tp = 1 if layer.config.sequence_parallel else tp
-    return max(1, dist.get_world_size(layer.stats_group) // max(tp, 1))

@@ -139,8 +139,7 @@ def _kernels_module(filename):
 @functools.cache
 def _kernel_file(name):
     """The kernels file defining ``name``."""
-    return next(f for f in KERNEL_FILES if f"def {name}(" in open(os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_default_moe", f)).read())
+    return next(f for f in KERNEL_FILES if hasattr(_kernels_module(f), name))
 
 
 def compile_one(job):

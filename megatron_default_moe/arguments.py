@@ -14,6 +14,7 @@ from megatron_default_moe.config import UPDATES, DefaultMoEConfig
 from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, NORMALISERS
 from megatron_default_moe.model_config import DefaultMoEGPTModelBuilder  # noqa: F401  (0.2 configs name it here)
 from megatron_default_moe.probes import PROBE_DRAWS
+from megatron_default_moe.shared_fit import FITS
 
 # (flag, args attribute, DefaultMoEConfig field, argparse kwargs)
 def _probes_arg(value: str):
@@ -114,6 +115,19 @@ _FLAGS = (
             choices=PROBE_DRAWS,
             help="How probe pairs are drawn among those with a nonzero default weight: 'uniform', or "
             "'weighted' (proportionally to the weight).",
+        ),
+    ),
+    (
+        "--moe-default-fit",
+        "moe_default_fit",
+        "fit",
+        dict(
+            type=str,
+            default="constant",
+            choices=FITS,
+            help="'constant' (paper): one default vector per expert; 'shared-1': each expert's default is "
+            "linear in the token's coordinate on one shared input direction, fitted online from the probes "
+            "(needs --moe-default-probes).",
         ),
     ),
     (

@@ -26,21 +26,29 @@ import torch
 logger = logging.getLogger(__name__)
 
 BUFFER = "default_vectors"
-BUFFERS = (BUFFER, "sample_counter")  # the layer's checkpointed buffers (the counter: since 0.3)
+FIT_BUFFERS = ("default_fit", "default_direction")  # ``--moe-default-fit shared-1`` (since 0.3)
+BUFFERS = (BUFFER, "sample_counter", *FIT_BUFFERS)  # the layer's checkpointed buffers
 
 _logged_for = None  # ``missing_keys`` list of the last load that logged: one line per load
 
 
-def fill_missing_default_vectors(layer, key: str, missing_keys: list) -> None:
-    """Zero the table a checkpoint lacks; take ``key`` out of ``missing_keys`` (strict loads pass).
+def fill_missing_default_vectors(layer, prefix: str, missing_keys: list) -> None:
+    """Start the tables a checkpoint lacks afresh (vectors and fit at zero, the direction at its
+    seeded start) and take them out of ``missing_keys`` (strict loads pass).
 
     Logs once per ``load_state_dict`` call (torch shares ``missing_keys`` across all modules of a
     call), on the first rank of each pipeline stage.
     """
     global _logged_for
-    missing_keys.remove(key)
+    missing = [name for name in (BUFFER, *FIT_BUFFERS) if prefix + name in missing_keys]
+    if not missing:
+        return
+    fresh = {"default_direction": getattr(layer.fit, "initial_direction", None)}
     with torch.no_grad():
-        layer.default_vectors.zero_()
+        for name in missing:
+            missing_keys.remove(prefix + name)
+            start = fresh.get(name)
+            getattr(layer, name).copy_(start) if start is not None else getattr(layer, name).zero_()
     if missing_keys is _logged_for:
         return
     _logged_for = missing_keys
@@ -48,9 +56,9 @@ def fill_missing_default_vectors(layer, key: str, missing_keys: list) -> None:
     distributed = group is not None and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank(group) == 0:
         logger.warning(
-            "Default MoE: the checkpoint has no default vectors (e.g. '%s'); every Default MoE "
-            "layer without them starts from zeros, like a fresh run (a TopK checkpoint?).",
-            key,
+            "Default MoE: the checkpoint has no %s (e.g. '%s'); every Default MoE layer without "
+            "them starts afresh, like a fresh run (a TopK checkpoint, or one without the fit?).",
+            "default vectors" if BUFFER in missing else "default-vector fit", prefix + missing[0],
         )
 
 

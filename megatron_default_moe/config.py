@@ -5,6 +5,7 @@ from typing import Union
 
 from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, NORMALISERS, forward_mode_allowed
 from megatron_default_moe.probes import PROBE_DRAWS, PROBE_SAMPLES_PER_EXPERT, auto_probe_budget
+from megatron_default_moe.shared_fit import FITS
 
 UPDATES = ("microbatch", "step")
 
@@ -104,6 +105,9 @@ class DefaultMoEConfig:
         probe_draw: ``uniform`` over the pairs with a nonzero default weight, or ``weighted``
             (proportional to it: the vectors then estimate the weight-averaged unchosen output).
         probe_seed: seeds the draws with the checkpointed micro-batch counter (a resume is exact).
+        fit: ``constant`` (one vector per expert) or ``shared-1``: each expert's default is linear
+            in the token's coordinate on one shared input direction, fitted online from the probes
+            (``shared_fit.py``; needs ``probes``).
     """
 
     beta: float = 0.9
@@ -115,6 +119,7 @@ class DefaultMoEConfig:
     probes: Union[int, str] = 0
     probe_draw: str = "uniform"
     probe_seed: int = 0
+    fit: str = "constant"
 
     def __post_init__(self):
         if self.probes != "auto" and (not isinstance(self.probes, int) or isinstance(self.probes, bool)
@@ -129,6 +134,9 @@ class DefaultMoEConfig:
         if self.probes not in (0, "auto") and self.ema_weighting != "uniform":
             raise ValueError(f"--moe-default-ema-weighting {self.ema_weighting!r} does not apply with "
                              "--moe-default-probes (it weights the routed rows); use --moe-default-probe-draw weighted")
+        if self.fit != "constant" and self.probes == 0:
+            raise ValueError(f"--moe-default-fit {self.fit} fits the experts' outputs on unchosen tokens: it needs "
+                             "--moe-default-probes (a budget or 'auto')")
         if not 0.0 <= float(self.beta) <= 1.0:
             raise ValueError(f"--moe-default-ema-beta must lie in [0, 1], got {self.beta}")
         for flag, value, allowed in (
@@ -137,6 +145,7 @@ class DefaultMoEConfig:
             ("--moe-default-mode", self.mode, MODES),
             ("--moe-default-normaliser", self.normaliser, NORMALISERS),
             ("--moe-default-probe-draw", self.probe_draw, PROBE_DRAWS),
+            ("--moe-default-fit", self.fit, FITS),
         ):
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {allowed}, got {value!r}")

@@ -36,6 +36,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron_default_moe import functional as F
 from megatron_default_moe.layer import DefaultMoELayer, _group_size
 from megatron_default_moe.router import default_weights_of
+from megatron_default_moe.shared_fit import TABLES
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine similarity of two tensors seen as flat fp64 vectors (0.0 if either is zero)."""
@@ -70,15 +71,17 @@ def _eval_mode(model):
 
 @contextlib.contextmanager
 def _topk_routing(layers):
-    """Default MoE layers with zero default vectors: the default term vanishes (exact TopK)."""
-    saved = [(layer, layer.default_vectors.clone()) for layer in layers if isinstance(layer, DefaultMoELayer)]
+    """Default MoE layers with zero tables (``shared_fit.TABLES``): the term vanishes (exact TopK)."""
+    saved = [getattr(layer, name) for layer in layers if isinstance(layer, DefaultMoELayer)
+             for name in TABLES if name in layer._buffers]  # fmt: skip
+    saved = [(table, table.clone()) for table in saved]
     try:
-        for layer, _ in saved:
-            layer.default_vectors.zero_()
+        for table, _ in saved:
+            table.zero_()
         yield
     finally:
-        for layer, vectors in saved:
-            layer.default_vectors.copy_(vectors)
+        for table, values in saved:
+            table.copy_(values)
 
 
 def _renormalises(layer) -> bool:

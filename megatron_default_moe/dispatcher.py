@@ -3,7 +3,8 @@
 Megatron picks the dispatcher class from ``moe_token_dispatcher_type`` inside ``MoELayer``, so the
 Default MoE layer rebuilds it as ``mixin + that class``. The mixin changes no tensor: it remembers
 what ``dispatch_postprocess`` returned (rows per local expert, each row's prob) and, on the expert
-rank, calls ``on_expert_output(out_RH, probs_R, tokens_per_expert)`` just before
+rank, calls ``on_expert_output(out_RH, probs_R, tokens_per_expert, in_RH)`` (``in``: the experts'
+input rows, a reference) just before
 ``combine_preprocess``, so the layer can launch its statistics all-reduce to overlap the combine;
 the combine takes what that returns (the same rows, with any probe rows zeroed: ``probes.py``).
 """
@@ -27,14 +28,14 @@ class DefaultMoEDispatcherMixin:
 
     def dispatch_postprocess(self, hidden_states, probs):
         dispatched, tokens_per_expert, permuted_probs = super().dispatch_postprocess(hidden_states, probs)
-        self._dm_rows = (tokens_per_expert, permuted_probs)
+        self._dm_rows = (tokens_per_expert, permuted_probs, dispatched)
         return dispatched, tokens_per_expert, permuted_probs
 
     def combine_preprocess(self, hidden_states):
         rows, self._dm_rows = getattr(self, "_dm_rows", None), None
         if self.on_expert_output is not None and rows is not None:
-            tokens_per_expert, permuted_probs = rows
-            hidden_states = self.on_expert_output(hidden_states, permuted_probs, tokens_per_expert)
+            tokens_per_expert, permuted_probs, in_RH = rows
+            hidden_states = self.on_expert_output(hidden_states, permuted_probs, tokens_per_expert, in_RH)
         return super().combine_preprocess(hidden_states)
 
 

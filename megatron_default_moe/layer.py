@@ -40,6 +40,7 @@ from megatron_default_moe.config import DefaultMoEConfig
 from megatron_default_moe.dispatcher import with_default_moe_mixin
 from megatron_default_moe.probes import probe_sampler_of
 from megatron_default_moe.router import DefaultMoERouter
+from megatron_default_moe.shared_fit import SharedLineFit
 from megatron_default_moe.statistics import expert_output_stats_EH1
 
 logger = logging.getLogger(__name__)
@@ -106,39 +107,46 @@ class DefaultMoELayer(MoELayer):
         self._stats_updates = 0
         self.register_buffer("sample_counter", torch.zeros(1, dtype=torch.long, device=device))
         self.probes = probe_sampler_of(self) if self.dm_config.probes else None
+        self.fit = None  # ``--moe-default-fit shared-1``: vectors linear in one input coordinate
+        if self.dm_config.fit == "shared-1":
+            if self.probes is None:
+                raise ValueError("--moe-default-fit shared-1 needs probes, but --moe-default-probes "
+                                 f"{self.dm_config.probes!r} resolves to 0 here (see the log)")
+            self.fit = SharedLineFit(self, self.dm_config.probe_seed)
         self.track_metrics = False  # set by the logging hook: keep the norm ratio below
         self.last_term_norm_ratio = None  # ‖default term‖ / ‖MoE output‖ of the last forward
 
     # -- buffers -------------------------------------------------------------------------------
+    def _fp32_tables(self):
+        return [n for n in ("default_vectors", "default_fit", "default_direction") if n in self._buffers]
+
     def _keep_fp32_on(self, device):
-        """Keep the table fp32 (``Float16Module`` casts float buffers) and beside the activations."""
-        for name in ("default_vectors", "nonfinite_skips"):
+        """Keep the tables fp32 (``Float16Module`` casts float buffers) and beside the activations."""
+        for name in (*self._fp32_tables(), "nonfinite_skips"):
             buf = getattr(self, name)
-            dtype = torch.float32 if name == "default_vectors" else torch.long
+            dtype = torch.long if name == "nonfinite_skips" else torch.float32
             if buf.dtype != dtype or buf.device != device:
                 setattr(self, name, buf.to(device=device, dtype=dtype))
 
     def _apply(self, fn, *args, **kwargs):
-        """Apply ``fn`` (``.cuda()``, ``.bfloat16()``, ...) but keep ``default_vectors`` fp32.
-
-        The fp32 values are kept aside, so a cast to bf16 and back loses no bits.
-        """
+        """Apply ``fn`` (``.cuda()``, ``.bfloat16()``, ...) but keep the tables fp32: their fp32
+        values are kept aside, so a cast to bf16 and back loses no bits."""
         if "default_vectors" not in self._buffers:
             return super()._apply(fn, *args, **kwargs)
-        fp32_EH = self.default_vectors
+        kept = {name: getattr(self, name) for name in self._fp32_tables()}
         out = super()._apply(fn, *args, **kwargs)
-        self.default_vectors = fp32_EH.to(device=self.default_vectors.device)
+        for name, fp32 in kept.items():
+            setattr(self, name, fp32.to(device=self.default_vectors.device))
         self._keep_fp32_on(self.default_vectors.device)
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
-        """Load the table as fp32; a checkpoint without it (TopK) leaves zeros, said once."""
-        key = prefix + "default_vectors"
-        if key in state_dict:
-            state_dict[key] = state_dict[key].to(torch.float32)
+        """Load the tables as fp32; a checkpoint without them (TopK) leaves a fresh start, said once."""
+        for name in self._fp32_tables():
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = state_dict[prefix + name].to(torch.float32)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
-        if key in missing_keys:
-            fill_missing_default_vectors(self, key, missing_keys)
+        fill_missing_default_vectors(self, prefix, missing_keys)
         self._stats_updates = restore_sample_counter(self, prefix + "sample_counter", missing_keys)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -159,6 +167,8 @@ class DefaultMoELayer(MoELayer):
         else:
             self._phase = "update"
         probs, routing_map = super().route(hidden_states, padding_mask)
+        if self.fit is not None:
+            self.fit.see_input(self, hidden_states, self._phase in ("update", "accumulate"))
         self.token_dispatcher.extra_routed_pairs = 0
         if self.probes is not None and self._phase in ("update", "accumulate"):
             probs, routing_map, self.token_dispatcher.extra_routed_pairs = self.probes.add(
@@ -166,13 +176,14 @@ class DefaultMoELayer(MoELayer):
             )
         return probs, routing_map
 
-    def _on_expert_output(self, out_RH, probs_R, tokens_per_expert):
+    def _on_expert_output(self, out_RH, probs_R, tokens_per_expert, in_RH=None):
         """Expert rank: per-expert statistics of this micro-batch, reduced or accumulated; returns
         the rows the combine takes (probe rows zeroed)."""
         if self._phase not in ("update", "accumulate"):
             return out_RH
         if self.probes is not None:  # the vectors follow the probes': no pass over the routed rows
-            out_RH, stats_EH1 = self.probes.exclude(
+            exclude = self.probes.exclude if self.fit is None else self.fit.exclude_with(self.probes, in_RH)
+            out_RH, stats_EH1 = exclude(
                 out_RH, probs_R, tokens_per_expert, self.local_expert_indices[0], self.config.num_moe_experts,
                 self.counts_rows,
             )
@@ -202,8 +213,13 @@ class DefaultMoELayer(MoELayer):
 
     def apply_ema(self, stats_EH1: torch.Tensor, snapshot_dtype=torch.float32) -> torch.Tensor:
         """EMA step from statistics already reduced over the stage (identical on every rank);
-        returns a copy of the new vectors in ``snapshot_dtype`` (one fused op on CUDA)."""
+        returns a copy of the new vectors in ``snapshot_dtype`` (one fused op on CUDA), with a
+        fit its ``(A, B, d)``."""
         with torch.no_grad():
+            if self.fit is not None:
+                snapshot, self.experts_updated = self.fit.apply(self, stats_EH1, float(self.dm_config.beta),
+                                                                snapshot_dtype)  # fmt: skip
+                return snapshot
             snapshot_EH, self.experts_updated = fused.ema_update(
                 self.default_vectors, stats_EH1, float(self.dm_config.beta), self.nonfinite_skips, snapshot_dtype
             )
@@ -219,6 +235,8 @@ class DefaultMoELayer(MoELayer):
             if work is not None:
                 work.wait()
             snapshot_EH = self.apply_ema(stats_EH1, dtype)
+        elif self.fit is not None:
+            snapshot_EH = self.fit.frozen(self, dtype)
         else:
             snapshot_EH = self.default_vectors.detach().to(dtype, copy=True)  # cast once per pass
         if self._phase == "update" and not torch.is_grad_enabled():
@@ -229,24 +247,30 @@ class DefaultMoELayer(MoELayer):
         """Combined TopK output plus the default term, on the token's home rank."""
         output = super().postprocess(output, shared_expert_output)
         (inputs, routed_logits), self.router.default_term = self.router.default_term, None
-        snapshot_EH = self._snapshot_for_this_pass(output.dtype)
+        snapshot_EH, slopes = self._snapshot_for_this_pass(output.dtype), {}
+        if self.fit is not None:
+            snapshot_EH, slopes = self.fit.term_args(snapshot_EH)
         y_TH = output.view(-1, output.shape[-1])
         if self.track_metrics:
             with torch.no_grad():
-                term_TH = F.default_term_TH(inputs.weights(), snapshot_EH.float())
+                term_TH = F.default_term_TH(inputs.weights(), snapshot_EH.float(), **slopes)
                 self.last_term_norm_ratio = term_TH.norm() / y_TH.float().norm().clamp_min(1e-30)
         wants_grad = torch.is_grad_enabled() and routed_logits.requires_grad
         if self.mode == "backward-only" and not wants_grad:
             return output  # the stock forward, and no router gradient to add to
         weights_TE = inputs.weights(output.dtype) if self.mode == "forward" else None
         sink = inputs.receive_grad if wants_grad else None
-        y_TH = F.add_default_term(y_TH, weights_TE, snapshot_EH, self.mode, grad_sink=sink, after=routed_logits)
+        y_TH = F.add_default_term(y_TH, weights_TE, snapshot_EH, self.mode, grad_sink=sink, after=routed_logits,
+                                  **slopes)  # fmt: skip
         return y_TH.view(output.shape)
 
     # -- step mode -----------------------------------------------------------------------------
     def take_step_stats(self) -> torch.Tensor:
-        """This step's accumulated local statistics ``[E, H+1]`` (zeros if none), and reset."""
+        """This step's accumulated local statistics ``[E, H+1]`` (with a fit ``[E+1, 2H+3]``; zeros
+        if none), and reset."""
         stats, self._step_stats_EH1 = self._step_stats_EH1, None
         if stats is None:
-            stats = self.default_vectors.new_zeros(self.default_vectors.shape[0], self.default_vectors.shape[1] + 1)
+            experts, hidden = self.default_vectors.shape
+            shape = (experts, hidden + 1) if self.fit is None else self.fit.stats_shape(experts, hidden)
+            stats = self.default_vectors.new_zeros(shape)
         return stats

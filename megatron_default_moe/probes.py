@@ -143,13 +143,16 @@ class ProbeSampler:
         tokens_B, experts_B, probs_B, shape = self.last_probes
         return torch.zeros(shape, dtype=torch.bool).index_put_((tokens_B.cpu(), experts_B.cpu()), probs_B.cpu() < 0)
 
-    def exclude(self, out_RH, probs_R, tokens_per_expert_L, first: int, num_experts: int, count_rows: bool):
+    def exclude(self, out_RH, probs_R, tokens_per_expert_L, first: int, num_experts: int, count_rows: bool,
+                also=None):  # fmt: skip
         """``(out_RH`` with its probe rows zeroed (autograd-aware), the probes' ``[E, H+1]``)``: the
-        statistics the vectors follow (the routed rows' are not taken)."""
+        statistics the vectors follow (the routed rows' are not taken). ``also(out_RH, rows_B, p_B,
+        counts_L)``: more statistics of the probe rows, read before they are zeroed, returned third."""
         rows_B, p_B = probe_rows(probs_R, self.max_rows)
         counts_L = counts_on(tokens_per_expert_L, out_RH.device)[0]
+        more = None if also is None else also(out_RH.detach(), rows_B, p_B, counts_L)
         out_RH, stats_EH1 = ExcludeProbeRows.apply(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows)
-        return out_RH, stats_EH1
+        return (out_RH, stats_EH1) if also is None else (out_RH, stats_EH1, more)
 
 
 def probe_sampler_of(layer) -> ProbeSampler:

@@ -1,0 +1,189 @@
+"""``--moe-default-fit shared-1`` (``shared_fit.py``): the math against independent references, and
+on one rank on a real ``MoELayer``: the tables follow the drawn unchosen pairs, the term uses
+them, nothing but the router gradient changes, recompute / step mode / checkpoints hold."""
+
+import logging
+
+import pytest
+import torch
+from test_probes import expert_outputs_TEH, fp32_close, step, twin_layers
+
+from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
+from megatron_default_moe import functional as F
+from megatron_default_moe import fused
+from megatron_default_moe import shared_fit as S
+
+pytestmark = pytest.mark.usefixtures("megatron_cpu")
+
+
+def fit_twins(router="mixtral", budget=12, **overrides):
+    """A probed layer with the constant default and one with ``shared-1``, identical weights."""
+    plain, constant = twin_layers(router, "alltoall", budget=budget, **overrides)
+    dm = DefaultMoEConfig(**{**constant.dm_config.__dict__, "fit": "shared-1"})
+    torch.manual_seed(0)
+    fitted = DefaultMoELayer(constant.config, _subs(constant), dm_config=dm)
+    fitted.load_state_dict(constant.state_dict(), strict=False)
+    fitted.set_layer_number(1)
+    return plain, constant, fitted
+
+
+def _subs(layer):
+    from helpers import moe_submodules
+
+    return moe_submodules(layer.config.num_moe_experts)
+
+
+def test_line_tables_are_the_weighted_least_squares_line():
+    torch.manual_seed(0)
+    experts, hidden, n = 3, 5, 40
+    s_EN = torch.randn(experts, n) * 2 + 1
+    w_EN = torch.rand(experts, n) + 0.1
+    a_EH, b_EH = torch.randn(experts, hidden), torch.randn(experts, hidden)
+    y_ENH = a_EH[:, None] + s_EN[..., None] * b_EH[:, None] + 0.1 * torch.randn(experts, n, hidden)
+    stats = torch.cat([(w_EN[..., None] * y_ENH).sum(1), (w_EN[..., None] * s_EN[..., None] * y_ENH).sum(1),
+                       (w_EN * s_EN).sum(1, keepdim=True), (w_EN * s_EN**2).sum(1, keepdim=True),
+                       w_EN.sum(1, keepdim=True)], dim=1)  # fmt: skip
+    state = torch.zeros(experts, 2 * hidden + 2)
+    fused.ema_update_reference(state, stats, 0.0, torch.zeros(experts, dtype=torch.long), torch.float32)
+    a_fit, b_fit = S.line_tables(state, hidden)
+    for i in range(experts):
+        sw = w_EN[i].sqrt()[:, None]
+        design = torch.stack([torch.ones(n), s_EN[i]], 1).double() * sw
+        coef = torch.linalg.lstsq(design, y_ENH[i].double() * sw).solution
+        torch.testing.assert_close(a_fit[i].double(), coef[0], rtol=3e-3, atol=3e-3)
+        torch.testing.assert_close(b_fit[i].double(), coef[1], rtol=3e-3, atol=3e-3)
+    a0, b0 = S.line_tables(torch.zeros(2, 2 * hidden + 2), hidden)  # no probes yet: B = 0, A = Ê = 0
+    assert not a0.any() and not b0.any()
+
+
+def test_power_steps_find_the_leading_principal_direction():
+    torch.manual_seed(1)
+    hidden = 12
+    basis, _ = torch.linalg.qr(torch.randn(hidden, hidden))
+    scales = torch.linspace(3.0, 0.5, hidden)
+    q_H = S.initial_direction_H(hidden, 0, 1, "cpu")
+    for _ in range(40):
+        x_TH = (torch.randn(256, hidden) * scales) @ basis.T + 5.0  # an offset: the covariance is centred
+        S.direction_step_(q_H, S.input_stats_row(x_TH, S.coordinates_T1(x_TH, S.unit(q_H))), 0.5)
+    assert abs(float(S.unit(q_H) @ basis[:, 0])) > 0.99
+    before = q_H.clone()
+    S.direction_step_(q_H, torch.zeros(2 * hidden + 3), 0.5)  # no tokens: kept
+    assert torch.equal(q_H, before)
+
+
+@pytest.mark.parametrize("mode", ["forward", "backward-only"])
+def test_term_and_its_gradient_follow_the_line(mode):
+    torch.manual_seed(2)
+    y, w = torch.randn(7, 4), torch.rand(7, 3)
+    a, b, s = torch.randn(3, 4), torch.randn(3, 4), torch.randn(7, 1)
+    g = torch.randn(7, 4)
+    w_ref = w.clone().requires_grad_()
+    (y + w_ref @ a + s * (w_ref @ b)).backward(g)
+    w_got = w.clone().requires_grad_()
+    out = F.add_default_term(y, w_got, a, mode, slopes_EH=b, s_T1=s)
+    out.backward(g)
+    expected = y + F.default_term_TH(w, a, b, s) if mode == "forward" else y
+    torch.testing.assert_close(out.detach(), expected)
+    torch.testing.assert_close(w_got.grad, w_ref.grad)
+
+
+def test_tables_follow_the_drawn_unchosen_pairs_and_the_term_uses_them(monkeypatch):
+    """β = 0: the tables are this micro-batch's means over the drawn pairs (``E_i`` run token by
+    token, ``s`` on the seeded start direction), the direction one power step from it; the term
+    gets ``line_tables`` of them and the tokens' coordinates on that start direction."""
+    _, _, layer = fit_twins(beta=0.0)
+    seen = {}
+    add = F.add_default_term
+    monkeypatch.setattr(F, "add_default_term", lambda *a, **k: seen.update(k) or add(*a, **k))
+    torch.manual_seed(5)
+    x = torch.randn(6, 2, 16)
+    d0 = layer.fit.initial_direction
+    step(layer, x, torch.randn(6, 2, 16))
+    x_TH = x.reshape(-1, 16)
+    tokens_B, experts_B, probs_B, _ = layer.probes.last_probes
+    with torch.no_grad():
+        y_B = expert_outputs_TEH(layer, x_TH)[tokens_B, experts_B]
+    s_B, w_B = x_TH[tokens_B] @ d0, -probs_B
+    count_E = torch.zeros(8).index_add_(0, experts_B, w_B).clamp_min(1e-30)[:, None]
+    mean_y = torch.zeros(8, 16).index_add_(0, experts_B, w_B[:, None] * y_B) / count_E
+    mean_sy = torch.zeros(8, 16).index_add_(0, experts_B, (w_B * s_B)[:, None] * y_B) / count_E
+    mean_s = torch.zeros(8, 1).index_add_(0, experts_B, (w_B * s_B)[:, None]) / count_E
+    mean_s2 = torch.zeros(8, 1).index_add_(0, experts_B, (w_B * s_B**2)[:, None]) / count_E
+    torch.testing.assert_close(layer.default_vectors, mean_y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.default_fit, torch.cat([mean_sy, mean_s, mean_s2], 1), rtol=1e-5, atol=1e-6)
+    xc = x_TH - x_TH.mean(0)
+    torch.testing.assert_close(layer.default_direction, xc.T @ (xc @ d0) / x_TH.shape[0], rtol=1e-4, atol=1e-5)
+    a_EH, b_EH = S.line_tables(torch.cat([layer.default_vectors, layer.default_fit], 1), 16)
+    torch.testing.assert_close(seen["slopes_EH"], b_EH)
+    torch.testing.assert_close(seen["s_T1"], (x_TH @ d0)[:, None])
+    assert b_EH.abs().sum() > 0
+
+
+def test_fit_changes_only_the_router_gradient():
+    """Backward-only router: output and expert gradients are the constant layer's (the same
+    probes); the router's gradient differs (the term's line), and so the input's through it."""
+    plain, constant, fitted = fit_twins()
+    torch.manual_seed(3)
+    for _ in range(3):
+        x, g = torch.randn(6, 2, 16), torch.randn(6, 2, 16)
+        out0, dx0, grads0, losses0 = step(constant, x, g)
+        out1, dx1, grads1, losses1 = step(fitted, x, g)
+        assert torch.equal(out1, out0)
+        for name in grads0:
+            if "router" not in name:
+                assert fp32_close(grads1[name], grads0[name]), name
+        assert torch.equal(fitted.default_vectors, constant.default_vectors)
+    assert not torch.allclose(grads1["router.weight"], grads0["router.weight"])
+
+
+@pytest.mark.parametrize("update", ["microbatch", "step"])
+def test_recompute_and_step_mode_with_the_fit(update):
+    """Megatron's MoE recompute: the tables move once (bit for bit as without recompute), and the
+    recompute pass's term uses the first pass's direction."""
+    from megatron_default_moe import update_default_vectors
+
+    _, _, fitted = fit_twins(update=update)
+    _, _, recomputed = fit_twins(update=update, recompute_granularity="selective", recompute_modules=["moe"])
+    recomputed.load_state_dict(fitted.state_dict())
+    torch.manual_seed(11)
+    for _ in range(3):
+        x, g = torch.randn(6, 2, 16), torch.randn(6, 2, 16)
+        (out_f, dx_f, grads_f, _), (out_r, dx_r, grads_r, _) = step(fitted, x, g), step(recomputed, x, g)
+        if update == "step":
+            for layer in (fitted, recomputed):  # one bucket each: the same memory layout, the same bits
+                update_default_vectors(layer)
+        assert fp32_close(out_r, out_f) and fp32_close(dx_r, dx_f)
+        for name in grads_f:
+            assert fp32_close(grads_r[name], grads_f[name]), name
+        for name in S.TABLES + ("default_direction",):
+            assert torch.equal(getattr(fitted, name), getattr(recomputed, name)), name
+    assert fitted.default_fit.any()
+
+
+def test_checkpoint_carries_the_fit_and_a_constant_checkpoint_starts_it_afresh(caplog):
+    _, constant, fitted = fit_twins()
+    torch.manual_seed(4)
+    step(fitted, torch.randn(6, 2, 16), torch.randn(6, 2, 16))
+    state = fitted.state_dict()
+    assert {"default_fit", "default_direction", "default_vectors"} <= set(state)
+    _, _, again = fit_twins()
+    again.load_state_dict(state)
+    for name in ("default_vectors", "default_fit", "default_direction"):
+        assert torch.equal(getattr(again, name), state[name]), name
+    with caplog.at_level(logging.WARNING):
+        again.load_state_dict(constant.state_dict())  # strict: the fit's keys are filled, not missing
+    assert not again.default_fit.any() and torch.equal(again.default_direction, again.fit.initial_direction)
+    assert "default-vector fit" in caplog.text
+
+
+def test_fit_rejects_what_it_cannot_run():
+    with pytest.raises(ValueError, match="--moe-default-fit shared-1.*--moe-default-probes"):
+        DefaultMoEConfig(fit="shared-1")
+    with pytest.raises(ValueError, match="--moe-default-fit must be one of"):
+        DefaultMoEConfig(fit="top1", probes=4)
+    from helpers import moe_config, moe_submodules
+    from test_probes import ROUTERS
+
+    config = moe_config(**ROUTERS["mixtral"], moe_expert_capacity_factor=1.5)
+    with pytest.raises(ValueError, match="--moe-default-fit shared-1 needs probes.*auto"):
+        DefaultMoELayer(config, moe_submodules(8), dm_config=DefaultMoEConfig(probes="auto", fit="shared-1"))

@@ -364,7 +364,8 @@ def resolve_router(spec, experts):
         return transformer_config(spec, experts, PAPER_ROUTER), note
 
 
-def build_layer(config, default_moe: bool, device, seed=1234, stats_stride=1, local_experts=None, probes=0):
+def build_layer(config, default_moe: bool, device, seed=1234, stats_stride=1, local_experts=None, probes=0,
+                fit="constant"):  # fmt: skip
     """A stock ``MoELayer`` or a ``DefaultMoELayer``, same seed, so the same weights (checked)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -376,7 +377,7 @@ def build_layer(config, default_moe: bool, device, seed=1234, stats_stride=1, lo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if default_moe:
-            dm_config = DefaultMoEConfig(stats_stride=stats_stride, probes=probes)
+            dm_config = DefaultMoEConfig(stats_stride=stats_stride, probes=probes, fit=fit)
             layer = DefaultMoELayer(config, subs, layer_number=1, dm_config=dm_config)
             if local_experts:
                 count_as_ep_rank(layer, local_experts)
@@ -391,10 +392,10 @@ def count_as_ep_rank(layer, local_experts):
     matrix is ``[local+1, 2, rows]``). Costs as on that rank; the vectors' values are not used."""
     on_output = layer.token_dispatcher.on_expert_output
 
-    def regrouped(out_RH, probs_R, tokens_per_expert):
+    def regrouped(out_RH, probs_R, tokens_per_expert, in_RH=None):
         counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
         group = len(counts) // local_experts
-        return on_output(out_RH, probs_R, [sum(counts[i : i + group]) for i in range(0, len(counts), group)])
+        return on_output(out_RH, probs_R, [sum(counts[i : i + group]) for i in range(0, len(counts), group)], in_RH)
 
     layer.token_dispatcher.on_expert_output = regrouped
 
@@ -668,7 +669,7 @@ def measure_points(spec, args, device, local):
         for variant in variants:
             default, _, stride = variant.partition(":")
             layer = build_layer(config, default == "default", device, stats_stride=int(stride or 1),
-                                local_experts=local, probes=args.probe_budget)
+                                local_experts=local, probes=args.probe_budget, fit=args.fit)
             base.setdefault(variant, {})[e] = state_bytes(layer)
             if variant == "topk":
                 fingerprint = weights_fingerprint(layer)
@@ -941,6 +942,8 @@ def parse_args(argv=None):
     p.add_argument("--kernel-model-only", action="store_true",
                    help="print expert_stats' kernel model (both designs, balanced and 90%% hot) per shape and stride, "
                         "and measure nothing")
+    p.add_argument("--fit", default="constant", choices=("constant", "shared-1"),
+                   help="Default MoE's --moe-default-fit (shared-1 needs --probes)")
     p.add_argument("--probes", default="0",
                    help="Default MoE's --moe-default-probes per GPU and micro-batch at --target-tokens: N, or 'rule' "
                         "(16 E / (EP DP), as --moe-default-probes auto: about 16 samples per expert "
@@ -955,6 +958,8 @@ def parse_args(argv=None):
     args.stats_strides = [int(v) for v in str(args.stats_stride).split(",")]
     if args.probes != "0" and args.stats_strides != [1]:
         p.error("--stats-stride does not apply with --probes: the vectors then average the probe rows only")
+    if args.fit != "constant" and args.probes == "0":
+        p.error(f"--fit {args.fit} fits the probes' statistics: it needs --probes")
     return args
 
 

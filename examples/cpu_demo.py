@@ -91,6 +91,7 @@ def parse_args(argv=None):
     g.add_argument("--moe-default-stats-stride", type=int, default=1)
     g.add_argument("--moe-default-probes", type=int, default=0)
     g.add_argument("--moe-default-probe-draw", default="uniform", choices=("uniform", "weighted"))
+    g.add_argument("--moe-default-fit", default="constant", choices=("constant", "shared-1"))
     return p.parse_args(argv)
 
 
@@ -191,6 +192,7 @@ def build_model(args, default_moe):
             probes=args.moe_default_probes,
             probe_draw=args.moe_default_probe_draw,
             probe_seed=args.seed,
+            fit=args.moe_default_fit,
         )
         spec = to_default_moe_spec(spec, dm_config)
     torch.manual_seed(args.seed)

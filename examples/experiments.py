@@ -67,7 +67,7 @@ def parse_args(argv=None):
                    help="--fidelity: the run's seed (the demo's 1234 by default; others write *_seed<N>.json)")
     p.add_argument("--probes", default="", help="sweep: Default MoE with --moe-default-probes N (cells "
                    "tagged probes=N); --fidelity: compare probes at these budgets (comma-separated, per rank "
-                   "and micro-batch; a 'w' suffix draws weighted) with today's EMA")
+                   "and micro-batch; a 'w' suffix draws weighted, an 's' fits --moe-default-fit shared-1) with today's EMA")
     p.add_argument("--stats-stride", type=int, default=1,
                    help="Default MoE's --moe-default-stats-stride for every cell (names tagged stride=N)")
     p.add_argument("--nproc", type=int, default=2)

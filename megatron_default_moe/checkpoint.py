@@ -57,7 +57,8 @@ def fill_missing_default_vectors(layer, prefix: str, missing_keys: list) -> None
     if not distributed or torch.distributed.get_rank(group) == 0:
         logger.warning(
             "Default MoE: the checkpoint has no %s (e.g. '%s'); every Default MoE layer without "
-            "them starts afresh, like a fresh run (a TopK checkpoint, or one without the fit?).",
+            "them starts from zeros (a fit's direction from its seeded start), like a fresh run (a TopK "
+            "checkpoint, or one without the fit?).",
             "default vectors" if BUFFER in missing else "default-vector fit", prefix + missing[0],
         )
 

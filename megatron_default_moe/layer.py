@@ -14,7 +14,8 @@ Forward of one training micro-batch (``update="microbatch"``, the paper's settin
 
 With ``probes`` (``probes.py``) ``route`` adds a few unchosen pairs to the routing (prob -1),
 ``_on_expert_output`` takes their statistics apart and zeroes their rows, and the EMA follows
-their mean: the experts' output on tokens that did not choose them.
+their mean: the experts' output on tokens that did not choose them. With ``fit="shared-1"``
+(``shared_fit.py``) the default is a line per expert in one input coordinate, fitted from them.
 
 Activation recompute runs the forward twice: first under ``no_grad`` (the update happens here and
 the snapshot is queued), then again with grad in backward (the queued snapshot is reused, nothing
@@ -35,13 +36,13 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_default_moe import functional as F
 from megatron_default_moe import fused
-from megatron_default_moe.checkpoint import fill_missing_default_vectors, restore_sample_counter
 from megatron_default_moe.config import DefaultMoEConfig
 from megatron_default_moe.dispatcher import with_default_moe_mixin
 from megatron_default_moe.probes import probe_sampler_of
 from megatron_default_moe.router import DefaultMoERouter
 from megatron_default_moe.shared_fit import SharedLineFit
 from megatron_default_moe.statistics import expert_output_stats_EH1
+from megatron_default_moe.tables import TableBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def with_default_moe_router(submodules: MoESubmodules) -> MoESubmodules:
     )
 
 
-class DefaultMoELayer(MoELayer):
+class DefaultMoELayer(TableBuffers, MoELayer):
     """Megatron ``MoELayer`` with Default MoE (arXiv 2504.12463); see the module docstring.
 
     Built like ``MoELayer`` plus ``dm_config``. Owns ``default_vectors`` ``[num_moe_experts,
@@ -115,43 +116,6 @@ class DefaultMoELayer(MoELayer):
             self.fit = SharedLineFit(self, self.dm_config.probe_seed)
         self.track_metrics = False  # set by the logging hook: keep the norm ratio below
         self.last_term_norm_ratio = None  # ‖default term‖ / ‖MoE output‖ of the last forward
-
-    # -- buffers -------------------------------------------------------------------------------
-    def _fp32_tables(self):
-        return [n for n in ("default_vectors", "default_fit", "default_direction") if n in self._buffers]
-
-    def _keep_fp32_on(self, device):
-        """Keep the tables fp32 (``Float16Module`` casts float buffers) and beside the activations."""
-        for name in (*self._fp32_tables(), "nonfinite_skips"):
-            buf = getattr(self, name)
-            dtype = torch.long if name == "nonfinite_skips" else torch.float32
-            if buf.dtype != dtype or buf.device != device:
-                setattr(self, name, buf.to(device=device, dtype=dtype))
-
-    def _apply(self, fn, *args, **kwargs):
-        """Apply ``fn`` (``.cuda()``, ``.bfloat16()``, ...) but keep the tables fp32: their fp32
-        values are kept aside, so a cast to bf16 and back loses no bits."""
-        if "default_vectors" not in self._buffers:
-            return super()._apply(fn, *args, **kwargs)
-        kept = {name: getattr(self, name) for name in self._fp32_tables()}
-        out = super()._apply(fn, *args, **kwargs)
-        for name, fp32 in kept.items():
-            setattr(self, name, fp32.to(device=self.default_vectors.device))
-        self._keep_fp32_on(self.default_vectors.device)
-        return out
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
-        """Load the tables as fp32; a checkpoint without them (TopK) leaves a fresh start, said once."""
-        for name in self._fp32_tables():
-            if prefix + name in state_dict:
-                state_dict[prefix + name] = state_dict[prefix + name].to(torch.float32)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
-        fill_missing_default_vectors(self, prefix, missing_keys)
-        self._stats_updates = restore_sample_counter(self, prefix + "sample_counter", missing_keys)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self.sample_counter.fill_(self._stats_updates)  # a host value: no sync
-        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     # -- forward -------------------------------------------------------------------------------
     def route(self, hidden_states, padding_mask=None):

@@ -9,6 +9,8 @@ run the same micro-batches, each rank its own tokens:
    rank, while the probes cross the expert-parallel all-to-all / all-gather and the expert-tensor-
    parallel split like routed rows.
 2. β = 0.5: the vectors are bit-identical on every rank, and differ from the probe-free layer's.
+3. ``--moe-default-fit shared-1`` (β = 0): its tables are bit-identical on every rank, and the
+   direction is one power step on the covariance of every rank's tokens (gathered here).
 
 Prints ``ok LAYOUT/DISPATCHER`` per pass and ``PASSED: N layouts`` at the end (rank 0).
 """
@@ -93,7 +95,37 @@ def check(name, dispatcher):
     if torch.equal(plain.default_vectors, probed.default_vectors) or drawn.item() == 0:
         failures.append("the probes never reached the statistics")
     failures += auto_budget_failures(plain)
+    failures += fit_failures(plain, x, g)
     return sorted(set(failures))
+
+
+def fit_failures(plain, x, g):
+    from helpers import moe_submodules
+
+    from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
+
+    dm = DefaultMoEConfig(beta=0.0, probes=6, probe_seed=3, fit="shared-1")
+    fitted = DefaultMoELayer(plain.config, moe_submodules(plain.config.num_moe_experts), dm_config=dm)
+    fitted.load_state_dict(plain.state_dict(), strict=False)
+    fitted.set_layer_number(1)
+    d0 = fitted.fit.initial_direction
+    step(fitted, x, g)
+    failures = []
+    for name in ("default_vectors", "default_fit", "default_direction"):
+        table = getattr(fitted, name)
+        tables = [torch.zeros_like(table) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(tables, table)
+        if any(not torch.equal(t, tables[0]) for t in tables):
+            failures.append(f"{name} differs across ranks")
+    if not fitted.default_fit.any():
+        failures.append("the fit took no statistics")
+    xs = [torch.zeros_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(xs, x.contiguous())
+    x_NH = torch.cat(xs).reshape(-1, x.shape[-1])
+    xc = x_NH - x_NH.mean(0)
+    if not torch.allclose(fitted.default_direction, xc.T @ (xc @ d0) / x_NH.shape[0], rtol=1e-4, atol=1e-5):
+        failures.append("the direction is not a power step on the stage's tokens")
+    return failures
 
 
 def auto_budget_failures(plain):

@@ -63,7 +63,11 @@ FAMILIES = {
                           moe_router_pre_softmax=False), ("backward-only",)),  # fmt: skip
     "mixtral_probes": (dict(num_moe_experts=8, moe_router_topk=2, moe_router_pre_softmax=False), ("backward-only",)),
 }
-PROBES = {"mixtral_probes": 8}  # family -> --moe-default-probes (extra rows; a multiple of the experts: balanced)
+FAMILIES["paper_fit"] = (FAMILIES["paper"][0], ("forward",))
+FAMILIES["deepseek_v3_fit"] = (FAMILIES["deepseek_v3"][0], ("backward-only",))
+# family -> --moe-default-probes (extra rows; a multiple of the experts: balanced)
+PROBES = {"mixtral_probes": 8, "paper_fit": 8, "deepseek_v3_fit": 8}
+FITS = {"paper_fit": "shared-1", "deepseek_v3_fit": "shared-1"}  # family -> --moe-default-fit
 
 
 class FakeCuda(FakeTensorMode):
@@ -156,7 +160,7 @@ def trace(family: str, mode: str, dtype=torch.bfloat16):
                         perform_initialization=False, moe_token_dispatcher_type="allgather")  # fmt: skip
     probes = PROBES.get(family, 0)
     with FakeCuda(routed_rows=S * B * config.moe_router_topk + probes):
-        dm_config = DefaultMoEConfig(mode=mode, probes=probes)
+        dm_config = DefaultMoEConfig(mode=mode, probes=probes, fit=FITS.get(family, "constant"))
         layer = DefaultMoELayer(config, moe_submodules(config.num_moe_experts), dm_config=dm_config)
         _params_to_fake_cuda(layer)
         for step in range(2):
@@ -169,7 +173,9 @@ def trace(family: str, mode: str, dtype=torch.bfloat16):
         for name, param in layer.named_parameters():
             assert param.grad is not None, f"no grad for {name}"
             assert param.grad.device.type == "cuda" and param.grad.dtype == param.dtype, f"{name}: {param.grad.dtype}"
-        assert layer.default_vectors.device.type == "cuda" and layer.default_vectors.dtype == torch.float32
+        for name in layer._fp32_tables():  # the vectors, and a fit's tables
+            table = getattr(layer, name)
+            assert table.device.type == "cuda" and table.dtype == torch.float32, f"{name}: {table.dtype} on {table.device}"
         ratio = layer.router.last_extra_grad_ratio
         assert ratio is not None and ratio.device.type == "cuda", "extra-gradient ratio not kept on the device"
         assert layer.last_term_norm_ratio.device.type == "cuda"

@@ -3,7 +3,7 @@
 The CPU shim maps ``cuda`` to the CPU for the whole test session, which hides device mistakes;
 this trace runs in its own process without it, on ``FakeTensor``s placed on ``cuda:0``. For each
 router family (paper: softmax pre-softmax top-1, both modes; Mixtral-like; DeepSeek-V3-like;
-sqrt-softplus; Mixtral-like with probes) a ``DefaultMoELayer``'s forward and backward run twice, the second time as a
+sqrt-softplus; Mixtral-like with probes; paper and DeepSeek-V3-like with the ``shared-1`` fit) a ``DefaultMoELayer``'s forward and backward run twice, the second time as a
 logged step (``track_metrics``: the router measures its extra gradient). It fails on a CPU tensor
 mixed with CUDA ones, a host read of a CUDA value (a device sync) in the package's code, a custom
 op without a fake kernel, and an output or gradient not in the parameters' dtype. The second test
@@ -18,7 +18,8 @@ from helpers import run_isolated
 
 TRACE = os.path.join(os.path.dirname(__file__), "fake_cuda_trace.py")
 CASES = ["paper forward", "paper backward-only", "mixtral backward-only", "deepseek_v3 backward-only",
-         "sqrtsoftplus backward-only", "mixtral_probes backward-only"]  # fmt: skip
+         "sqrtsoftplus backward-only", "mixtral_probes backward-only", "paper_fit forward",
+         "deepseek_v3_fit backward-only"]  # fmt: skip
 
 
 def _no_shim_env():

@@ -131,6 +131,13 @@ _FLAGS = (
         ),
     ),
     (
+        "--moe-default-fit-beta",
+        "moe_default_fit_beta",
+        "fit_beta",
+        dict(type=float, default=None, help="EMA decay of the shared-1 fit (slopes, means, direction); default: a "
+             "window of about 4 H probes per expert."),
+    ),
+    (
         "--moe-default-probe-seed",
         "moe_default_probe_seed",
         "probe_seed",

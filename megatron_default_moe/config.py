@@ -1,7 +1,7 @@
 """``DefaultMoEConfig``: the knobs of Default MoE and the Megatron options it cannot run with."""
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, NORMALISERS, forward_mode_allowed
 from megatron_default_moe.probes import PROBE_DRAWS, PROBE_SAMPLES_PER_EXPERT, auto_probe_budget
@@ -108,6 +108,8 @@ class DefaultMoEConfig:
         fit: ``constant`` (one vector per expert) or ``shared-1``: each expert's default is linear
             in the token's coordinate on one shared input direction, fitted online from the probes
             (``shared_fit.py``; needs ``probes``).
+        fit_beta: the ``shared-1`` fit's EMA decay (its slopes, means and direction); None: a window
+            of about ``4 H`` probes per expert (``shared_fit.fit_beta``).
     """
 
     beta: float = 0.9
@@ -120,6 +122,7 @@ class DefaultMoEConfig:
     probe_draw: str = "uniform"
     probe_seed: int = 0
     fit: str = "constant"
+    fit_beta: Optional[float] = None
 
     def __post_init__(self):
         if self.probes != "auto" and (not isinstance(self.probes, int) or isinstance(self.probes, bool)
@@ -137,6 +140,8 @@ class DefaultMoEConfig:
         if self.fit != "constant" and self.probes == 0:
             raise ValueError(f"--moe-default-fit {self.fit} fits the experts' outputs on unchosen tokens: it needs "
                              "--moe-default-probes (a budget or 'auto')")
+        if self.fit_beta is not None and not 0.0 <= float(self.fit_beta) <= 1.0:
+            raise ValueError(f"--moe-default-fit-beta must lie in [0, 1], got {self.fit_beta}")
         if not 0.0 <= float(self.beta) <= 1.0:
             raise ValueError(f"--moe-default-ema-beta must lie in [0, 1], got {self.beta}")
         for flag, value, allowed in (

@@ -131,64 +131,66 @@ def ema_update_(defaults_EH: torch.Tensor, stats_EH1: torch.Tensor, beta: float)
     return updated_E1.squeeze(-1), (has_tokens_E1 > finite_E1).squeeze(-1)  # > : tokens, not finite
 
 
-def default_term_TH(weights_TE, defaults_snapshot_EH, slopes_EH=None, s_T1=None) -> torch.Tensor:
-    """``Σ_{i∈D_t} w_{t,i} sg(V_{t,i})``, ``V = Ê`` or ``A + s_t B`` (``shared_fit``), on its own
-    (metrics and references; the layer fuses it)."""
-    term_TH = weights_TE @ defaults_snapshot_EH.detach().to(weights_TE.dtype)
-    if slopes_EH is not None:
-        term_TH = term_TH + s_T1.to(weights_TE.dtype) * (weights_TE @ slopes_EH.detach().to(weights_TE.dtype))
-    return term_TH
+def default_term_TH(weights_TE, defaults_snapshot_EH, s_T1=None) -> torch.Tensor:
+    """``Σ_{i∈D_t} w_{t,i} sg(V_{t,i})``, ``V = Ê``, or with coordinates ``s_T1`` (``shared_fit``)
+    ``A + s_t B`` from the stacked table ``[A; B]``, on its own (metrics and references; the layer
+    fuses it)."""
+    table_KH = defaults_snapshot_EH.detach().to(weights_TE.dtype)
+    if s_T1 is None:
+        return weights_TE @ table_KH
+    experts = weights_TE.shape[1]
+    return weights_TE @ table_KH[:experts] + s_T1.to(weights_TE.dtype) * (weights_TE @ table_KH[experts:])
 
 
 class _DefaultTerm(torch.autograd.Function):
     """``y + w @ Ê`` in one ``addmm`` (forward mode) or ``y`` itself (backward-only); either way the
     backward passes ``dL/dy`` through and forms ``dL/dw = dL/dy @ Êᵀ`` (fp32), nothing to ``Ê``.
-    With ``slopes`` ``B`` and coordinates ``s`` (``shared_fit``) the vectors are ``Ê + s_t B``:
-    ``+ s ⊙ (w @ B)`` forward, ``+ s ⊙ (dL/dy @ Bᵀ)`` backward.
+    With slopes ``B`` and coordinates ``s`` (``shared_fit``) the vectors are ``Ê + s_t B``, and the
+    table is ``[Ê; B]`` (``2E`` rows): forward ``[w | s·w] @ [Ê; B]``, backward ``dL/dw = g_Ê +
+    s·g_B`` from one ``dL/dy @ [Ê; B]ᵀ`` (``dL/dy`` read once).
     ``dL/dw`` is ``w``'s gradient, or is handed to ``grad_sink`` (the layer: it then reaches the
     logits in the router's own backward pass, ``router.DefaultLogitGradient``); ``after`` is an
     input only so that pass runs after this one."""
 
     @staticmethod
-    def forward(ctx, y_TH, weights_TE, defaults_EH, add_to_forward, grad_sink, after, slopes_EH, s_T1):
-        ctx.save_for_backward(defaults_EH, slopes_EH, s_T1)
+    def forward(ctx, y_TH, weights_TE, table_KH, add_to_forward, grad_sink, after, s_T1):
+        ctx.save_for_backward(table_KH, s_T1)
         ctx.grad_sink = grad_sink
         ctx.weights_dtype = None if weights_TE is None else weights_TE.dtype
         if add_to_forward:
-            w_TE = weights_TE.to(y_TH.dtype)
-            out_TH = torch.addmm(y_TH, w_TE, defaults_EH)
-            if slopes_EH is not None:
-                out_TH.addcmul_(s_T1.to(y_TH.dtype), w_TE @ slopes_EH)
-            return out_TH
+            w_TK = weights_TE.to(y_TH.dtype)
+            if s_T1 is not None:
+                w_TK = torch.cat([w_TK, w_TK * s_T1.to(y_TH.dtype)], dim=1)
+            return torch.addmm(y_TH, w_TK, table_KH)
         return y_TH  # returned as is, like Megatron's MoEAuxLossAutoScaler: no kernel
 
     @staticmethod
     def backward(ctx, grad_TH):
-        defaults_EH, slopes_EH, s_T1 = ctx.saved_tensors
+        table_KH, s_T1 = ctx.saved_tensors
         grad_w_TE = None
         if ctx.grad_sink is not None or ctx.needs_input_grad[1]:
-            grad_w_TE = mm_fp32(grad_TH, defaults_EH.t())
-            if slopes_EH is not None:
-                grad_w_TE.addcmul_(s_T1, mm_fp32(grad_TH, slopes_EH.t()))
+            grad_w_TE = mm_fp32(grad_TH, table_KH.t())
+            if s_T1 is not None:
+                experts = grad_w_TE.shape[1] // 2
+                grad_w_TE = torch.addcmul(grad_w_TE[:, :experts], s_T1, grad_w_TE[:, experts:])
         if ctx.grad_sink is not None:
             ctx.grad_sink(grad_w_TE)
             grad_w_TE = None
         elif grad_w_TE is not None:
             grad_w_TE = grad_w_TE.to(ctx.weights_dtype)
-        return grad_TH, grad_w_TE, None, None, None, None, None, None
+        return grad_TH, grad_w_TE, None, None, None, None, None
 
 
-def add_default_term(y_TH, weights_TE, defaults_EH, mode: str, grad_sink=None, after=None, slopes_EH=None, s_T1=None):
+def add_default_term(y_TH, weights_TE, defaults_EH, mode: str, grad_sink=None, after=None, s_T1=None):
     """``y`` plus the default term ``w @ sg(Ê)`` (``forward``), or plus only its gradient
     (``backward-only``; the forward value is ``y`` bit for bit, and ``w`` may be None with a
     ``grad_sink``). ``defaults_EH`` should already be in ``y``'s dtype (the layer casts its fp32
-    snapshot once per pass), ``w`` too (then no cast). ``slopes_EH`` and ``s_T1`` (fp32 ``[T, 1]``):
-    the ``shared-1`` vectors ``Ê + s_t B`` (``shared_fit``)."""
+    snapshot once per pass), ``w`` too (then no cast). With coordinates ``s_T1`` (fp32 ``[T, 1]``,
+    ``shared_fit``) ``defaults`` is the stacked ``[A; B]`` ``[2E, H]`` of the vectors ``A + s_t B``."""
     if mode not in ("forward", "backward-only"):
         raise ValueError(f"mode must be 'forward' or 'backward-only' here, got {mode!r}")
     if weights_TE is None and (mode == "forward" or grad_sink is None):
         raise ValueError("the default term needs its weights in forward mode or without a grad_sink")
-    defaults_EH = defaults_EH.detach().to(y_TH.dtype)
-    if slopes_EH is not None:
-        slopes_EH, s_T1 = slopes_EH.detach().to(y_TH.dtype), s_T1.detach().float()
-    return _DefaultTerm.apply(y_TH, weights_TE, defaults_EH, mode == "forward", grad_sink, after, slopes_EH, s_T1)
+    table_KH = defaults_EH.detach().to(y_TH.dtype)
+    s_T1 = None if s_T1 is None else s_T1.detach().float()
+    return _DefaultTerm.apply(y_TH, weights_TE, table_KH, mode == "forward", grad_sink, after, s_T1)

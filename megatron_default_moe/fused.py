@@ -16,8 +16,9 @@ reference as the fallback when the kernel cannot run there (``fallback.py``):
   (``functional.router_scores_TE`` + ``default_weights_TE``), written in the dtype that reads
   them, and their logits gradient (scores recomputed) added to Megatron's own logits gradient;
 - ``probe_draw`` / ``probe_exclude`` / ``probe_zero``: the probes' draw, the exclusion of their
-  rows and the zeroing of those rows' gradient, defined
-  with the probes (``probe_ops.py``) and registered here with the others.
+  rows (with ``shared-1``, the line's statistics too) and the zeroing of those rows' gradient,
+  defined with the probes (``probe_ops.py``) and registered here with the others;
+- ``fit_update``: the ``shared-1`` fit's EMA, lines and power step (``fit_ops.py``).
 
 Rows are sampled ``offset, offset + stride, ...`` (``C`` of them); ``stride = 1`` takes all.
 Each op is an opaque ``torch.library`` op (its torch body: ``<op>_reference``), so
@@ -30,6 +31,7 @@ import torch
 
 from megatron_default_moe import fallback
 from megatron_default_moe import functional as F
+from megatron_default_moe.fit_ops import fit_update, fit_update_reference
 from megatron_default_moe.probe_ops import (
     probe_draw,
     probe_draw_reference,
@@ -222,5 +224,6 @@ OPS = {  # name: (op, its torch reference)
     "probe_draw": (probe_draw, probe_draw_reference),  # the probes' ops live with them (probe_ops.py)
     "probe_exclude": (probe_exclude, probe_exclude_reference),
     "probe_zero": (probe_zero, probe_zero_reference),
+    "fit_update": (fit_update, fit_update_reference),  # the shared-1 fit's update (fit_ops.py)
 }
 TRITON_ON_CUDA = fallback.register(OPS) if torch.cuda.is_available() else None

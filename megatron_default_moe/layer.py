@@ -113,7 +113,7 @@ class DefaultMoELayer(TableBuffers, MoELayer):
             if self.probes is None:
                 raise ValueError("--moe-default-fit shared-1 needs probes, but --moe-default-probes "
                                  f"{self.dm_config.probes!r} resolves to 0 here (see the log)")
-            self.fit = SharedLineFit(self, self.dm_config.probe_seed)
+            self.fit = SharedLineFit(self, self.dm_config.probe_seed, self.probes)
         self.track_metrics = False  # set by the logging hook: keep the norm ratio below
         self.last_term_norm_ratio = None  # ‖default term‖ / ‖MoE output‖ of the last forward
 
@@ -146,10 +146,10 @@ class DefaultMoELayer(TableBuffers, MoELayer):
         if self._phase not in ("update", "accumulate"):
             return out_RH
         if self.probes is not None:  # the vectors follow the probes': no pass over the routed rows
-            exclude = self.probes.exclude if self.fit is None else self.fit.exclude_with(self.probes, in_RH)
-            out_RH, stats_EH1 = exclude(
+            line = {} if self.fit is None else dict(in_RH=in_RH, coordinates=self.fit.coordinates(self, in_RH))
+            out_RH, stats_EH1 = self.probes.exclude(
                 out_RH, probs_R, tokens_per_expert, self.local_expert_indices[0], self.config.num_moe_experts,
-                self.counts_rows,
+                self.counts_rows, **line,
             )
         else:
             stats_EH1 = expert_output_stats_EH1(

@@ -90,10 +90,10 @@ class ExcludeProbeRows(torch.autograd.Function):
     row, ``p_B`` their probs)."""
 
     @staticmethod
-    def forward(ctx, out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows):
+    def forward(ctx, out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows, s_B, in_RH):
         ctx.save_for_backward(rows_B, p_B)
         ctx.set_materialize_grads(False)  # no zeros for the statistics' (non-differentiable) gradient
-        stats_EH1 = probe_exclude(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows)
+        stats_EH1 = probe_exclude(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows, s_B, in_RH)
         ctx.mark_dirty(out_RH)
         ctx.mark_non_differentiable(stats_EH1)
         return out_RH, stats_EH1
@@ -101,12 +101,12 @@ class ExcludeProbeRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RH, _):
         if grad_RH is None:
-            return (None,) * 7
+            return (None,) * 9
         rows_B, p_B = ctx.saved_tensors
         if grad_RH._is_view() or not grad_RH.is_contiguous():
             grad_RH = grad_RH.contiguous().clone()
         probe_zero(grad_RH, rows_B, p_B)
-        return grad_RH, None, None, None, None, None, None
+        return grad_RH, None, None, None, None, None, None, None, None
 
 
 class ProbeSampler:
@@ -117,8 +117,9 @@ class ProbeSampler:
     this rank routes (equal on ranks that route the same tokens).
     """
 
-    def __init__(self, budget: int, draw: str, seed: int, sources: int, token_set: int):
+    def __init__(self, budget: int, draw: str, seed: int, sources: int, token_set: int, token_sets: int = 1):
         self.budget, self.draw, self.seed = int(budget), draw, int(seed)
+        self.token_sets = int(token_sets)  # ranks with distinct tokens in the stage: their probes add up
         self.max_rows = self.budget * max(int(sources), 1)
         self.token_set = int(token_set)
         self.last_probes = None  # the last draw: (tokens_B, experts_B, probs_B) and [T, E]
@@ -144,15 +145,16 @@ class ProbeSampler:
         return torch.zeros(shape, dtype=torch.bool).index_put_((tokens_B.cpu(), experts_B.cpu()), probs_B.cpu() < 0)
 
     def exclude(self, out_RH, probs_R, tokens_per_expert_L, first: int, num_experts: int, count_rows: bool,
-                also=None):  # fmt: skip
+                in_RH=None, coordinates=None):  # fmt: skip
         """``(out_RH`` with its probe rows zeroed (autograd-aware), the probes' ``[E, H+1]``)``: the
-        statistics the vectors follow (the routed rows' are not taken). ``also(out_RH, rows_B, p_B,
-        counts_L)``: more statistics of the probe rows, read before they are zeroed, returned third."""
+        statistics the vectors follow (the routed rows' are not taken). With ``coordinates``
+        (``rows_B -> s_B``) and the expert input ``in_RH``: the ``shared-1`` line's ``[E+1, 2H+3]``
+        (``shared_fit.py``), in the same op."""
         rows_B, p_B = probe_rows(probs_R, self.max_rows)
         counts_L = counts_on(tokens_per_expert_L, out_RH.device)[0]
-        more = None if also is None else also(out_RH.detach(), rows_B, p_B, counts_L)
-        out_RH, stats_EH1 = ExcludeProbeRows.apply(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows)
-        return (out_RH, stats_EH1) if also is None else (out_RH, stats_EH1, more)
+        s_B = None if coordinates is None else coordinates(rows_B)
+        in_RH = None if s_B is None else in_RH.detach()
+        return ExcludeProbeRows.apply(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows, s_B, in_RH)
 
 
 def probe_sampler_of(layer) -> ProbeSampler:
@@ -173,4 +175,4 @@ def probe_sampler_of(layer) -> ProbeSampler:
     if dm.probes == "auto":
         logging.getLogger(__name__).info("Default MoE layer %s: --moe-default-probes auto -> %d (%s)",
                                          layer.layer_number, budget, why)  # fmt: skip
-    return ProbeSampler(budget, dm.probe_draw, dm.probe_seed, sources, token_set) if budget else None
+    return ProbeSampler(budget, dm.probe_draw, dm.probe_seed, sources, token_set, token_sets) if budget else None

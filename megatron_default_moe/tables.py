@@ -1,7 +1,7 @@
 """The Default MoE layer's own buffers through casts and checkpoints (a mixin of the layer).
 
-The tables (``default_vectors``, and with ``--moe-default-fit shared-1`` ``default_fit`` and
-``default_direction``) stay fp32 whatever ``Float16Module`` or ``.bfloat16()`` do to the model,
+The tables (``default_vectors``, and with ``--moe-default-fit shared-1`` ``default_fit``,
+``default_direction`` and its unit ``default_direction_unit``) stay fp32 whatever ``Float16Module`` or ``.bfloat16()`` do to the model,
 load as fp32, and start afresh where a checkpoint lacks them (``checkpoint.py``); the micro-batch
 counter is saved from its host value and restored once at load.
 """
@@ -10,7 +10,7 @@ import torch
 
 from megatron_default_moe.checkpoint import fill_missing_default_vectors, restore_sample_counter
 
-FP32_TABLES = ("default_vectors", "default_fit", "default_direction")
+FP32_TABLES = ("default_vectors", "default_fit", "default_direction", "default_direction_unit")
 
 
 class TableBuffers:
@@ -46,6 +46,8 @@ class TableBuffers:
                 state_dict[prefix + name] = state_dict[prefix + name].to(torch.float32)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         fill_missing_default_vectors(self, prefix, missing_keys)
+        if getattr(self, "fit", None) is not None:
+            self.fit.loaded(self)
         self._stats_updates = restore_sample_counter(self, prefix + "sample_counter", missing_keys)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -14,6 +14,7 @@ import triton
 
 from megatron_default_moe import triton_kernels as K
 from megatron_default_moe import triton_probe_kernels as KP
+from megatron_default_moe.fit_ops import RIDGE as FIT_RIDGE
 
 BLOCK_H = 512  # 1-D passes over a row of H
 STATS_BLOCK_R, STATS_BLOCK_H = 32, 128  # expert_stats stage 1: a [rows, H] tile per step
@@ -134,18 +135,22 @@ def probe_draw_launches(weights_TE, routing_map_TE, budget, a, b, seed, weighted
 EXCLUDE_BLOCK_B = 16  # probe_exclude: candidate rows per step (a tl.dot needs 16)
 
 
-def probe_exclude_launches(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows):
+def probe_exclude_launches(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows, s_B=None, in_RH=None):
     """One program per block of columns, each over all ``B`` candidate rows (a few hundred to a few
     thousand): no atomics, a fixed order. The non-local stats rows are zeros."""
     R, H = out_RH.shape
     _in_place("out_RH", out_RH)
     B, L = rows_B.numel(), counts_L.numel()
-    stats = torch.zeros(num_experts, H + 1, dtype=torch.float32, device=out_RH.device)
-    args = (out_RH, H, rows_B.contiguous(), p_B.contiguous(), counts_L.to(torch.long).contiguous(), stats, H, B, L,
-            first)  # fmt: skip
+    line = s_B is not None
+    width = 2 * H + 3 if line else H + 1
+    stats = torch.zeros(num_experts + line, width, dtype=torch.float32, device=out_RH.device)
+    s_arg, in_arg = (s_B.float().contiguous(), in_RH.contiguous()) if line else (p_B, out_RH)  # unread without LINE
+    args = (out_RH, H, rows_B.contiguous(), p_B.contiguous(), counts_L.to(torch.long).contiguous(), stats, s_arg,
+            in_arg, in_arg.shape[1], H, B, L, first, num_experts, width)  # fmt: skip
     block_l = max(16, triton.next_power_of_2(L))
-    block_h = min(64, max(16, 2048 // block_l))  # two [L, h] fp32 accumulators stay in registers
-    flags = dict(COUNT_ROWS=count_rows, BLOCK_B=EXCLUDE_BLOCK_B, BLOCK_L=block_l, BLOCK_H=block_h)
+    # the [L, h] fp32 accumulators (two, four with the line) stay in registers
+    block_h = min(64, max(16, (1024 if line else 2048) // block_l))
+    flags = dict(COUNT_ROWS=count_rows, LINE=line, BLOCK_B=EXCLUDE_BLOCK_B, BLOCK_L=block_l, BLOCK_H=block_h)
     return stats, [Launch(KP._probe_exclude_kernel, (triton.cdiv(H, block_h),), args, flags)] if L else []
 
 
@@ -162,7 +167,20 @@ def probe_zero_launches(x_RH, rows_B, p_B):
     return None, [Launch(KP._probe_zero_kernel, grid, args, flags)] if B and H else []
 
 
-LAUNCHES = dict(expert_stats=expert_stats_launches, ema_update=ema_update_launches,
+def fit_update_launches(vectors_EH, fit_EC, q_H, d_H, stats, beta, beta_fit, skips_E, table_dtype):
+    """One program per expert (its EMA and line) and one for the direction's power step."""
+    E, H = vectors_EH.shape
+    for name, t in (("vectors_EH", vectors_EH), ("fit_EC", fit_EC), ("q_H", q_H), ("d_H", d_H), ("skips_E", skips_E)):
+        _in_place(name, t)
+    table = torch.empty(2 * E, H, dtype=table_dtype, device=vectors_EH.device)
+    d_used = torch.empty(H, dtype=torch.float32, device=vectors_EH.device)
+    updated = torch.empty(E, dtype=torch.bool, device=vectors_EH.device)
+    args = (vectors_EH, fit_EC, q_H, d_H, stats.contiguous(), table, d_used, updated, skips_E, H, E, 1.0 - beta,
+            1.0 - beta_fit, FIT_RIDGE)  # fmt: skip
+    return (table, d_used, updated), [Launch(K._fit_update_kernel, (E + 1,), args, dict(BLOCK_H=BLOCK_H))]
+
+
+LAUNCHES = dict(expert_stats=expert_stats_launches, ema_update=ema_update_launches, fit_update=fit_update_launches,
                 default_weights=default_weights_launches,
                 default_weights_backward=default_weights_backward_launches,
                 probe_draw=probe_draw_launches, probe_exclude=probe_exclude_launches,
@@ -189,3 +207,4 @@ default_weights_backward = launcher("default_weights_backward")
 probe_draw = launcher("probe_draw")
 probe_exclude = launcher("probe_exclude")
 probe_zero = launcher("probe_zero")
+fit_update = launcher("fit_update")

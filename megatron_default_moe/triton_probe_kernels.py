@@ -62,13 +62,15 @@ def _probe_draw_kernel(w_ptr, routed_ptr, tokens_ptr, experts_ptr, probs_ptr, T,
 
 
 @triton.jit
-def _probe_exclude_kernel(out_ptr, ld, rows_ptr, p_ptr, counts_ptr, stats_ptr, H, B, L, first,
-                          COUNT_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
-                          BLOCK_H: tl.constexpr):  # fmt: skip
+def _probe_exclude_kernel(out_ptr, ld, rows_ptr, p_ptr, counts_ptr, stats_ptr, s_ptr, in_ptr, ld_in, H, B, L, first,
+                          E, W, COUNT_ROWS: tl.constexpr, LINE: tl.constexpr, BLOCK_B: tl.constexpr,
+                          BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
     """Program (columns ``h``): over the candidate rows in order, each probe row's ``-out`` summed
     into its local expert (a one-hot ``[L, B] @ [B, h]`` product, fp32, non-finite values kept
     out of the product and re-applied to their own expert only), then the row's columns zeroed;
-    see ``probe_ops.probe_exclude_reference``."""
+    with ``LINE`` also ``-out·s`` and the ``s`` counts (stats row width ``W = 2H + 3``), and in row
+    ``E`` the probe tokens' input sums ``Σ x·s``, ``Σ x`` and their number; see
+    ``probe_ops.probe_exclude_reference``."""
     hb = tl.program_id(0)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     mh = h < H
@@ -77,7 +79,14 @@ def _probe_exclude_kernel(out_ptr, ld, rows_ptr, p_ptr, counts_ptr, stats_ptr, H
     ends = tl.cumsum(tl.load(counts_ptr + lane, mask=ml, other=0).to(tl.int64), axis=0)
     acc = tl.zeros([BLOCK_L, BLOCK_H], dtype=tl.float32)
     bad = tl.zeros([BLOCK_L, BLOCK_H], dtype=tl.float32)  # NaN/Inf seen per (expert, column)
+    acc_s = tl.zeros([BLOCK_L, BLOCK_H], dtype=tl.float32)  # LINE: Σ -out·s
+    bad_s = tl.zeros([BLOCK_L, BLOCK_H], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_L], dtype=tl.float32)
+    cnt_s = tl.zeros([BLOCK_L], dtype=tl.float32)
+    cnt_s2 = tl.zeros([BLOCK_L], dtype=tl.float32)
+    in_xs = tl.zeros([BLOCK_H], dtype=tl.float32)  # LINE and COUNT_ROWS: row E
+    in_x = tl.zeros([BLOCK_H], dtype=tl.float32)
+    n_in = tl.zeros([BLOCK_B], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         mb = b < B
@@ -92,13 +101,40 @@ def _probe_exclude_kernel(out_ptr, ld, rows_ptr, p_ptr, counts_ptr, stats_ptr, H
         onehot = tl.where((lane[:, None] == ids[None, :]) & keep[None, :], 1.0, 0.0)  # [L, B]
         acc += tl.dot(onehot, tl.where(finite, x, 0.0), input_precision="ieee")
         bad += tl.dot(onehot, tl.where(finite, 0.0, 1.0), input_precision="ieee")
+        w = tl.where(keep, -p, 0.0)
         if COUNT_ROWS:
-            cnt += tl.sum(onehot * tl.where(keep, -p, 0.0)[None, :], axis=1)
+            cnt += tl.sum(onehot * w[None, :], axis=1)
+        if LINE:
+            s = tl.where(keep, tl.load(s_ptr + b, mask=mb, other=0.0).to(tl.float32), 0.0)
+            xs = tl.where(keep[:, None], x * s[:, None], 0.0)
+            finite_s = (xs - xs) == 0.0
+            acc_s += tl.dot(onehot, tl.where(finite_s, xs, 0.0), input_precision="ieee")
+            bad_s += tl.dot(onehot, tl.where(finite_s, 0.0, 1.0), input_precision="ieee")
+            if COUNT_ROWS:
+                ws = tl.where(keep, w * s, 0.0)
+                cnt_s += tl.sum(onehot * ws[None, :], axis=1)
+                cnt_s2 += tl.sum(onehot * tl.where(keep, ws * s, 0.0)[None, :], axis=1)
+                xin = tl.load(in_ptr + row[:, None] * ld_in + h[None, :], mask=keep[:, None] & mh[None, :],
+                              other=0.0).to(tl.float32)  # fmt: skip
+                in_xs += tl.sum(xin * s[:, None], axis=0)
+                in_x += tl.sum(xin, axis=0)
+                n_in += tl.where(keep, 1.0, 0.0)
         tl.store(ptrs, tl.zeros([BLOCK_B, BLOCK_H], dtype=out_ptr.dtype.element_ty), mask=probe[:, None] & mh[None, :])
-    dest = stats_ptr + (first + lane).to(tl.int64)[:, None] * (H + 1)
-    tl.store(dest + h[None, :], tl.where(bad > 0.0, float("nan"), acc), mask=ml[:, None] & mh[None, :])
+    dest = stats_ptr + (first + lane).to(tl.int64)[:, None] * W
+    mlh = ml[:, None] & mh[None, :]
+    tl.store(dest + h[None, :], tl.where(bad > 0.0, float("nan"), acc), mask=mlh)
+    row0 = stats_ptr + (first + lane).to(tl.int64) * W
+    if LINE:
+        tl.store(dest + H + h[None, :], tl.where(bad_s > 0.0, float("nan"), acc_s), mask=mlh)
+        if COUNT_ROWS:
+            tl.store(row0 + 2 * H, cnt_s, mask=ml & (hb == 0))
+            tl.store(row0 + 2 * H + 1, cnt_s2, mask=ml & (hb == 0))
+            tail = stats_ptr + E * W
+            tl.store(tail + h, in_xs, mask=mh)
+            tl.store(tail + H + h, in_x, mask=mh)
+            tl.store(tail + W - 1, tl.sum(n_in, axis=0), mask=hb == 0)
     if COUNT_ROWS:
-        tl.store(stats_ptr + (first + lane).to(tl.int64) * (H + 1) + H, cnt, mask=ml & (hb == 0))
+        tl.store(row0 + W - 1, cnt, mask=ml & (hb == 0))
 
 
 @triton.jit

@@ -351,7 +351,7 @@ from megatron_default_moe import probe_ops as D
 from megatron_default_moe import triton_launch as TL
 checked = 0
 for counts, hidden, max_rows, first, E in (([7, 0, 13, 21], 24, 16, 2, 8), ([40] * 16, 70, 40, 0, 16), ([5, 9], 130, 8, 6, 8)):
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, line in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True), (torch.bfloat16, True)):
         for count_rows in (True, False):
             gen = torch.Generator().manual_seed(len(counts) + hidden)
             rows = sum(counts) + 3
@@ -362,10 +362,16 @@ for counts, hidden, max_rows, first, E in (([7, 0, 13, 21], 24, 16, 2, 8), ([40]
             p[-1] = -1.0  # a probe row past the counts: zeroed, never counted
             out[probe[0], 3] = float("nan")  # poisons its own expert only
             p_B, rows_B = p.topk(max_rows, largest=False, sorted=False)
+            s_B = in_RH = None
+            if line:  # the line's coordinates; a NaN one on a routed candidate row poisons nothing
+                s_B = torch.randn(max_rows, generator=gen)
+                s_B[(p_B > 0).nonzero()[:1, 0]] = float("nan")
+                in_RH = torch.randn(rows, hidden, generator=gen).to(dtype)
             counts_L = torch.tensor(counts)
             ref_out, got_out = out.clone(), out.clone()
-            ref = D.probe_exclude_reference(ref_out, rows_B, p_B, counts_L, first, E, count_rows)
-            got = TL.probe_exclude(got_out, rows_B, p_B, counts_L, first, E, count_rows)
+            ref = D.probe_exclude_reference(ref_out, rows_B, p_B, counts_L, first, E, count_rows, s_B, in_RH)
+            got = TL.probe_exclude(got_out, rows_B, p_B, counts_L, first, E, count_rows, s_B, in_RH)
+            assert got.shape == ref.shape == ((E + 1, 2 * hidden + 3) if line else (E, hidden + 1))
             assert torch.equal(got_out, ref_out)
             ref_grad, got_grad = out.clone(), out.clone()  # the backward's zeroing: the same rows
             D.probe_zero_reference(ref_grad, rows_B, p_B)
@@ -380,14 +386,65 @@ print("CHECKED", checked)
 
 def test_probe_exclude_kernel_matches_its_reference_in_the_interpreter():
     """The exclusion's Triton kernel against ``probe_exclude_reference``: the same zeroed rows bit
-    for bit (a probe row past the counts too), the same NaN-poisoned experts, sums to fp32 rounding;
-    the backward's ``probe_zero`` kernel zeroes exactly those rows."""
+    for bit (a probe row past the counts too), the same NaN-poisoned experts, sums to fp32 rounding,
+    with and without the ``shared-1`` line's columns; the backward's ``probe_zero`` kernel zeroes
+    exactly those rows."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-c", PROBE_EXCLUDE_CHECK], env=env, capture_output=True, text=True,
                           timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "CHECKED 12" in proc.stdout
+    assert "CHECKED 24" in proc.stdout
+
+
+FIT_UPDATE_CHECK = textwrap.dedent("""
+import torch
+from megatron_default_moe import fit_ops as D
+from megatron_default_moe import triton_launch as TL
+checked = 0
+for experts, hidden, beta, beta_fit in ((8, 24, 0.9, 0.99), (3, 70, 0.3, 0.3), (16, 130, 0.0, 0.7)):
+    for dtype in (torch.float32, torch.bfloat16):
+        gen = torch.Generator().manual_seed(experts + hidden)
+        vectors, fit = torch.randn(experts, hidden, generator=gen), torch.randn(experts, 2 * hidden + 2, generator=gen)
+        fit[:, -1] = fit[:, -1].abs() + fit[:, -2] ** 2  # m2 >= m1^2
+        q = torch.randn(hidden, generator=gen)
+        d = q / q.norm()
+        stats = torch.randn(experts + 1, 2 * hidden + 3, generator=gen)
+        stats[:, -1] = torch.rand(experts + 1, generator=gen) * 5 + 1
+        stats[1, -1] = 0.0  # no probes: kept
+        stats[2, 5] = float("nan")  # non-finite: kept and counted
+        skips = torch.zeros(experts, dtype=torch.long)
+        ref_state = [t.clone() for t in (vectors, fit, q, d, skips)]
+        got_state = [t.clone() for t in (vectors, fit, q, d, skips)]
+        ref = D.fit_update_reference(*ref_state[:4], stats, beta, beta_fit, ref_state[4], dtype)
+        got = TL.fit_update(*got_state[:4], stats, beta, beta_fit, got_state[4], dtype)
+        assert torch.equal(got[2], ref[2]) and torch.equal(got_state[4], ref_state[4])
+        assert torch.equal(got[1], ref[1])  # the direction the statistics were taken with
+        for g, r in zip(got_state[:4], ref_state[:4]):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=1e-4 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-2)
+        assert got[0].dtype == ref[0].dtype == dtype
+        checked += 1
+    bad = torch.zeros(experts + 1, 2 * hidden + 3)
+    bad[-1, 0], bad[-1, -1] = float("inf"), 4.0  # a non-finite direction row: q and d kept
+    state = [t.clone() for t in (vectors, fit, q, d, torch.zeros(experts, dtype=torch.long))]
+    TL.fit_update(*state[:4], bad, beta, beta_fit, state[4], torch.float32)
+    assert torch.equal(state[2], q) and torch.allclose(state[3], d)
+print("CHECKED", checked)
+""")
+
+
+def test_fit_update_kernel_matches_its_reference_in_the_interpreter():
+    """The ``shared-1`` fit's update kernel against ``fit_update_reference``: the same experts
+    updated and skipped, the same direction handed back, the tables and the term's ``[A; B]`` to
+    fp32 rounding (bf16 tables to bf16's), a non-finite direction row leaves ``q`` as it was."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", FIT_UPDATE_CHECK], env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "CHECKED 6" in proc.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the probes' Triton kernels on a GPU")

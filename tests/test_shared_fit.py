@@ -10,16 +10,16 @@ from test_probes import expert_outputs_TEH, fp32_close, step, twin_layers
 
 from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
 from megatron_default_moe import functional as F
-from megatron_default_moe import fused
+from megatron_default_moe import fit_ops as FO
 from megatron_default_moe import shared_fit as S
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 
 
-def fit_twins(router="mixtral", budget=12, **overrides):
+def fit_twins(router="mixtral", budget=12, fit_beta=None, **overrides):
     """A probed layer with the constant default and one with ``shared-1``, identical weights."""
     plain, constant = twin_layers(router, "alltoall", budget=budget, **overrides)
-    dm = DefaultMoEConfig(**{**constant.dm_config.__dict__, "fit": "shared-1"})
+    dm = DefaultMoEConfig(**{**constant.dm_config.__dict__, "fit": "shared-1", "fit_beta": fit_beta})
     torch.manual_seed(0)
     fitted = DefaultMoELayer(constant.config, _subs(constant), dm_config=dm)
     fitted.load_state_dict(constant.state_dict(), strict=False)
@@ -43,16 +43,15 @@ def test_line_tables_are_the_weighted_least_squares_line():
     stats = torch.cat([(w_EN[..., None] * y_ENH).sum(1), (w_EN[..., None] * s_EN[..., None] * y_ENH).sum(1),
                        (w_EN * s_EN).sum(1, keepdim=True), (w_EN * s_EN**2).sum(1, keepdim=True),
                        w_EN.sum(1, keepdim=True)], dim=1)  # fmt: skip
-    state = torch.zeros(experts, 2 * hidden + 2)
-    fused.ema_update_reference(state, stats, 0.0, torch.zeros(experts, dtype=torch.long), torch.float32)
-    a_fit, b_fit = S.line_tables(state, hidden)
+    means = stats[:, :-1] / stats[:, -1:]
+    a_fit, b_fit = FO.line_tables(means[:, :hidden], means)
     for i in range(experts):
         sw = w_EN[i].sqrt()[:, None]
         design = torch.stack([torch.ones(n), s_EN[i]], 1).double() * sw
         coef = torch.linalg.lstsq(design, y_ENH[i].double() * sw).solution
         torch.testing.assert_close(a_fit[i].double(), coef[0], rtol=3e-3, atol=3e-3)
         torch.testing.assert_close(b_fit[i].double(), coef[1], rtol=3e-3, atol=3e-3)
-    a0, b0 = S.line_tables(torch.zeros(2, 2 * hidden + 2), hidden)  # no probes yet: B = 0, A = Ê = 0
+    a0, b0 = FO.line_tables(torch.zeros(2, hidden), torch.zeros(2, 2 * hidden + 2))  # no probes yet: B = 0, A = Ê
     assert not a0.any() and not b0.any()
 
 
@@ -61,14 +60,21 @@ def test_power_steps_find_the_leading_principal_direction():
     hidden = 12
     basis, _ = torch.linalg.qr(torch.randn(hidden, hidden))
     scales = torch.linspace(3.0, 0.5, hidden)
-    q_H = S.initial_direction_H(hidden, 0, 1, "cpu")
+    q_H = FO.initial_direction_H(hidden, 0, 1, "cpu")
+    d_H = q_H.clone()
     for _ in range(40):
         x_TH = (torch.randn(256, hidden) * scales) @ basis.T + 5.0  # an offset: the covariance is centred
-        S.direction_step_(q_H, S.input_stats_row(x_TH, S.coordinates_T1(x_TH, S.unit(q_H))), 0.5)
-    assert abs(float(S.unit(q_H) @ basis[:, 0])) > 0.99
+        FO.direction_step_(q_H, d_H, input_row(x_TH, d_H), 0.5)
+    assert abs(float(d_H @ basis[:, 0])) > 0.99 and torch.allclose(d_H, FO.unit(q_H))
     before = q_H.clone()
-    S.direction_step_(q_H, torch.zeros(2 * hidden + 3), 0.5)  # no tokens: kept
+    FO.direction_step_(q_H, d_H, torch.zeros(2 * hidden + 3), 0.5)  # no tokens: kept
     assert torch.equal(q_H, before)
+
+
+def input_row(x_NH, d_H):
+    """``[Σ x·s | Σ x | 0 | 0 | n]`` of the rows ``x`` (an independent sum)."""
+    s_N1 = x_NH @ d_H[:, None]
+    return torch.cat([(x_NH * s_N1).sum(0), x_NH.sum(0), torch.tensor([0.0, 0.0, len(x_NH)])])
 
 
 @pytest.mark.parametrize("mode", ["forward", "backward-only"])
@@ -80,21 +86,22 @@ def test_term_and_its_gradient_follow_the_line(mode):
     w_ref = w.clone().requires_grad_()
     (y + w_ref @ a + s * (w_ref @ b)).backward(g)
     w_got = w.clone().requires_grad_()
-    out = F.add_default_term(y, w_got, a, mode, slopes_EH=b, s_T1=s)
+    out = F.add_default_term(y, w_got, torch.cat([a, b]), mode, s_T1=s)
     out.backward(g)
-    expected = y + F.default_term_TH(w, a, b, s) if mode == "forward" else y
+    expected = y + F.default_term_TH(w, torch.cat([a, b]), s) if mode == "forward" else y
     torch.testing.assert_close(out.detach(), expected)
     torch.testing.assert_close(w_got.grad, w_ref.grad)
 
 
 def test_tables_follow_the_drawn_unchosen_pairs_and_the_term_uses_them(monkeypatch):
     """β = 0: the tables are this micro-batch's means over the drawn pairs (``E_i`` run token by
-    token, ``s`` on the seeded start direction), the direction one power step from it; the term
-    gets ``line_tables`` of them and the tokens' coordinates on that start direction."""
-    _, _, layer = fit_twins(beta=0.0)
+    token, ``s`` on the seeded start direction), the direction one power step from it on the probe
+    tokens' covariance; the term gets ``line_tables`` of them and the tokens' coordinates on that
+    start direction."""
+    _, _, layer = fit_twins(beta=0.0, fit_beta=0.0)
     seen = {}
     add = F.add_default_term
-    monkeypatch.setattr(F, "add_default_term", lambda *a, **k: seen.update(k) or add(*a, **k))
+    monkeypatch.setattr(F, "add_default_term", lambda *a, **k: seen.update(k, table=a[2]) or add(*a, **k))
     torch.manual_seed(5)
     x = torch.randn(6, 2, 16)
     d0 = layer.fit.initial_direction
@@ -110,11 +117,14 @@ def test_tables_follow_the_drawn_unchosen_pairs_and_the_term_uses_them(monkeypat
     mean_s = torch.zeros(8, 1).index_add_(0, experts_B, (w_B * s_B)[:, None]) / count_E
     mean_s2 = torch.zeros(8, 1).index_add_(0, experts_B, (w_B * s_B**2)[:, None]) / count_E
     torch.testing.assert_close(layer.default_vectors, mean_y, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.default_fit, torch.cat([mean_sy, mean_s, mean_s2], 1), rtol=1e-5, atol=1e-6)
-    xc = x_TH - x_TH.mean(0)
-    torch.testing.assert_close(layer.default_direction, xc.T @ (xc @ d0) / x_TH.shape[0], rtol=1e-4, atol=1e-5)
-    a_EH, b_EH = S.line_tables(torch.cat([layer.default_vectors, layer.default_fit], 1), 16)
-    torch.testing.assert_close(seen["slopes_EH"], b_EH)
+    torch.testing.assert_close(layer.default_fit, torch.cat([mean_y, mean_sy, mean_s, mean_s2], 1), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+    xp = x_TH[tokens_B[probs_B < 0]]  # the probe tokens: a uniform sample of the micro-batch
+    xc = xp - xp.mean(0)
+    torch.testing.assert_close(layer.default_direction, xc.T @ (xc @ d0) / len(xp), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.default_direction_unit, FO.unit(layer.default_direction))
+    a_EH, b_EH = FO.line_tables(layer.default_vectors, layer.default_fit)
+    torch.testing.assert_close(seen["table"], torch.cat([a_EH, b_EH]))
     torch.testing.assert_close(seen["s_T1"], (x_TH @ d0)[:, None])
     assert b_EH.abs().sum() > 0
 
@@ -155,7 +165,7 @@ def test_recompute_and_step_mode_with_the_fit(update):
         assert fp32_close(out_r, out_f) and fp32_close(dx_r, dx_f)
         for name in grads_f:
             assert fp32_close(grads_r[name], grads_f[name]), name
-        for name in S.TABLES + ("default_direction",):
+        for name in S.TABLES + ("default_direction", "default_direction_unit"):
             assert torch.equal(getattr(fitted, name), getattr(recomputed, name)), name
     assert fitted.default_fit.any()
 
@@ -170,10 +180,22 @@ def test_checkpoint_carries_the_fit_and_a_constant_checkpoint_starts_it_afresh(c
     again.load_state_dict(state)
     for name in ("default_vectors", "default_fit", "default_direction"):
         assert torch.equal(getattr(again, name), state[name]), name
+    assert "default_direction_unit" not in state
+    torch.testing.assert_close(again.default_direction_unit, FO.unit(again.default_direction))
     with caplog.at_level(logging.WARNING):
         again.load_state_dict(constant.state_dict())  # strict: the fit's keys are filled, not missing
     assert not again.default_fit.any() and torch.equal(again.default_direction, again.fit.initial_direction)
+    torch.testing.assert_close(again.default_direction_unit, again.fit.initial_direction)
     assert "default-vector fit" in caplog.text
+
+
+def test_fit_window_holds_about_4h_probes_per_expert_unless_given():
+    """12 probes per micro-batch on one rank over 8 experts, H = 16: 1 - 1.5 / 64; never below β."""
+    assert fit_twins()[2].fit.beta == pytest.approx(1 - 1.5 / 64)
+    assert fit_twins(beta=0.99)[2].fit.beta == pytest.approx(0.99)
+    assert fit_twins(fit_beta=0.5)[2].fit.beta == 0.5
+    with pytest.raises(ValueError, match="--moe-default-fit-beta must lie in"):
+        DefaultMoEConfig(fit="shared-1", probes=4, fit_beta=1.5)
 
 
 def test_fit_rejects_what_it_cannot_run():

@@ -71,11 +71,19 @@ def _probe_draw(weights_dtype, weighted, turn):
     return (weights, torch.zeros(tokens, experts, dtype=torch.bool), min(tokens, 37), 5, 1, seed, weighted)
 
 
-def _probe_exclude(out_dtype, count_rows, turn):
+def _probe_exclude(out_dtype, count_rows, line, turn):
     local, hidden = ((1, 1024), (16, 1000), (128, 2048))[turn % 3]
     out = torch.zeros(64, hidden, dtype=out_dtype)
     rows = torch.zeros(24, dtype=torch.long)
-    return (out, rows, torch.zeros(24), torch.ones(local, dtype=torch.long), 0, local + 8, count_rows)
+    extra = (torch.zeros(24), torch.zeros(64, hidden, dtype=out_dtype)) if line else ()  # shared-1: s_B, in_RH
+    return (out, rows, torch.zeros(24), torch.ones(local, dtype=torch.long), 0, local + 8, count_rows, *extra)
+
+
+def _fit_update(table_dtype, turn):
+    experts, hidden = ((8, 1024), (128, 1000), (1, 2048))[turn % 3]
+    zeros = torch.zeros
+    return (zeros(experts, hidden), zeros(experts, 2 * hidden + 2), zeros(hidden), zeros(hidden),
+            zeros(experts + 1, 2 * hidden + 3), 0.9, 0.99, zeros(experts, dtype=torch.long), table_dtype)  # fmt: skip
 
 
 def _probe_zero(x_dtype, turn):
@@ -95,8 +103,9 @@ def full_cases():
         cases.append(("default_weights_backward", _weights_backward(z, s, n, b, turn)))
     for turn, (w, weighted) in enumerate(itertools.product(DTYPES, (True, False))):
         cases.append(("probe_draw", _probe_draw(w, weighted, turn)))
-    for turn, (o, c) in enumerate(itertools.product(DTYPES, (True, False))):
-        cases.append(("probe_exclude", _probe_exclude(o, c, turn)))
+    for turn, (o, c, line) in enumerate(itertools.product(DTYPES, (True, False), (False, True))):
+        cases.append(("probe_exclude", _probe_exclude(o, c, line, turn)))
+    cases += [("fit_update", _fit_update(d, turn)) for turn, d in enumerate(DTYPES)]
     cases += [("probe_zero", _probe_zero(d, turn)) for turn, d in enumerate(DTYPES)]
     return cases
 

@@ -10,7 +10,7 @@ run the same micro-batches, each rank its own tokens:
    parallel split like routed rows.
 2. β = 0.5: the vectors are bit-identical on every rank, and differ from the probe-free layer's.
 3. ``--moe-default-fit shared-1`` (β = 0): its tables are bit-identical on every rank, and the
-   direction is one power step on the covariance of every rank's tokens (gathered here).
+   direction is one power step on the covariance of every rank's probe tokens.
 
 Prints ``ok LAYOUT/DISPATCHER`` per pass and ``PASSED: N layouts`` at the end (rank 0).
 """
@@ -104,7 +104,7 @@ def fit_failures(plain, x, g):
 
     from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
 
-    dm = DefaultMoEConfig(beta=0.0, probes=6, probe_seed=3, fit="shared-1")
+    dm = DefaultMoEConfig(beta=0.0, probes=6, probe_seed=3, fit="shared-1", fit_beta=0.0)
     fitted = DefaultMoELayer(plain.config, moe_submodules(plain.config.num_moe_experts), dm_config=dm)
     fitted.load_state_dict(plain.state_dict(), strict=False)
     fitted.set_layer_number(1)
@@ -119,12 +119,16 @@ def fit_failures(plain, x, g):
             failures.append(f"{name} differs across ranks")
     if not fitted.default_fit.any():
         failures.append("the fit took no statistics")
-    xs = [torch.zeros_like(x) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(xs, x.contiguous())
-    x_NH = torch.cat(xs).reshape(-1, x.shape[-1])
-    xc = x_NH - x_NH.mean(0)
-    if not torch.allclose(fitted.default_direction, xc.T @ (xc @ d0) / x_NH.shape[0], rtol=1e-4, atol=1e-5):
-        failures.append("the direction is not a power step on the stage's tokens")
+    tokens_B, _, probs_B, _ = fitted.probes.last_probes  # this rank's probe tokens, summed over the stage
+    x_NH = x.reshape(-1, x.shape[-1])[tokens_B[probs_B < 0]]
+    s_N1 = x_NH @ d0[:, None]
+    sums = torch.cat([(x_NH * s_N1).sum(0), x_NH.sum(0), torch.tensor([float(len(x_NH))])])
+    torch.distributed.all_reduce(sums)
+    hidden, n = x.shape[-1], sums[-1]
+    sum_xs, sum_x = sums[:hidden], sums[hidden : 2 * hidden]
+    want = (sum_xs - sum_x * (sum_x @ d0) / n) / n
+    if not torch.allclose(fitted.default_direction, want, rtol=1e-4, atol=1e-5):
+        failures.append("the direction is not a power step on the stage's probe tokens")
     return failures
 
 

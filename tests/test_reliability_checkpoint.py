@@ -104,13 +104,16 @@ def test_round_trip_restores_tables_and_weights_bit_exact(trained, tmp_path):
     assert torch.equal(_eval_logits(target), _eval_logits(source))
 
 
-@pytest.mark.parametrize("update", ["microbatch", "step"])
-def test_resume_is_bit_exact(tmp_path, update):
-    """2 steps, save, load into a fresh model, 2 steps == 4 steps uninterrupted."""
+@pytest.mark.parametrize("update, fit", [("microbatch", "constant"), ("step", "constant"), ("microbatch", "shared-1")])
+def test_resume_is_bit_exact(tmp_path, update, fit):
+    """2 steps, save, load into a fresh model, 2 steps == 4 steps uninterrupted (``shared-1``: with
+    probes, its tables and direction through ``dist_checkpointing`` too)."""
     from megatron_default_moe import DefaultMoEConfig
+    from megatron_default_moe.update import default_moe_layers
 
     def fresh(seed):
-        model = build_gpt(gpt_config(), DefaultMoEConfig(update=update), seed=seed)
+        dm = DefaultMoEConfig(update=update, fit=fit, probes=4 if fit != "constant" else 0)
+        model = build_gpt(gpt_config(), dm, seed=seed)
         return model, torch.optim.Adam(model.parameters(), lr=1e-2)
 
     reference, ref_optim = fresh(0)
@@ -129,6 +132,10 @@ def test_resume_is_bit_exact(tmp_path, update):
     assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
     for got, want in zip(_tables(resumed), _tables(reference)):
         assert torch.equal(got, want)
+    for got, want in zip(default_moe_layers(resumed), default_moe_layers(reference)):
+        for name in got._fp32_tables():
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert (fit != "constant") == ("default_fit" in got._fp32_tables())
     _assert_same_parameters(resumed, reference)
     assert torch.equal(_eval_logits(resumed), _eval_logits(reference))
 

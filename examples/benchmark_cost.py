@@ -15,7 +15,8 @@ A CPU cannot time what a GPU pays: there the expert matmuls dwarf every extra me
    read counts once) and written (outputs; in-place ops write their mutated argument, ``index_copy_`` /
    ``index_add_`` only its indexed rows: the source's size; ``index_select`` reads the rows it
    gathers, its output's size, not its whole source; ``probe_exclude`` / ``probe_zero`` the
-   candidate rows they read and zero, ``probe_draw`` the rows of the tokens it walks), matmul FLOPs
+   candidate rows they read and zero (and, with ``--fit shared-1``, read of the expert input),
+   ``probe_draw`` the rows of the tokens it walks), matmul FLOPs
    (``2 M N K`` for mm / addmm / bmm / baddbmm / mv / dot / _grouped_mm), and one kernel per call.
    View and metadata ops (``FREE_OPS`` and every op whose schema says it is a view) cost 0 bytes
    and 0 kernels; allocations (``empty*``) cost no kernel. Elementwise FLOPs are left out (those
@@ -272,11 +273,16 @@ class CostMode(TorchDispatchMode):
         written = mutated + [t for t in outs if not any(t is m for m in mutated)]
         if name == "index_select":  # a gather reads the rows it selects (each time), not the whole source
             reads = [named["index"]] + outs
-        rows = 0  # bytes of the rows a probe op reads (and, but for the draw, writes) of its [T|R, *] inputs
+        rows = rows_in = 0  # bytes of the rows a probe op reads (and, but for the draw, writes) of its [T|R, *]
+        # inputs; rows_in: the expert input's rows the exclusion reads for the shared-1 fit
         if name in ("probe_exclude", "probe_zero"):  # the candidate rows of the expert output / gradient only
             target = named["out_RH" if name == "probe_exclude" else "x_RH"]
             rows = tensor_bytes(target) * named["rows_B"].numel() // max(target.shape[0], 1)
             reads, written = [t for t in reads if t is not target], outs
+            line_input = named.get("in_RH")  # shared-1: the candidate rows of the expert input, read only
+            if line_input is not None:
+                reads = [t for t in reads if t is not line_input]
+                rows_in = tensor_bytes(line_input) * named["rows_B"].numel() // max(line_input.shape[0], 1)
         if name == "probe_draw":  # the walked tokens' rows of the weights (or blocked pairs) and routing map
             big = [named["weights_TE"], named["routing_map_TE"]]
             reads = [t for t in reads if not any(t is b for b in big)]
@@ -287,7 +293,7 @@ class CostMode(TorchDispatchMode):
             written = [source]
         self.ops.append(dict(
             op=name, phase=phase, region=region, ours=ours, where=where,
-            bytes_read=sum(tensor_bytes(t) for t in reads) + rows,
+            bytes_read=sum(tensor_bytes(t) for t in reads) + rows + rows_in,
             bytes_written=sum(tensor_bytes(t) for t in written) + (rows if name != "probe_draw" else 0),
             flops=matmul_flops(name, args, outs[0]) if outs else 0,
             kernels=1, sync=is_sync(func, args, kwargs),

@@ -67,17 +67,20 @@ class SharedLineFit:
         layer.register_buffer("default_fit", torch.zeros(experts, 2 * hidden + 2, dtype=torch.float32, device=device))
         layer.register_buffer("default_direction", self.initial_direction.clone())
         layer.register_buffer("default_direction_unit", self.initial_direction.clone(), persistent=False)
-        self._x = self._s = None
+        self._x = self._s = self._d_x = None
 
     def see_input(self, layer, x_TH, takes_stats: bool) -> None:
         """``route``: remember ``x``; a pass that takes statistics also takes the tokens'
         coordinates on the current direction (the term of the same pass uses them)."""
-        self._x = x_TH
-        self._s = coordinates_T1(x_TH, layer.default_direction_unit) if takes_stats else None
+        self._x, self._s = x_TH, None
+        if takes_stats:  # d in the activations' dtype, cast once for both sides
+            self._d_x = layer.default_direction_unit.to(x_TH.dtype)
+            self._s = coordinates_T1(x_TH, self._d_x)
 
     def coordinates(self, layer, in_RH):
         """``rows_B -> s_B``: the expert-input rows' coordinates, for ``ProbeSampler.exclude``."""
-        return lambda rows_B: coordinates_T1(in_RH.index_select(0, rows_B), layer.default_direction_unit)[:, 0]
+        d_H = self._d_x if self._d_x is not None else layer.default_direction_unit
+        return lambda rows_B: coordinates_T1(in_RH.index_select(0, rows_B), d_H)[:, 0]
 
     def apply(self, layer, stats, beta: float, dtype):
         """``fit_update`` on the layer's tables: ``((A; B, d)`` of this pass, experts updated``)``."""

@@ -92,6 +92,7 @@ def parse_args(argv=None):
     g.add_argument("--moe-default-probes", type=int, default=0)
     g.add_argument("--moe-default-probe-draw", default="uniform", choices=("uniform", "weighted"))
     g.add_argument("--moe-default-fit", default="constant", choices=("constant", "shared-1"))
+    g.add_argument("--moe-default-fit-beta", type=float, default=None)
     return p.parse_args(argv)
 
 
@@ -193,6 +194,7 @@ def build_model(args, default_moe):
             probe_draw=args.moe_default_probe_draw,
             probe_seed=args.seed,
             fit=args.moe_default_fit,
+            fit_beta=args.moe_default_fit_beta,
         )
         spec = to_default_moe_spec(spec, dm_config)
     torch.manual_seed(args.seed)

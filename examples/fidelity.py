@@ -30,16 +30,19 @@ FIDELITY_VARIANTS = [("uniform b=0.9", dict(moe_default_ema_weighting="uniform",
 
 
 def fidelity_variants(probes: str):
-    """Today's Default MoE, then one variant per probe budget (``--probes 32,128,128w,64s``: a 'w'
-    draws weighted, an 's' fits ``shared-1``); without budgets, the EMA variants above."""
+    """Today's Default MoE, then one variant per probe budget (``--probes 32,128,128w,64s,64s@0.99``:
+    a 'w' draws weighted, an 's' fits ``shared-1``, '@β' sets its ``--moe-default-fit-beta``);
+    without budgets, the EMA variants above."""
     if not probes:
         return FIDELITY_VARIANTS
     variants = FIDELITY_VARIANTS[:1]
     for budget in probes.split(","):
-        draw = "weighted" if "w" in budget else "uniform"
-        fit = "shared-1" if "s" in budget else "constant"
-        variants.append((f"probes {budget}", dict(moe_default_probes=int(budget.rstrip("ws")), moe_default_probe_draw=draw,
-                                                  moe_default_fit=fit)))  # fmt: skip
+        spec, _, fit_beta = budget.partition("@")
+        draw = "weighted" if "w" in spec else "uniform"
+        fit = "shared-1" if "s" in spec else "constant"
+        variants.append((f"probes {budget}", dict(moe_default_probes=int(spec.rstrip("ws")), moe_default_probe_draw=draw,
+                                                  moe_default_fit=fit,
+                                                  moe_default_fit_beta=float(fit_beta) if fit_beta else None)))  # fmt: skip
     return variants
 
 

@@ -1,4 +1,5 @@
-"""Launches of the Triton kernels (``triton_kernels.py``, ``triton_probe_kernels.py``): each op's launcher builds its
+"""Launches of the Triton kernels (``triton_kernels.py``, ``triton_probe_kernels.py``,
+``triton_fit_kernels.py``): each op's launcher builds its
 ``Launch``es in one function, which ``tests/test_triton_aot.py`` compiles for every GPU target, so
 the compiled signatures are the launched ones.
 
@@ -13,6 +14,7 @@ import torch
 import triton
 
 from megatron_default_moe import triton_kernels as K
+from megatron_default_moe import triton_fit_kernels as KF
 from megatron_default_moe import triton_probe_kernels as KP
 from megatron_default_moe.fit_ops import RIDGE as FIT_RIDGE
 
@@ -177,7 +179,7 @@ def fit_update_launches(vectors_EH, fit_EC, q_H, d_H, stats, beta, beta_fit, ski
     updated = torch.empty(E, dtype=torch.bool, device=vectors_EH.device)
     args = (vectors_EH, fit_EC, q_H, d_H, stats.contiguous(), table, d_used, updated, skips_E, H, E, 1.0 - beta,
             1.0 - beta_fit, FIT_RIDGE)  # fmt: skip
-    return (table, d_used, updated), [Launch(K._fit_update_kernel, (E + 1,), args, dict(BLOCK_H=BLOCK_H))]
+    return (table, d_used, updated), [Launch(KF._fit_update_kernel, (E + 1,), args, dict(BLOCK_H=BLOCK_H))]
 
 
 LAUNCHES = dict(expert_stats=expert_stats_launches, ema_update=ema_update_launches, fit_update=fit_update_launches,

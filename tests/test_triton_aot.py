@@ -130,7 +130,7 @@ def specialisation(launch, capability):
     return key, fn, signature, constexprs, attrs
 
 
-KERNEL_FILES = ("triton_kernels.py", "triton_probe_kernels.py")
+KERNEL_FILES = ("triton_kernels.py", "triton_probe_kernels.py", "triton_fit_kernels.py")
 
 
 @functools.cache
@@ -180,12 +180,13 @@ def jobs_for(cases, capability):
 
 
 def test_every_kernel_compiles_for_sm80_sm90_sm100(tmp_path, monkeypatch):
+    from megatron_default_moe import triton_fit_kernels as KF
     from megatron_default_moe import triton_kernels as K
     from megatron_default_moe import triton_probe_kernels as KP
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile, never reuse a cached cubin
     jobs, kernels = jobs_for(full_cases(), 90)
-    assert kernels == {n for m in (K, KP) for n, v in vars(m).items() if isinstance(v, triton.runtime.jit.JITFunction)
+    assert kernels == {n for m in (K, KP, KF) for n, v in vars(m).items() if isinstance(v, triton.runtime.jit.JITFunction)
                        and n.endswith("_kernel")}, kernels  # fmt: skip
     for capability in (80, 100):
         more, seen = jobs_for(full_cases(), capability)

@@ -140,6 +140,15 @@ def test_fused_ops_are_single_opaque_ops():
     torch.testing.assert_close(defaults, torch.full((4, 6), 0.1))
 
 
+def interpret(script: str, checked: int, timeout: int):
+    """Run ``script`` under ``TRITON_INTERPRET=1`` in its own process; it must print ``CHECKED n``."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"CHECKED {checked}\n" in proc.stdout
+
+
 TRITON_CHECK = textwrap.dedent(
     """
     import torch
@@ -294,11 +303,7 @@ TRITON_CHECK = textwrap.dedent(
 
 
 def test_triton_kernels_match_references_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "CHECKED 76" in proc.stdout
+    interpret(TRITON_CHECK, checked=76, timeout=1800)
 
 
 PROBE_DRAW_CHECK = textwrap.dedent("""
@@ -337,12 +342,7 @@ def test_probe_draw_kernel_matches_its_reference_in_the_interpreter():
     """The draw's Triton kernel against ``probe_draw_reference``: the same tokens always, the same
     experts and probs bit for bit on uniform draws (weighted: 95% of the picks at least, probs to
     fp32 rounding), token-major bf16/fp32 weights, padding tokens, seeds up to 2^63."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", PROBE_DRAW_CHECK], env=env, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "CHECKED 64" in proc.stdout
+    interpret(PROBE_DRAW_CHECK, checked=64, timeout=900)
 
 
 PROBE_EXCLUDE_CHECK = textwrap.dedent("""
@@ -389,12 +389,7 @@ def test_probe_exclude_kernel_matches_its_reference_in_the_interpreter():
     for bit (a probe row past the counts too), the same NaN-poisoned experts, sums to fp32 rounding,
     with and without the ``shared-1`` line's columns; the backward's ``probe_zero`` kernel zeroes
     exactly those rows."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", PROBE_EXCLUDE_CHECK], env=env, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "CHECKED 24" in proc.stdout
+    interpret(PROBE_EXCLUDE_CHECK, checked=24, timeout=900)
 
 
 FIT_UPDATE_CHECK = textwrap.dedent("""
@@ -439,12 +434,7 @@ def test_fit_update_kernel_matches_its_reference_in_the_interpreter():
     """The ``shared-1`` fit's update kernel against ``fit_update_reference``: the same experts
     updated and skipped, the same direction handed back, the tables and the term's ``[A; B]`` to
     fp32 rounding (bf16 tables to bf16's), a non-finite direction row leaves ``q`` as it was."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", FIT_UPDATE_CHECK], env=env, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "CHECKED 6" in proc.stdout
+    interpret(FIT_UPDATE_CHECK, checked=6, timeout=900)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the probes' Triton kernels on a GPU")

@@ -466,6 +466,36 @@ def test_cuda_probe_ops_match_their_references():
     D.probe_zero_reference(ref_grad, rows, p_B)
     assert torch.equal(got_grad, ref_grad)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    in_RH, s_B = torch.randn_like(out), torch.randn(512, device=dev, generator=gen)  # the shared-1 line
+    got_out, ref_out = out.clone(), out.clone()
+    got = D.probe_exclude(got_out, rows, p_B, counts, 16, 128, True, s_B, in_RH)
+    ref = D.probe_exclude_reference(ref_out, rows, p_B, counts, 16, 128, True, s_B, in_RH)
+    assert torch.equal(got_out, ref_out) and got.shape == ref.shape == (129, 2 * 2048 + 3)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the shared-1 fit's Triton kernel on a GPU")
+def test_cuda_fit_update_matches_its_reference():
+    from megatron_default_moe import fit_ops as D
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(1)
+    experts, hidden = 128, 2048
+    state = [torch.randn(experts, hidden, device=dev, generator=gen),
+             torch.rand(experts, 2 * hidden + 2, device=dev, generator=gen) + 1.0,
+             torch.randn(hidden, device=dev, generator=gen)]  # fmt: skip
+    state.append(state[2] / state[2].norm())
+    stats = torch.randn(experts + 1, 2 * hidden + 3, device=dev, generator=gen)
+    stats[:, -1] = torch.rand(experts + 1, device=dev, generator=gen) * 16 + 1
+    for dtype in (torch.bfloat16, torch.float32):
+        got_state = [t.clone() for t in state] + [torch.zeros(experts, dtype=torch.long, device=dev)]
+        ref_state = [t.clone() for t in state] + [torch.zeros(experts, dtype=torch.long, device=dev)]
+        got = D.fit_update(*got_state[:4], stats, 0.9, 0.99, got_state[4], dtype)
+        ref = D.fit_update_reference(*ref_state[:4], stats, 0.9, 0.99, ref_state[4], dtype)
+        assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+        for g, r in zip(got_state, ref_state):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused ops' Triton kernels on a GPU")

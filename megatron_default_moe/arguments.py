@@ -135,7 +135,7 @@ _FLAGS = (
         "moe_default_fit_beta",
         "fit_beta",
         dict(type=float, default=None, help="EMA decay of the shared-1 fit (slopes, means, direction); default: a "
-             "window of about 4 H probes per expert."),
+             "window of about 16 H probes per expert."),
     ),
     (
         "--moe-default-probe-seed",

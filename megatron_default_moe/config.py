@@ -109,7 +109,7 @@ class DefaultMoEConfig:
             in the token's coordinate on one shared input direction, fitted online from the probes
             (``shared_fit.py``; needs ``probes``).
         fit_beta: the ``shared-1`` fit's EMA decay (its slopes, means and direction); None: a window
-            of about ``4 H`` probes per expert (``shared_fit.fit_beta``).
+            of about ``16 H`` probes per expert (``shared_fit.fit_beta``).
     """
 
     beta: float = 0.9

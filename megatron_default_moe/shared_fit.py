@@ -34,11 +34,11 @@ from megatron_default_moe.functional import mm_fp32
 
 FITS = ("constant", "shared-1")
 TABLES = ("default_vectors", "default_fit")  # zero both and the term vanishes (TopK)
-SLOPE_SAMPLES_PER_DIM = 4  # the fit's window holds about 4 H probes per expert (--moe-default-fit-beta)
+SLOPE_SAMPLES_PER_DIM = 16  # the fit's window holds about 16 H probes per expert (--moe-default-fit-beta)
 
 
 def fit_beta(beta: float, hidden: int, probes_per_expert: float) -> float:
-    """``β_fit`` when not given: a window ``1 / (1 - β_fit)`` of about ``4 H`` probes per expert,
+    """``β_fit`` when not given: a window ``1 / (1 - β_fit)`` of about ``16 H`` probes per expert,
     so each slope's ``H`` values rest on many more samples than values (never below ``β``)."""
     return max(float(beta), 1.0 - probes_per_expert / (SLOPE_SAMPLES_PER_DIM * hidden))
 

@@ -189,10 +189,10 @@ def test_checkpoint_carries_the_fit_and_a_constant_checkpoint_starts_it_afresh(c
     assert "default-vector fit" in caplog.text
 
 
-def test_fit_window_holds_about_4h_probes_per_expert_unless_given():
-    """12 probes per micro-batch on one rank over 8 experts, H = 16: 1 - 1.5 / 64; never below β."""
-    assert fit_twins()[2].fit.beta == pytest.approx(1 - 1.5 / 64)
-    assert fit_twins(beta=0.99)[2].fit.beta == pytest.approx(0.99)
+def test_fit_window_holds_about_16h_probes_per_expert_unless_given():
+    """12 probes per micro-batch on one rank over 8 experts, H = 16: 1 - 1.5 / 256; never below β."""
+    assert fit_twins()[2].fit.beta == pytest.approx(1 - 1.5 / 256)
+    assert fit_twins(beta=0.999)[2].fit.beta == pytest.approx(0.999)
     assert fit_twins(fit_beta=0.5)[2].fit.beta == 0.5
     with pytest.raises(ValueError, match="--moe-default-fit-beta must lie in"):
         DefaultMoEConfig(fit="shared-1", probes=4, fit_beta=1.5)

@@ -43,12 +43,13 @@ def fill_missing_default_vectors(layer, prefix: str, missing_keys: list) -> None
     missing = [name for name in (BUFFER, *FIT_BUFFERS) if prefix + name in missing_keys]
     if not missing:
         return
-    fresh = {"default_direction": getattr(layer.fit, "initial_direction", None)}
     with torch.no_grad():
         for name in missing:
             missing_keys.remove(prefix + name)
-            start = fresh.get(name)
-            getattr(layer, name).copy_(start) if start is not None else getattr(layer, name).zero_()
+            if name == "default_direction":
+                layer.default_direction.copy_(layer.fit.initial_direction)
+            else:
+                getattr(layer, name).zero_()
     if missing_keys is _logged_for:
         return
     _logged_for = missing_keys

@@ -10,7 +10,7 @@ estimate it, so its window must hold many more samples than ``H`` (``β_fit`` cl
     B_i = (E[s·y] − E[s] E[y]) / Var(s)    (β_fit window),        A_i = Ê_i − E[s] B_i.
 
 ``fit_update`` takes the statistics reduced over the stage (``[E + 1, 2H + 3]``, ``shared_fit``)
-and does in one op (one Triton kernel on CUDA, ``triton_kernels._fit_update_kernel``): both EMAs
+and does in one op (one Triton kernel on CUDA, ``triton_fit_kernels._fit_update_kernel``): both EMAs
 (``functional.ema_update_``'s rule: experts without probes or with a NaN/Inf anywhere in their row
 keep theirs), the lines, written as the term's table ``[A; B]`` ``[2E, H]`` in the activations'
 dtype, and one power step of ``q``.
@@ -18,6 +18,7 @@ dtype, and one power step of ``q``.
 
 import torch
 
+from megatron_default_moe import functional as F
 from megatron_default_moe.probe_ops import probe_seed, uniform_keys
 
 RIDGE = 1e-3  # relative ridge of the slope, as the oracle's fit (``oracle_fits``)
@@ -66,14 +67,11 @@ def fit_update_reference(vectors_EH: torch.Tensor, fit_EC: torch.Tensor, q_H: to
     step), ``updated_E)``."""
     experts, hidden = vectors_EH.shape
     stats_EW = stats[:experts]
-    counts_E1 = stats_EW[:, -1:]
-    row_sums_E1 = stats_EW.sum(dim=-1, keepdim=True)
-    finite_E1 = (row_sums_E1 - row_sums_E1) == 0
-    updated_E1 = (counts_E1 > 0) & finite_E1
-    means_EC = stats_EW[:, :-1] / torch.where(updated_E1, counts_E1, 1.0)
+    updated_E1, nonfinite_E1 = F.ema_masks_E1(stats_EW)
+    means_EC = stats_EW[:, :-1] / torch.where(updated_E1, stats_EW[:, -1:], 1.0)
     vectors_EH.lerp_(torch.where(updated_E1, means_EC[:, :hidden], vectors_EH), 1.0 - beta)
     fit_EC.lerp_(torch.where(updated_E1, means_EC, fit_EC), 1.0 - beta_fit)
-    skips_E += ((counts_E1 > 0) & ~finite_E1).squeeze(-1)
+    skips_E += nonfinite_E1.squeeze(-1)
     a_EH, b_EH = line_tables(vectors_EH, fit_EC)
     d_used = d_H.clone()
     direction_step_(q_H, d_H, stats[experts], beta_fit)

@@ -121,14 +121,20 @@ def ema_update_(defaults_EH: torch.Tensor, stats_EH1: torch.Tensor, beta: float)
     Returns ``(updated_E, nonfinite_E)`` boolean masks. Experts with no tokens, or whose statistics
     hold a NaN/Inf (a loss spike), keep their vector (bit for bit: their lerp adds zero).
     """
-    counts_E1 = stats_EH1[:, -1:]
-    row_sums_E1 = stats_EH1.sum(dim=-1, keepdim=True)  # a NaN/Inf anywhere in the row shows here
-    finite_E1 = (row_sums_E1 - row_sums_E1) == 0
-    has_tokens_E1 = counts_E1 > 0
-    updated_E1 = has_tokens_E1 & finite_E1
-    means_EH = torch.where(updated_E1, stats_EH1[:, :-1] / counts_E1, defaults_EH)
+    updated_E1, nonfinite_E1 = ema_masks_E1(stats_EH1)
+    means_EH = torch.where(updated_E1, stats_EH1[:, :-1] / stats_EH1[:, -1:], defaults_EH)
     defaults_EH.lerp_(means_EH, 1.0 - beta)
-    return updated_E1.squeeze(-1), (has_tokens_E1 > finite_E1).squeeze(-1)  # > : tokens, not finite
+    return updated_E1.squeeze(-1), nonfinite_E1.squeeze(-1)
+
+
+def ema_masks_E1(stats_EW1: torch.Tensor):
+    """``(updated_E1, nonfinite_E1)`` of the EMA rule over statistics whose last column counts: an
+    expert moves only with tokens and no NaN/Inf anywhere in its row (a skip counts when it had
+    tokens but not finite statistics)."""
+    row_sums_E1 = stats_EW1.sum(dim=-1, keepdim=True)  # a NaN/Inf anywhere in the row shows here
+    finite_E1 = (row_sums_E1 - row_sums_E1) == 0
+    has_tokens_E1 = stats_EW1[:, -1:] > 0
+    return has_tokens_E1 & finite_E1, has_tokens_E1 > finite_E1  # > : tokens, not finite
 
 
 def default_term_TH(weights_TE, defaults_snapshot_EH, s_T1=None) -> torch.Tensor:

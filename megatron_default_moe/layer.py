@@ -146,7 +146,7 @@ class DefaultMoELayer(TableBuffers, MoELayer):
         if self._phase not in ("update", "accumulate"):
             return out_RH
         if self.probes is not None:  # the vectors follow the probes': no pass over the routed rows
-            line = {} if self.fit is None else dict(in_RH=in_RH, coordinates=self.fit.coordinates(self, in_RH))
+            line = {} if self.fit is None else dict(in_RH=in_RH, coordinates=self.fit.coordinates(in_RH))
             out_RH, stats_EH1 = self.probes.exclude(
                 out_RH, probs_R, tokens_per_expert, self.local_expert_indices[0], self.config.num_moe_experts,
                 self.counts_rows, **line,
@@ -178,7 +178,7 @@ class DefaultMoELayer(TableBuffers, MoELayer):
     def apply_ema(self, stats_EH1: torch.Tensor, snapshot_dtype=torch.float32) -> torch.Tensor:
         """EMA step from statistics already reduced over the stage (identical on every rank);
         returns a copy of the new vectors in ``snapshot_dtype`` (one fused op on CUDA), with a
-        fit its ``(A, B, d)``."""
+        fit its ``([A; B], d)``."""
         with torch.no_grad():
             if self.fit is not None:
                 snapshot, self.experts_updated = self.fit.apply(self, stats_EH1, float(self.dm_config.beta),
@@ -211,13 +211,13 @@ class DefaultMoELayer(TableBuffers, MoELayer):
         """Combined TopK output plus the default term, on the token's home rank."""
         output = super().postprocess(output, shared_expert_output)
         (inputs, routed_logits), self.router.default_term = self.router.default_term, None
-        snapshot_EH, slopes = self._snapshot_for_this_pass(output.dtype), {}
+        snapshot_EH, coordinates = self._snapshot_for_this_pass(output.dtype), {}
         if self.fit is not None:
-            snapshot_EH, slopes = self.fit.term_args(snapshot_EH)
+            snapshot_EH, coordinates = self.fit.term_args(snapshot_EH)
         y_TH = output.view(-1, output.shape[-1])
         if self.track_metrics:
             with torch.no_grad():
-                term_TH = F.default_term_TH(inputs.weights(), snapshot_EH.float(), **slopes)
+                term_TH = F.default_term_TH(inputs.weights(), snapshot_EH.float(), **coordinates)
                 self.last_term_norm_ratio = term_TH.norm() / y_TH.float().norm().clamp_min(1e-30)
         wants_grad = torch.is_grad_enabled() and routed_logits.requires_grad
         if self.mode == "backward-only" and not wants_grad:
@@ -225,7 +225,7 @@ class DefaultMoELayer(TableBuffers, MoELayer):
         weights_TE = inputs.weights(output.dtype) if self.mode == "forward" else None
         sink = inputs.receive_grad if wants_grad else None
         y_TH = F.add_default_term(y_TH, weights_TE, snapshot_EH, self.mode, grad_sink=sink, after=routed_logits,
-                                  **slopes)  # fmt: skip
+                                  **coordinates)  # fmt: skip
         return y_TH.view(output.shape)
 
     # -- step mode -----------------------------------------------------------------------------

@@ -25,7 +25,6 @@ State (fp32, identical on every rank): ``default_vectors`` (as for the constant)
 
 import logging
 
-
 import torch
 
 from megatron_default_moe import fused
@@ -77,13 +76,14 @@ class SharedLineFit:
             self._d_x = layer.default_direction_unit.to(x_TH.dtype)
             self._s = coordinates_T1(x_TH, self._d_x)
 
-    def coordinates(self, layer, in_RH):
-        """``rows_B -> s_B``: the expert-input rows' coordinates, for ``ProbeSampler.exclude``."""
-        d_H = self._d_x if self._d_x is not None else layer.default_direction_unit
+    def coordinates(self, in_RH):
+        """``rows_B -> s_B``: the expert-input rows' coordinates on this pass's direction (set by
+        ``see_input``: only passes that take statistics call this), for ``ProbeSampler.exclude``."""
+        d_H = self._d_x
         return lambda rows_B: coordinates_T1(in_RH.index_select(0, rows_B), d_H)[:, 0]
 
     def apply(self, layer, stats, beta: float, dtype):
-        """``fit_update`` on the layer's tables: ``((A; B, d)`` of this pass, experts updated``)``."""
+        """``fit_update`` on the layer's tables: ``(([A; B], d)`` of this pass, experts updated``)``."""
         table_KH, d_used, updated_E = fused.fit_update(
             layer.default_vectors, layer.default_fit, layer.default_direction, layer.default_direction_unit, stats,
             beta, self.beta, layer.nonfinite_skips, dtype,
@@ -91,7 +91,7 @@ class SharedLineFit:
         return (table_KH, d_used), updated_E
 
     def frozen(self, layer, dtype):
-        """``(A; B, d)`` of the current state (evaluation, step mode between updates)."""
+        """``([A; B], d)`` of the current state (evaluation, step mode between updates)."""
         return fit_tables(layer.default_vectors, layer.default_fit, dtype), layer.default_direction_unit.clone()
 
     def term_args(self, snapshot):

@@ -1,9 +1,10 @@
 """The Default MoE layer's own buffers through casts and checkpoints (a mixin of the layer).
 
 The tables (``default_vectors``, and with ``--moe-default-fit shared-1`` ``default_fit``,
-``default_direction`` and its unit ``default_direction_unit``) stay fp32 whatever ``Float16Module`` or ``.bfloat16()`` do to the model,
-load as fp32, and start afresh where a checkpoint lacks them (``checkpoint.py``); the micro-batch
-counter is saved from its host value and restored once at load.
+``default_direction`` and its unit ``default_direction_unit``) stay fp32 whatever
+``Float16Module`` or ``.bfloat16()`` do to the model, load as fp32, and start afresh where a
+checkpoint lacks them (``checkpoint.py``); the micro-batch counter is saved from its host value
+and restored once at load.
 """
 
 import torch

@@ -7,11 +7,7 @@ reference (same formulas, fp32 arithmetic); only summation orders may differ. La
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _lerp(a, b, w):
-    """``torch.lerp``'s two formulas (``w`` a scalar weight)."""
-    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+from megatron_default_moe.triton_kernels import _lerp
 
 
 @triton.jit

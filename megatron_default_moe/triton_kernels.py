@@ -85,6 +85,12 @@ def _stats_reduce_kernel(part_ptr, counts_ptr, stats_ptr, H, offset, stride, col
 
 
 @triton.jit
+def _lerp(a, b, w):
+    """``torch.lerp``'s two formulas (``w`` a scalar weight)."""
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
 def _ema_kernel(defaults_ptr, stats_ptr, snapshot_ptr, updated_ptr, skips_ptr, H, one_minus_beta,
                 BLOCK_H: tl.constexpr):  # fmt: skip
     e = tl.program_id(0)
@@ -103,11 +109,7 @@ def _ema_kernel(defaults_ptr, stats_ptr, snapshot_ptr, updated_ptr, skips_ptr, H
         m = h < H
         d = tl.load(defaults_ptr + drow + h, mask=m, other=0.0)
         mean = tl.load(srow + h, mask=m, other=0.0) / tl.where(ok, count, 1.0)
-        if one_minus_beta < 0.5:  # torch.lerp's two formulas
-            new = d + one_minus_beta * (mean - d)
-        else:
-            new = mean - (mean - d) * (1.0 - one_minus_beta)
-        new = tl.where(ok, new, d)
+        new = tl.where(ok, _lerp(d, mean, one_minus_beta), d)
         tl.store(defaults_ptr + drow + h, new, mask=m)
         tl.store(snapshot_ptr + drow + h, new.to(snapshot_ptr.dtype.element_ty), mask=m)
     tl.store(updated_ptr + e, ok)
@@ -175,4 +177,3 @@ def _weights_bwd_kernel(g_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E, scale
     if HAS_BASE:  # Megatron's own logits gradient, added in this pass
         dz += tl.load(base_ptr + idx, mask=m, other=0.0).to(tl.float32)
     tl.store(dz_ptr + idx, dz.to(dz_ptr.dtype.element_ty), mask=m)
-

@@ -66,8 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--fidelity-seed", type=int, default=1234,
                    help="--fidelity: the run's seed (the demo's 1234 by default; others write *_seed<N>.json)")
     p.add_argument("--probes", default="", help="sweep: Default MoE with --moe-default-probes N (cells "
-                   "tagged probes=N); --fidelity: compare probes at these budgets (comma-separated, per rank "
-                   "and micro-batch; a 'w' suffix draws weighted, an 's' fits --moe-default-fit shared-1) with today's EMA")
+                   "tagged probes=N); --fidelity: compare probes at these budgets (comma-separated) with today's "
+                   "EMA. Per rank and micro-batch; a 'w' suffix draws weighted, an 's' fits --moe-default-fit "
+                   "shared-1, '@B' sets its --moe-default-fit-beta (e.g. 64, 64w, 64s, 64s@0.99)")
     p.add_argument("--stats-stride", type=int, default=1,
                    help="Default MoE's --moe-default-stats-stride for every cell (names tagged stride=N)")
     p.add_argument("--nproc", type=int, default=2)
@@ -83,9 +84,21 @@ def parse_args(argv=None):
 
 
 # -- the grid and its statistics -------------------------------------------------------------------
-def grid(quick=False, stats_stride=1, probes=0):
-    """The cells: dicts of router, lr, ema weighting, beta, and a readable name (tagged
-    ``stride=N`` when Default MoE runs with ``--moe-default-stats-stride N``)."""
+def probe_flags(spec: str) -> dict:
+    """One ``--probes`` entry (``64``, ``64w``, ``64s``, ``64s@0.99``) as Default MoE settings: the
+    budget, a weighted draw for 'w', the ``shared-1`` fit for 's', its beta after '@'."""
+    m = re.fullmatch(r"(\d+)([ws]*)(?:@(\d*\.?\d+))?", spec)
+    if not m or (m[3] and "s" not in m[2]):
+        raise SystemExit(f"--probes: cannot read {spec!r} (a budget with optional 'w' / 's' suffixes, '@beta' after 's')")
+    return dict(moe_default_probes=int(m[1]), moe_default_probe_draw="weighted" if "w" in m[2] else "uniform",
+                moe_default_fit="shared-1" if "s" in m[2] else "constant",
+                moe_default_fit_beta=float(m[3]) if m[3] else None)
+
+
+def grid(quick=False, stats_stride=1, probes=""):
+    """The cells: dicts of router, lr, ema weighting, beta, probe settings and a readable name
+    (tagged ``stride=N`` when Default MoE runs with ``--moe-default-stats-stride N``, ``probes=S``
+    with ``--probes S``)."""
     if probes and stats_stride != 1:
         raise SystemExit("--stats-stride does not apply with --probes: the vectors then average the probe rows only")
     cells = []
@@ -98,7 +111,7 @@ def grid(quick=False, stats_stride=1, probes=0):
                 name += f" stride={stats_stride}" if stats_stride != 1 else ""
                 name += f" probes={probes}" if probes else ""
                 cells.append(dict(name=name, router=router, lr=lr, weighting=weighting, beta=beta,
-                                  stride=stats_stride, probes=probes))
+                                  stride=stats_stride, **(probe_flags(probes) if probes else {})))
     if quick:
         return [cells[0], next(c for c in cells if c["router"] == "mixtral")]
     return cells
@@ -265,8 +278,9 @@ def sweep(args):
     flags = size_flags(args)
     fp = fingerprint(flags)
     path = os.path.join(args.out, "runs.jsonl")
-    probes = int(args.probes.rstrip("w")) if args.probes and "," not in args.probes else 0
-    cells = [c for c in grid(args.quick, args.stats_stride, probes) if re.search(args.cells, c["name"])]
+    if "," in args.probes:
+        raise SystemExit("--probes: the sweep takes one setting (several are for --fidelity)")
+    cells = [c for c in grid(args.quick, args.stats_stride, args.probes) if re.search(args.cells, c["name"])]
     seeds = list(range(1, args.seeds + 1))
     done = {(r["cell"], r["seed"]) for r in load_runs(path) if r.get("fingerprint") == fp}
     todo = [(c, [s for s in seeds if (c["name"], s) not in done]) for c in cells]
@@ -313,7 +327,11 @@ def demo_args(flags, cell, seed, out):
     return cpu_demo.parse_args(flags + [
         "--router", cell["router"], "--topk", str(TOPK[cell["router"]]), "--lr", str(cell["lr"]),
         "--moe-default-ema-weighting", cell["weighting"], "--moe-default-ema-beta", str(cell["beta"]),
-        "--moe-default-stats-stride", str(cell.get("stride", 1)), "--moe-default-probes", str(cell.get("probes", 0)),
+        "--moe-default-stats-stride", str(cell.get("stride", 1)),
+        "--moe-default-probes", str(cell.get("moe_default_probes", 0)),
+        "--moe-default-probe-draw", cell.get("moe_default_probe_draw", "uniform"),
+        "--moe-default-fit", cell.get("moe_default_fit", "constant"),
+        *(["--moe-default-fit-beta", str(cell["moe_default_fit_beta"])] if cell.get("moe_default_fit_beta") else []),
         "--seed", str(seed), "--out", out,
         "--no-plot", "--no-diagnostics"])
 

@@ -22,7 +22,7 @@ import json
 import os
 import time
 
-from experiments import SIZES, TOPK, launch, new_runs, prepare_data
+from experiments import SIZES, TOPK, launch, new_runs, prepare_data, probe_flags
 
 FIDELITY_VARIANTS = [("uniform b=0.9", dict(moe_default_ema_weighting="uniform", moe_default_ema_beta=0.9)),
                      ("router b=0.9", dict(moe_default_ema_weighting="router", moe_default_ema_beta=0.9)),
@@ -35,15 +35,7 @@ def fidelity_variants(probes: str):
     without budgets, the EMA variants above."""
     if not probes:
         return FIDELITY_VARIANTS
-    variants = FIDELITY_VARIANTS[:1]
-    for budget in probes.split(","):
-        spec, _, fit_beta = budget.partition("@")
-        draw = "weighted" if "w" in spec else "uniform"
-        fit = "shared-1" if "s" in spec else "constant"
-        variants.append((f"probes {budget}", dict(moe_default_probes=int(spec.rstrip("ws")), moe_default_probe_draw=draw,
-                                                  moe_default_fit=fit,
-                                                  moe_default_fit_beta=float(fit_beta) if fit_beta else None)))  # fmt: skip
-    return variants
+    return FIDELITY_VARIANTS[:1] + [(f"probes {spec}", probe_flags(spec)) for spec in probes.split(",")]
 
 
 def fidelity(args):

@@ -57,6 +57,22 @@ def test_grid(exp):
     assert {c["lr"] for c in cells} == {exp.BASE_LR, 4 * exp.BASE_LR}
 
 
+def test_probe_settings_reach_the_demo(exp):
+    """One ``--probes`` grammar for the sweep and ``--fidelity``: every setting reaches cpu_demo's flags."""
+    assert exp.probe_flags("64") == dict(moe_default_probes=64, moe_default_probe_draw="uniform",
+                                         moe_default_fit="constant", moe_default_fit_beta=None)
+    assert exp.probe_flags("32w")["moe_default_probe_draw"] == "weighted"
+    assert exp.probe_flags("64s@0.99")["moe_default_fit_beta"] == 0.99
+    for bad in ("", "s64", "64x", "64@0.9", "64s@", "64s@x"):
+        with pytest.raises(SystemExit, match="--probes"):
+            exp.probe_flags(bad)
+    cells = exp.grid(probes="64s")
+    assert len(cells) == 8 and all(c["name"].endswith(" probes=64s") for c in cells)  # probes: uniform weighting only
+    d = exp.demo_args([], cells[0], 1, "out")
+    assert (d.moe_default_probes, d.moe_default_probe_draw, d.moe_default_fit) == (64, "uniform", "shared-1")
+    assert d.moe_default_fit_beta is None and exp.demo_args([], exp.grid()[0], 1, "out").moe_default_fit == "constant"
+
+
 @pytest.mark.distributed
 def test_quick_sweep_end_to_end_and_restart(exp, tmp_path):
     cmd = [sys.executable, SCRIPT, "--quick", "--out", str(tmp_path)]

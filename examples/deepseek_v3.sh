@@ -9,7 +9,11 @@
 # renormalised and scaled by 2.5, one shared expert (overlapped with the dispatch), sequence aux
 # loss 1e-4, fp32 router, first 3 layers dense. Default MoE resolves --moe-default-mode auto to
 # backward-only: the forward is the stock model's, the unselected experts' unbiased sigmoid
-# scores (divided by the selected sum) get a gradient through the EMA default vectors. Shapes
+# scores (divided by the selected sum) get a gradient through the default term. For a sigmoid
+# router the package's defaults draw probes (--moe-default-probes auto: ~16 unchosen pairs per
+# expert and micro-batch over the stage) and fit each expert's default as a line in one shared
+# input coordinate (--moe-default-fit shared-1): above TopK's router gradient in every measured
+# layer, ~0.7% of TopK's layer time at this shape (README "Default"). Shapes
 # follow the released model (61 layers, hidden 7168, expert FFN 2048) but attention is plain
 # multi-head here: add Megatron's --multi-latent-attention flags for MLA. Optimiser ours.
 
@@ -47,10 +51,8 @@ DEEPSEEK_V3_ARGS=(
     --moe-aux-loss-coeff 1e-4
     --moe-router-dtype fp32
     --moe-token-dispatcher-type alltoall
-    # Default MoE (mode auto = backward-only for this router).
+    # Default MoE (mode auto = backward-only; probes auto and the shared-1 fit for this router).
     --moe-default-vectors
-    --moe-default-ema-beta 0.9
-    --moe-default-stats-stride 4  # statistics from every 4th row: under 1% of the layer on an H100 (README)
     # Optimisation (ours; adjust to your run).
     --micro-batch-size 1
     --global-batch-size 512

@@ -24,9 +24,10 @@ import time
 
 from experiments import SIZES, TOPK, launch, new_runs, prepare_data, probe_flags
 
-FIDELITY_VARIANTS = [("uniform b=0.9", dict(moe_default_ema_weighting="uniform", moe_default_ema_beta=0.9)),
-                     ("router b=0.9", dict(moe_default_ema_weighting="router", moe_default_ema_beta=0.9)),
-                     ("uniform b=0.99", dict(moe_default_ema_weighting="uniform", moe_default_ema_beta=0.99))]
+_EMA = dict(moe_default_probes=0, moe_default_fit="constant")  # the paper's EMA of the routed rows
+FIDELITY_VARIANTS = [("uniform b=0.9", dict(_EMA, moe_default_ema_weighting="uniform", moe_default_ema_beta=0.9)),
+                     ("router b=0.9", dict(_EMA, moe_default_ema_weighting="router", moe_default_ema_beta=0.9)),
+                     ("uniform b=0.99", dict(_EMA, moe_default_ema_weighting="uniform", moe_default_ema_beta=0.99))]
 
 
 def fidelity_variants(probes: str):

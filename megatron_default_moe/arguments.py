@@ -98,11 +98,12 @@ _FLAGS = (
         "probes",
         dict(
             type=_probes_arg,
-            default=0,
+            default=None,
             help="Unchosen (token, expert) pairs each rank sends to the experts per micro-batch for the "
             "default vectors only (excluded from output, losses and gradients): the vectors then average "
-            "each expert's output on tokens that did not choose it, where they are used. 0 (default): off; "
-            "'auto': ceil(16 x experts / token sets in the stage), off (logged) where probes cannot run.",
+            "each expert's output on tokens that did not choose it, where they are used. 0: off; "
+            "'auto': ceil(16 x experts / token sets in the stage), off (logged) where probes cannot run. "
+            "Default: 'auto' for --moe-router-score-function sigmoid, 0 for the others.",
         ),
     ),
     (
@@ -123,11 +124,12 @@ _FLAGS = (
         "fit",
         dict(
             type=str,
-            default="constant",
+            default=None,
             choices=FITS,
             help="'constant' (paper): one default vector per expert; 'shared-1': each expert's default is "
             "linear in the token's coordinate on one shared input direction, fitted online from the probes "
-            "(needs --moe-default-probes).",
+            "(needs --moe-default-probes). Default: 'shared-1' for --moe-router-score-function sigmoid "
+            "where its probes run, 'constant' otherwise.",
         ),
     ),
     (
@@ -194,5 +196,10 @@ def default_moe_config_from_args(args) -> DefaultMoEConfig | None:
                 value = float(value)
             except (TypeError, ValueError):
                 raise ValueError(f"{flag} must be a number in [0, 1], got {value!r}") from None
+        if field == "probes" and isinstance(value, str):  # the patch's TransformerConfig field is a str
+            try:
+                value = _probes_arg(value)
+            except argparse.ArgumentTypeError as err:
+                raise ValueError(f"{flag}: {err}") from None
         values[field] = value
     return DefaultMoEConfig(**values)

@@ -8,6 +8,10 @@ from megatron_default_moe.probes import PROBE_DRAWS, PROBE_SAMPLES_PER_EXPERT, a
 from megatron_default_moe.shared_fit import FITS
 
 UPDATES = ("microbatch", "step")
+# Router score functions whose Default MoE runs with probes (``auto``) and the ``shared-1`` fit
+# unless told otherwise: there both beat TopK's router gradient in every measured layer (README
+# "Default: probes and the fit for sigmoid routers").
+PROBED_BY_DEFAULT = ("sigmoid",)
 
 # (TransformerConfig field, Megatron-LM flag, predicate meaning "unsupported", why)
 _REJECTED = (
@@ -101,13 +105,15 @@ class DefaultMoEConfig:
             outputs on tokens that did *not* choose them, where the default term uses them, and the
             routed rows' statistics are not taken (``stats_stride`` and ``ema_weighting`` then do
             not apply: rejected unless 1 and ``uniform``). 0: off. ``auto``: about 16 per expert
-            over the stage, off where probes cannot run (``resolved_probes``).
+            over the stage, off where probes cannot run (``resolved_probes``). None (default): the
+            router family's default, ``auto`` for sigmoid routers (``PROBED_BY_DEFAULT``), else 0.
         probe_draw: ``uniform`` over the pairs with a nonzero default weight, or ``weighted``
             (proportional to it: the vectors then estimate the weight-averaged unchosen output).
         probe_seed: seeds the draws with the checkpointed micro-batch counter (a resume is exact).
         fit: ``constant`` (one vector per expert) or ``shared-1``: each expert's default is linear
             in the token's coordinate on one shared input direction, fitted online from the probes
-            (``shared_fit.py``; needs ``probes``).
+            (``shared_fit.py``; needs ``probes``). None (default): ``shared-1`` for sigmoid routers
+            whose probes run, else ``constant`` (``resolved_fit``).
         fit_beta: the ``shared-1`` fit's EMA decay (its slopes, means and direction); None: a window
             of about ``16 H`` probes per expert (``shared_fit.fit_beta``).
     """
@@ -118,26 +124,26 @@ class DefaultMoEConfig:
     mode: str = "auto"
     normaliser: str = "selected"
     stats_stride: int = 1
-    probes: Union[int, str] = 0
+    probes: Union[int, str, None] = None
     probe_draw: str = "uniform"
     probe_seed: int = 0
-    fit: str = "constant"
+    fit: Optional[str] = None
     fit_beta: Optional[float] = None
 
     def __post_init__(self):
-        if self.probes != "auto" and (not isinstance(self.probes, int) or isinstance(self.probes, bool)
+        if self.probes not in (None, "auto") and (not isinstance(self.probes, int) or isinstance(self.probes, bool)
                                       or self.probes < 0):  # fmt: skip
-            raise ValueError(f"--moe-default-probes must be an integer >= 0 or 'auto', got {self.probes!r}")
+            raise ValueError(f"--moe-default-probes must be an integer >= 0, 'auto' or unset, got {self.probes!r}")
         if isinstance(self.stats_stride, bool) or int(self.stats_stride) != self.stats_stride or self.stats_stride < 1:
             raise ValueError(f"--moe-default-stats-stride must be an integer >= 1, got {self.stats_stride!r}")
-        if self.probes not in (0, "auto") and self.stats_stride != 1:
+        if self.probes not in (None, 0, "auto") and self.stats_stride != 1:
             raise ValueError(f"--moe-default-stats-stride {self.stats_stride} does not apply with "
                              "--moe-default-probes: the vectors then average the probe rows only, not the routed "
                              "rows it thins")
-        if self.probes not in (0, "auto") and self.ema_weighting != "uniform":
+        if self.probes not in (None, 0, "auto") and self.ema_weighting != "uniform":
             raise ValueError(f"--moe-default-ema-weighting {self.ema_weighting!r} does not apply with "
                              "--moe-default-probes (it weights the routed rows); use --moe-default-probe-draw weighted")
-        if self.fit != "constant" and self.probes == 0:
+        if self.fit not in (None, "constant") and self.probes == 0:
             raise ValueError(f"--moe-default-fit {self.fit} fits the experts' outputs on unchosen tokens: it needs "
                              "--moe-default-probes (a budget or 'auto')")
         if self.fit_beta is not None and not 0.0 <= float(self.fit_beta) <= 1.0:
@@ -150,7 +156,7 @@ class DefaultMoEConfig:
             ("--moe-default-mode", self.mode, MODES),
             ("--moe-default-normaliser", self.normaliser, NORMALISERS),
             ("--moe-default-probe-draw", self.probe_draw, PROBE_DRAWS),
-            ("--moe-default-fit", self.fit, FITS),
+            ("--moe-default-fit", self.fit, FITS + (None,)),
         ):
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {allowed}, got {value!r}")
@@ -162,11 +168,19 @@ class DefaultMoEConfig:
             return "forward" if allowed else "backward-only"
         return self.mode
 
+    def requested_probes(self, config) -> Union[int, str]:
+        """``probes`` as given, or unset: the router family's default (``PROBED_BY_DEFAULT``)."""
+        if self.probes is not None:
+            return self.probes
+        return "auto" if config.moe_router_score_function in PROBED_BY_DEFAULT else 0
+
     def resolved_probes(self, config, token_sets: int = 1):
         """``(budget per rank, why)``. ``auto``: ``auto_probe_budget``, or 0 wherever probes cannot
         run (``why`` says which); an integer is taken as given."""
-        if self.probes != "auto":
-            return int(self.probes), "as given"
+        probes = self.requested_probes(config)
+        if probes != "auto":
+            return int(probes), ("as given" if self.probes is not None else
+                                 f"off: the default for --moe-router-score-function {config.moe_router_score_function}")
         if self.stats_stride != 1 or self.ema_weighting != "uniform":
             return 0, "off: --moe-default-stats-stride / --moe-default-ema-weighting shape the routed statistics"
         conflict = _probe_conflict(config)
@@ -175,6 +189,13 @@ class DefaultMoEConfig:
         budget = auto_probe_budget(config.num_moe_experts, token_sets)
         experts = config.num_moe_experts
         return budget, f"{PROBE_SAMPLES_PER_EXPERT} x {experts} experts / {token_sets} token sets in the stage"
+
+    def resolved_fit(self, config, probes_on: bool) -> str:
+        """``fit`` as given, or unset: ``shared-1`` for a sigmoid router whose probes run, else
+        ``constant``."""
+        if self.fit is not None:
+            return self.fit
+        return "shared-1" if probes_on and config.moe_router_score_function in PROBED_BY_DEFAULT else "constant"
 
     def validate(self, config) -> None:
         """Raise ``ValueError`` naming the Megatron flag of any option Default MoE cannot run with."""
@@ -196,7 +217,7 @@ class DefaultMoEConfig:
                 "default term to the forward would inflate the mixture mass beyond the scaling factor; "
                 "use --moe-default-mode auto or backward-only."
             )
-        conflict = _probe_conflict(config) if self.probes not in (0, "auto") else None
+        conflict = _probe_conflict(config) if self.probes not in (None, 0, "auto") else None
         if conflict:
             raise ValueError(conflict)
         scopes = _cuda_graph_moe_scopes(config)

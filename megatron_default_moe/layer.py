@@ -107,12 +107,12 @@ class DefaultMoELayer(TableBuffers, MoELayer):
         # under stats_stride and seeds the probe draws; checkpointed (``sample_counter``).
         self._stats_updates = 0
         self.register_buffer("sample_counter", torch.zeros(1, dtype=torch.long, device=device))
-        self.probes = probe_sampler_of(self) if self.dm_config.probes else None
+        self.probes = probe_sampler_of(self)
         self.fit = None  # ``--moe-default-fit shared-1``: vectors linear in one input coordinate
-        if self.dm_config.fit == "shared-1":
+        if self.dm_config.resolved_fit(self.config, self.probes is not None) == "shared-1":
             if self.probes is None:
                 raise ValueError("--moe-default-fit shared-1 needs probes, but --moe-default-probes "
-                                 f"{self.dm_config.probes!r} resolves to 0 here (see the log)")
+                                 f"{self.dm_config.requested_probes(self.config)!r} resolves to 0 here (see the log)")
             self.fit = SharedLineFit(self, self.dm_config.probe_seed, self.probes)
         self.track_metrics = False  # set by the logging hook: keep the norm ratio below
         self.last_term_norm_ratio = None  # ‖default term‖ / ‖MoE output‖ of the last forward

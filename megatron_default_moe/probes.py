@@ -172,7 +172,8 @@ def probe_sampler_of(layer) -> ProbeSampler:
         sources = dist.get_world_size(ep_group) if ep_group is not None else 1
     dm = layer.dm_config
     budget, why = dm.resolved_probes(layer.config, token_sets)
-    if dm.probes == "auto":
-        logging.getLogger(__name__).info("Default MoE layer %s: --moe-default-probes auto -> %d (%s)",
-                                         layer.layer_number, budget, why)  # fmt: skip
+    if dm.requested_probes(layer.config) == "auto":
+        origin = "auto" if dm.probes == "auto" else f"unset, auto for {layer.config.moe_router_score_function} routers"
+        logging.getLogger(__name__).info("Default MoE layer %s: --moe-default-probes %s -> %d (%s)",
+                                         layer.layer_number, origin, budget, why)  # fmt: skip
     return ProbeSampler(budget, dm.probe_draw, dm.probe_seed, sources, token_set, token_sets) if budget else None

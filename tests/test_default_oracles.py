@@ -22,10 +22,11 @@ pytestmark = pytest.mark.usefixtures("megatron_cpu")
 ROUTERS = {"paper": dict(num_moe_experts=8, moe_router_topk=1), **FAMILIES}
 
 
-def _layer(router):
+def _layer(router, **dm):
     config = moe_config(**ROUTERS[router])
     torch.manual_seed(0)
-    layer = DefaultMoELayer(config, moe_submodules(config.num_moe_experts), dm_config=DefaultMoEConfig(beta=0.5))
+    dm_config = DefaultMoEConfig(**{"beta": 0.5, "probes": 0, **dm})  # constant vectors, set below
+    layer = DefaultMoELayer(config, moe_submodules(config.num_moe_experts), dm_config=dm_config)
     layer.set_layer_number(1)
     gen = torch.Generator().manual_seed(3)
     layer.default_vectors.copy_(torch.randn(layer.default_vectors.shape, generator=gen))
@@ -50,6 +51,17 @@ def test_exact_vectors_give_the_dense_gradient(router):
     layer.default_vectors.copy_(saved)
     assert constant["dg"] / (constant["dd"] * constant["gg"]) ** 0.5 == pytest.approx(cosine(d, dense), abs=1e-5)
     assert constant["tg"] / (constant["tt"] * constant["gg"]) ** 0.5 == pytest.approx(cosine(t, dense), abs=1e-6)
+
+
+def test_exact_vectors_stand_in_for_a_fitted_line_too():
+    """A sigmoid router's default layer (probes and the ``shared-1`` fit): the candidates replace
+    its whole default term, the line included."""
+    layer, x, g = _layer("deepseek_v3", probes=None)
+    assert layer.fit is not None
+    layer(x)  # a training pass: the fit's tables move off zero
+    exact = O.richer_default_ceilings(layer, lambda m: (m(x)[0] * g).sum(), lambda m: m(x), lambda m: m(x),
+                                      candidates=("exact",))["exact"][1]  # fmt: skip
+    assert exact["dg"] / (exact["dd"] * exact["gg"]) ** 0.5 == pytest.approx(1.0, abs=1e-6)
 
 
 def test_fits_recover_what_they_can_represent():

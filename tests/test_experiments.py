@@ -119,3 +119,30 @@ def test_fidelity_quick_end_to_end(tmp_path):
         for layer, gram in base["richer"]["exact"].items():
             assert gram["dg"] / math.sqrt(gram["dd"] * gram["gg"]) == pytest.approx(1.0, abs=1e-5), (step, layer)
             assert base["richer"]["constant"][layer]["fit_error"] == pytest.approx(1.0)
+
+
+def test_fidelity_over_seeds_by_hand():
+    """``fidelity_seeds``: per-run means over the checkpoints after step 0, then over seeds, and the
+    win counts in both views (same model: V >= T|V; per model: V >= T and T|D)."""
+    seeds = load_script(os.path.join(ROOT, "examples", "fidelity_seeds.py"), "fidelity_seeds_under_test")
+
+    def run(seed, t, tv, v):  # one layer "2"; step 0 must be ignored
+        def point(topk, default):
+            return {"cos": {"2": {"topk": topk, "default": default}}, "oracle_unchosen": {"2": 0.9}}
+
+        return {"args": {"router": "mixtral", "seed": seed}, "variants": [["base", {}], ["V", {}]],
+                "history": {"TopK": {"0": point(9.0, None), "10": point(t[0], None), "20": point(t[1], None)},
+                            "base": {"0": point(9.0, 9.0), "10": point(0.5, 0.1), "20": point(0.5, 0.1)},
+                            "V": {"0": point(9.0, 9.0), "10": point(tv[0], v[0]), "20": point(tv[1], v[1])}}}
+
+    runs = [run(1, (0.4, 0.6), (0.3, 0.5), (0.6, 0.6)),  # V 0.6: >= T|V 0.4, >= T 0.5 and T|D 0.5
+            run(2, (0.8, 0.8), (0.2, 0.2), (0.7, 0.5))]  # V 0.6: >= T|V 0.2, < T 0.8
+    means = seeds.run_means(runs[0], "V")["2"]
+    assert means["T"] == pytest.approx(0.5) and means["T|V"] == pytest.approx(0.4) and means["V"] == pytest.approx(0.6)
+    text = seeds.seeds_table(runs + [{"args": {"router": "paper", "seed": 3}, "history": {"TopK": {"0": {}}}}], "V")
+    row = next(line for line in text.splitlines() if line.startswith("mixtral"))
+    assert row.split()[3:9] == ["0.650", "0.300", "0.500", "0.100", "0.600", "0.900"]
+    assert row.split()[9:] == ["2/2", "1/2"]
+    assert "same model (V >= T|V) 2/2; per model (V >= T and T|D) 1/2" in text and "paper seed 3" in text
+    with pytest.raises(SystemExit, match="'W' is not in this run"):
+        seeds.run_means(runs[0], "W")

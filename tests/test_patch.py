@@ -97,6 +97,21 @@ sys.argv = ["pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "16", "--nu
             "--moe-default-ema-weighting", "router", "--moe-default-mode", "backward-only"]
 args = parse_args()
 assert (args.moe_default_vectors, args.moe_default_ema_beta, args.moe_default_update) == (True, 0.95, "step")
+assert (args.moe_default_probes, args.moe_default_fit) == (None, None)  # unset: the router family's default
+from megatron_default_moe.arguments import default_moe_config_from_args
+sys.argv += ["--moe-default-ema-weighting", "uniform", "--moe-default-probes", "16",
+             "--moe-default-fit", "shared-1", "--moe-default-fit-beta", "0.99"]
+dm = default_moe_config_from_args(parse_args())
+assert (dm.probes, dm.fit, dm.fit_beta, dm.probe_draw) == (16, "shared-1", 0.99, "uniform"), dm
+sys.argv[-6:-4] = ["--moe-default-probes", "auto"]
+assert default_moe_config_from_args(parse_args()).probes == "auto"
+sys.argv[-6:-4] = ["--moe-default-probes", "many"]
+try:
+    default_moe_config_from_args(parse_args())
+except ValueError as e:
+    assert "--moe-default-probes" in str(e), e
+else:
+    raise AssertionError("--moe-default-probes many not rejected")
 for bad in (["--moe-default-update", "epoch"], ["--moe-default-mode", "x"]):
     sys.argv = ["pretrain_gpt.py", *bad]
     try:

@@ -24,7 +24,8 @@ ROUTERS = {
 }
 
 
-def twin_layers(router, dispatcher, budget, draw="uniform", update="microbatch", beta=0.5, **overrides):
+def twin_layers(router, dispatcher, budget, draw="uniform", update="microbatch", beta=0.5, fit="constant",
+                **overrides):  # fmt: skip
     config = moe_config(
         **{**ROUTERS[router], "moe_token_dispatcher_type": dispatcher, "moe_aux_loss_coeff": 1e-2, **overrides}
     )
@@ -32,7 +33,8 @@ def twin_layers(router, dispatcher, budget, draw="uniform", update="microbatch",
     layers = []
     for probes in (0, budget):
         torch.manual_seed(0)
-        dm = DefaultMoEConfig(beta=beta, update=update, probes=probes, probe_draw=draw, probe_seed=7)
+        dm = DefaultMoEConfig(beta=beta, update=update, probes=probes, probe_draw=draw, probe_seed=7,
+                              fit=fit if probes else "constant")  # fmt: skip
         layers.append(DefaultMoELayer(config, subs, dm_config=dm))
     layers[1].load_state_dict(layers[0].state_dict())
     for layer in layers:

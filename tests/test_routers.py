@@ -4,7 +4,9 @@ bit-identity with the stock layer, capacity dropping, padding, aux losses, share
 
 The reference below is written from the layer's weights and the routing formulas, not from
 Megatron's code: scores ``f``, selection (with expert bias and group limits), probs
-``p = c·f/N`` on the selected set, and the default weights ``w = c·f/sg(N)`` elsewhere.
+``p = c·f/N`` on the selected set, and the default weights ``w = c·f/sg(N)`` elsewhere. Tests
+whose reference takes the routed rows' EMA set ``probes=0`` (the sigmoid router's default draws
+probes: ``test_probes.py``, ``test_shared_fit.py``).
 """
 
 import pytest
@@ -197,7 +199,7 @@ def check_against_reference(layer, steps=3, beta=0.7, mode=None, weighting="unif
 def test_family_matches_independent_reference(family, dispatcher):
     """Output, EMA and router / expert / input gradients over three steps, in ``auto`` mode."""
     config = family_config(family, moe_token_dispatcher_type=dispatcher)
-    _, layer = build(config, DefaultMoEConfig(beta=0.7))
+    _, layer = build(config, DefaultMoEConfig(beta=0.7, probes=0))
     assert layer.mode == ("forward" if family == "deepseek_v2" else "backward-only")
     check_against_reference(layer)
 
@@ -215,7 +217,7 @@ def test_shared_experts_gated_and_overlapped(overlap, gate):
     config = family_config(
         "deepseek_v3", moe_shared_expert_gate=gate, moe_shared_expert_overlap=overlap, moe_token_dispatcher_type="alltoall"
     )
-    _, layer = build(config, DefaultMoEConfig(beta=0.7))
+    _, layer = build(config, DefaultMoEConfig(beta=0.7, probes=0))
     check_against_reference(layer, steps=2)
 
 
@@ -230,7 +232,7 @@ def _grouped_all(family):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_k_equals_n_is_stock_bit_for_bit(family):
     config = family_config(family, **_grouped_all(family))
-    stock, layer = build(config, DefaultMoEConfig(beta=0.5))
+    stock, layer = build(config, DefaultMoEConfig(beta=0.5, probes=0))
     for step in range(2):
         x, g = inputs(step)
         out_s, grads_s, xg_s = run(stock, x, g)
@@ -243,7 +245,7 @@ def test_k_equals_n_is_stock_bit_for_bit(family):
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "sqrtsoftplus", "gpt_oss"])
 def test_backward_only_forward_is_stock_and_only_the_router_gradient_moves(family):
-    stock, layer = build(family_config(family), DefaultMoEConfig(beta=0.5))
+    stock, layer = build(family_config(family), DefaultMoEConfig(beta=0.5, probes=0))
     assert layer.mode == "backward-only"
     for step in range(3):
         x, g = inputs(step)
@@ -487,7 +489,7 @@ def test_extra_router_gradient_ratio_is_logged(family):
 def test_normaliser_all_divides_by_every_experts_score(family):
     """``--moe-default-normaliser all``: ``w = c·f / sg(Σ_all f)``; smaller than DenseMixer's, the
     stock forward untouched, ``K = N`` still stock."""
-    stock, layer = build(family_config(family), DefaultMoEConfig(beta=0.5, normaliser="all"))
+    stock, layer = build(family_config(family), DefaultMoEConfig(beta=0.5, normaliser="all", probes=0))
     x, g = inputs(0)
     logits = layer.router.gating(x)
     probs, routing_map = layer.router.routing(logits)

@@ -200,7 +200,7 @@ def test_fit_window_holds_about_16h_probes_per_expert_unless_given():
 
 def test_fit_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="--moe-default-fit shared-1.*--moe-default-probes"):
-        DefaultMoEConfig(fit="shared-1")
+        DefaultMoEConfig(fit="shared-1", probes=0)
     with pytest.raises(ValueError, match="--moe-default-fit must be one of"):
         DefaultMoEConfig(fit="top1", probes=4)
     from helpers import moe_config, moe_submodules

@@ -191,7 +191,9 @@ def build_stage(setup: Setup, dispatcher, update, sizes, weights=None, router="p
             config,
             moe_submodules(setup),
             layer_number=layer_id + 1,
-            dm_config=DefaultMoEConfig(beta=BETA, update=update),
+            # probes off: each rank draws its own, so no one-rank run matches (sigmoid's default
+            # otherwise; the torchrun tests check them, ``tests/distributed/probes_worker.py``)
+            dm_config=DefaultMoEConfig(beta=BETA, update=update, probes=0),
         )
         if setup.device == "cuda":
             layer.cuda()

@@ -50,7 +50,8 @@ def twins(dispatcher, sizes, beta):
     layers = []
     for probes in (0, 6):
         torch.manual_seed(0)
-        layer = DefaultMoELayer(config, subs, dm_config=DefaultMoEConfig(beta=beta, probes=probes, probe_seed=3))
+        dm = DefaultMoEConfig(beta=beta, probes=probes, probe_seed=3, fit="constant")
+        layer = DefaultMoELayer(config, subs, dm_config=dm)
         layer.set_layer_number(1)
         layers.append(layer)
     layers[1].load_state_dict(layers[0].state_dict())

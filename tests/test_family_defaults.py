@@ -1,0 +1,67 @@
+"""The router family's defaults (``config.PROBED_BY_DEFAULT``): with ``--moe-default-probes`` and
+``--moe-default-fit`` unset, a sigmoid router runs probes (``auto``) and the ``shared-1`` fit,
+every other router the paper's EMA of the routed rows; explicit settings win, and the default
+yields (logged, no error) where probes cannot run or the routed statistics are shaped."""
+
+import argparse
+import logging
+
+import pytest
+from helpers import moe_config, moe_submodules
+from test_probes import ROUTERS
+
+from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
+from megatron_default_moe.arguments import add_default_moe_args, default_moe_config_from_args
+
+pytestmark = pytest.mark.usefixtures("megatron_cpu")
+
+
+def layer_of(router, dm=None, **overrides):
+    config = moe_config(**ROUTERS[router], **overrides)
+    return DefaultMoELayer(config, moe_submodules(config.num_moe_experts), dm_config=dm or DefaultMoEConfig())
+
+
+def test_sigmoid_router_defaults_to_probes_and_the_fit(caplog):
+    with caplog.at_level(logging.INFO, logger="megatron_default_moe.probes"):
+        layer = layer_of("deepseek_v3")
+    assert layer.probes is not None and layer.probes.budget == 16 * layer.config.num_moe_experts
+    assert layer.fit is not None and layer.mode == "backward-only"
+    assert "--moe-default-probes unset, auto for sigmoid routers -> 256" in caplog.text
+    for router in ("paper", "mixtral"):  # softmax: the paper's EMA
+        layer = layer_of(router)
+        assert layer.probes is None and layer.fit is None, router
+
+
+def test_explicit_settings_win_over_the_family_default():
+    assert layer_of("deepseek_v3", DefaultMoEConfig(probes=0)).probes is None
+    layer = layer_of("deepseek_v3", DefaultMoEConfig(fit="constant"))
+    assert layer.probes is not None and layer.fit is None
+    layer = layer_of("deepseek_v3", DefaultMoEConfig(probes=5))
+    assert layer.probes.budget == 5 and layer.fit is not None  # the sigmoid router's fit, at any budget
+    layer = layer_of("mixtral", DefaultMoEConfig(probes="auto"))
+    assert layer.probes is not None and layer.fit is None  # softmax: probes as asked, constant fit
+    with pytest.raises(ValueError, match="--moe-default-fit shared-1 needs probes, but --moe-default-probes 0"):
+        layer_of("mixtral", DefaultMoEConfig(fit="shared-1"))  # softmax: probes off unless asked
+
+
+def test_the_default_yields_where_probes_cannot_run_or_the_routed_statistics_are_shaped():
+    budget, why = DefaultMoEConfig().resolved_probes(moe_config(**ROUTERS["mixtral"]))
+    assert budget == 0 and why == "off: the default for --moe-router-score-function softmax"
+    capped = layer_of("deepseek_v3", moe_expert_capacity_factor=1.0)  # no error: the default steps aside
+    assert capped.probes is None and capped.fit is None
+    for dm in (DefaultMoEConfig(stats_stride=4), DefaultMoEConfig(ema_weighting="router")):
+        layer = layer_of("deepseek_v3", dm)
+        assert layer.probes is None and layer.fit is None
+    with pytest.raises(ValueError, match="--moe-expert-capacity-factor"):  # asked for: rejected by name
+        layer_of("deepseek_v3", DefaultMoEConfig(probes=8), moe_expert_capacity_factor=1.0)
+    with pytest.raises(ValueError, match="--moe-expert-capacity-factor"):
+        DefaultMoEConfig(probes=8).validate(moe_config(**ROUTERS["deepseek_v3"], moe_expert_capacity_factor=1.0))
+
+
+def test_flags_leave_the_family_default_unset():
+    parser = add_default_moe_args(argparse.ArgumentParser(allow_abbrev=False))
+    dm = default_moe_config_from_args(parser.parse_args(["--moe-default-vectors"]))
+    assert dm.probes is None and dm.fit is None
+    dm = default_moe_config_from_args(parser.parse_args(["--moe-default-vectors", "--moe-default-probes", "0",
+                                                         "--moe-default-fit", "constant"]))  # fmt: skip
+    assert dm.probes == 0 and dm.fit == "constant"

@@ -8,9 +8,11 @@ three optimizer steps of two micro-batches with Megatron's own schedule and comp
 every step, with a one-rank run over the same global batch that the check computes itself
 (``runtime``): default vectors bit-identical on every rank and equal to the reference's, outputs
 and gradients within the dtype's tolerance (``compare``). It prints a table and exits non-zero on
-any failure. It checks the routed-row statistics: probes (the sigmoid router's default, with the
-``shared-1`` fit) are off here, since each rank draws its own pairs and no one-rank run can match
-them; the package's torchrun tests check their exclusion and bit-identical vectors.
+any failure. Probes (the sigmoid router's default, with the ``shared-1`` fit) are off in these
+runs, since each rank draws its own pairs and no one-rank run can match them; ``--probes`` adds a
+run with them to each, which checks what can be checked: their tables bit-identical on every rank
+of the stage at every step, and the expert rows (outputs, expert gradients) unchanged against the
+one-rank run on the first step.
 
 On CUDA it runs NCCL and the package's Triton kernels (TE grouped experts when Transformer Engine
 imports), in fp32 or, with ``--dtype bf16``, bf16; on a CPU machine gloo with

@@ -36,6 +36,10 @@ def parse_args(argv=None):
     parser.add_argument("--experts", choices=("auto", "te", "sequential"), default="auto",
                         help="TE grouped GEMM experts (auto: on CUDA when transformer_engine imports) "
                         "or Megatron's SequentialMLP")
+    parser.add_argument("--probes", action="store_true",
+                        help="also run each with probes ('auto', and the router's default fit: shared-1 for "
+                        "sigmoid): their tables bit-identical on every rank, the expert rows (outputs, "
+                        "expert gradients) unchanged against the one-rank run on the first step")
     parser.add_argument("--tolerance", type=float, help="relative tolerance (default: fp32 1e-5 on CPU, 1e-4 "
                         "on CUDA; bf16 3e-2)")
     parser.add_argument("--list", action="store_true", help="print the layouts that fit and exit")
@@ -81,26 +85,27 @@ def check_layout(setup, ref, name, router, args, tolerance):
     sizes, sp, rows, failures = LAYOUTS[name], LAYOUTS[name].get("sp", False), [], []
     runtime.init_layout(setup, sizes)
     try:
-        for dispatcher in args.dispatchers:
-            for update in args.updates:
-                tag, start = f"{name}:{router}/{dispatcher}/{update}", time.time()
-                stage = build_stage(setup, dispatcher, update, sizes, ref["weights"], router)
-                errors = compare.StepErrors(tolerance)
+        runs = [(d, u, p) for d in args.dispatchers for u in args.updates for p in (False, True)[: 1 + args.probes]]
+        for dispatcher, update, probes in runs:
+            label = update + ("+probes" if probes else "")
+            tag, start = f"{name}:{router}/{dispatcher}/{label}", time.time()
+            stage = build_stage(setup, dispatcher, update, sizes, ref["weights"], router, probes)
+            errors = compare.StepErrors(tolerance)
 
-                def on_step(step, outputs, grads, stage=stage, errors=errors, tag=tag):
-                    if step > 0 and setup.dtype != torch.float32:  # bf16: see compare.check_step
-                        errors.failures += [f"{tag} step {step}: {m}" for m in compare.identical_across_ranks(stage)]
-                        return
-                    expected = ref["runs"][router, update][step]
-                    compare.check_step(stage, expected, outputs, grads, sp, errors, f"{tag} step {step}")
+            def on_step(step, outputs, grads, stage=stage, errors=errors, tag=tag, probes=probes):
+                if step > 0 and (setup.dtype != torch.float32 or probes):  # see compare's docstring
+                    errors.failures += [f"{tag} step {step}: {m}" for m in compare.identical_across_ranks(stage)]
+                    return
+                expected = ref["runs"][router, update][step]
+                compare.check_step(stage, expected, outputs, grads, sp, errors, f"{tag} step {step}", probes)
 
-                train(setup, stage, sp, on_step)
-                ok, worst = compare.summarise(errors, setup.device)
-                rank = torch.distributed.get_rank()
-                failures += [f"rank {rank} {msg}" for msg in errors.failures]
-                seconds = time.time() - start
-                rows.append((name, router, dispatcher, update, ok, worst, seconds))
-                log(f"{'ok  ' if ok else 'FAIL'} {tag} ({seconds:.1f}s)")
+            train(setup, stage, sp, on_step)
+            ok, worst = compare.summarise(errors, setup.device)
+            rank = torch.distributed.get_rank()
+            failures += [f"rank {rank} {msg}" for msg in errors.failures]
+            seconds = time.time() - start
+            rows.append((name, router, dispatcher, label, ok, worst, seconds))
+            log(f"{'ok  ' if ok else 'FAIL'} {tag} ({seconds:.1f}s)")
     finally:
         runtime.destroy_layout()
     return rows, failures

@@ -179,8 +179,10 @@ def my_shard(param, master_tensor):
     return chunks[ps.get_expert_tensor_parallel_rank()]
 
 
-def build_stage(setup: Setup, dispatcher, update, sizes, weights=None, router="paper"):
-    """This stage's Default MoE layers; with ``weights`` (one-rank state dicts), copied from them."""
+def build_stage(setup: Setup, dispatcher, update, sizes, weights=None, router="paper", probes=False):
+    """This stage's Default MoE layers; with ``weights`` (one-rank state dicts), copied from them.
+    Probes off (each rank draws its own, so no one-rank run matches them: ``compare``), or with
+    ``probes`` ``auto`` and the router's default fit (``shared-1`` for sigmoid)."""
     from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer, wrap_finalize_model_grads
 
     config = make_config(setup, dispatcher, sizes, router)
@@ -191,9 +193,7 @@ def build_stage(setup: Setup, dispatcher, update, sizes, weights=None, router="p
             config,
             moe_submodules(setup),
             layer_number=layer_id + 1,
-            # probes off: each rank draws its own, so no one-rank run matches (sigmoid's default
-            # otherwise; the torchrun tests check them, ``tests/distributed/probes_worker.py``)
-            dm_config=DefaultMoEConfig(beta=BETA, update=update, probes=0),
+            dm_config=DefaultMoEConfig(beta=BETA, update=update, probes="auto" if probes else 0),
         )
         if setup.device == "cuda":
             layer.cuda()

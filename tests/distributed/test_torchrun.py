@@ -71,3 +71,37 @@ def test_check_fails_when_the_package_is_wrong():
     for update in ("microbatch", "step"):
         assert re.search(rf"^dp +paper +alltoall +{update} +FAIL ", proc.stdout, flags=re.MULTILINE), proc.stdout
     assert "default_vectors off by" in proc.stdout and "FAILED: 1 layout/router pairs" in proc.stdout
+
+
+BROKEN_PROBE_GRADIENT = """
+import sys
+from megatron_default_moe import probes
+from megatron_default_moe.check.cli import main
+probes.probe_zero = lambda grad_RH, rows_B, p_B: None  # the probe rows' gradient reaches the experts
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.distributed
+def test_check_with_probes_on_the_sigmoid_routers_default():
+    """``--probes``: each run again with probes (``auto``, and the sigmoid router's ``shared-1``
+    fit): their tables bit-identical on every rank, outputs and the last layer's expert gradients
+    as the one-rank run's on the first step, over EP with data parallelism, TP+SP with expert TP,
+    and pipeline stages; a package whose probe rows' gradient reaches the experts fails it."""
+    import os
+    import subprocess
+
+    layouts = ["dp2xep2:sigmoid", "tp2sp-ep2-etp2:sigmoid", "pp2-ep2:renorm"]
+    out = run_isolated(check_command(4, layouts) + ["--probes"], 480)
+    passed = re.findall(r"^ok +(\S+) ", out, flags=re.MULTILINE)
+    assert len(passed) == 2 * len(layouts) * CHECKS_PER_LAYOUT, out[-6000:]
+    assert sum(p.endswith("+probes") for p in passed) == len(layouts) * CHECKS_PER_LAYOUT
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-c", BROKEN_PROBE_GRADIENT, "--layouts", "dp:sigmoid", "--dispatchers", "alltoall", "--probes"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for update in ("microbatch", "step"):
+        assert re.search(rf"^dp +sigmoid +alltoall +{update} +pass ", proc.stdout, flags=re.MULTILINE), proc.stdout
+        assert re.search(rf"^dp +sigmoid +alltoall +{update}\+probes +FAIL ", proc.stdout, flags=re.MULTILINE)
+    assert "linear_fc1.weight off by" in proc.stdout

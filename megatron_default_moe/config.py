@@ -243,4 +243,8 @@ def _probe_conflict(config):
         value = getattr(config, field, None)
         if unsupported(value):
             return f"--moe-default-probes does not support {flag}={value!r} (TransformerConfig.{field}): {why}."
+    if config.num_moe_experts and config.moe_router_topk >= config.num_moe_experts:
+        return (f"--moe-default-probes does not support --moe-router-topk={config.moe_router_topk} with "
+                f"--num-experts={config.num_moe_experts}: every expert is selected, so there is no unchosen "
+                "pair to probe (and the default term is zero).")
     return None

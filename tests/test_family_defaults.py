@@ -49,6 +49,10 @@ def test_the_default_yields_where_probes_cannot_run_or_the_routed_statistics_are
     assert budget == 0 and why == "off: the default for --moe-router-score-function softmax"
     capped = layer_of("deepseek_v3", moe_expert_capacity_factor=1.0)  # no error: the default steps aside
     assert capped.probes is None and capped.fit is None
+    every_expert = {**ROUTERS["deepseek_v3"], "moe_router_topk": 16, "moe_router_num_groups": None,
+                    "moe_router_group_topk": None}  # fmt: skip
+    budget, why = DefaultMoEConfig().resolved_probes(moe_config(**every_expert))
+    assert budget == 0 and "--moe-router-topk=16 with --num-experts=16" in why  # K = N: no unchosen pair
     for dm in (DefaultMoEConfig(stats_stride=4), DefaultMoEConfig(ema_weighting="router")):
         layer = layer_of("deepseek_v3", dm)
         assert layer.probes is None and layer.fit is None
@@ -56,6 +60,8 @@ def test_the_default_yields_where_probes_cannot_run_or_the_routed_statistics_are
         layer_of("deepseek_v3", DefaultMoEConfig(probes=8), moe_expert_capacity_factor=1.0)
     with pytest.raises(ValueError, match="--moe-expert-capacity-factor"):
         DefaultMoEConfig(probes=8).validate(moe_config(**ROUTERS["deepseek_v3"], moe_expert_capacity_factor=1.0))
+    with pytest.raises(ValueError, match="--moe-router-topk=16 with --num-experts=16: every expert is selected"):
+        DefaultMoEConfig(probes=8).validate(moe_config(**every_expert))
 
 
 def test_flags_leave_the_family_default_unset():

@@ -43,29 +43,40 @@ def run_means(result, variant):
     return {l: {v: statistics.fmean(f(s, l) for s in later) for v, f in views.items()} for l in layers}
 
 
-def seeds_table(results, variant):
-    """The per-family, per-layer table over seeds (text)."""
+def seeds_table(results, variant, markdown=False):
+    """The per-family, per-layer table over seeds (text, or a Markdown table)."""
     by_family, skipped = defaultdict(list), []
     for r in results:
         if any(int(s) > 0 for s in r["history"]["TopK"]):
             by_family[r["args"]["router"]].append((r["args"]["seed"], run_means(r, variant)))
         else:  # a run still at its first checkpoint
             skipped.append(f"{r['args']['router']} seed {r['args']['seed']}")
-    head = (f"{'family':<12} {'layer':>5} {'seeds':>5} {'T':>6} {'T|V':>6} {'T|D':>6} {'today':>6} {'V':>6} "
-            f"{'O_u':>6}  {'V>=T|V':>7} {'V>=T,T|D':>8}")
-    rows = [f"Variant V = {variant!r}: mean cosine to dense over seeds", head, "-" * len(head)]
-    same = per_model = total = 0
+    views = ("T", "T|V", "T|D", "today", "V", "O_u")
+    if markdown:
+        rows = ["| family | layer | seeds | " + " | ".join(v.replace("|", "\\|") for v in views)
+                + " | V ≥ T\\|V | V ≥ T, T\\|D |", "|" + " --- |" * (len(views) + 5)]
+    else:
+        head = (f"{'family':<12} {'layer':>5} {'seeds':>5} " + " ".join(f"{v:>6}" for v in views)
+                + f"  {'V>=T|V':>7} {'V>=T,T|D':>8}")
+        rows = [f"Variant V = {variant!r}: mean cosine to dense over seeds", head, "-" * len(head)]
+    same = per_model = total = layers = layers_on_mean = 0
     for family, runs in sorted(by_family.items()):
         for layer in runs[0][1]:
             m = [means[layer] for _, means in runs]
-            mean = {v: statistics.fmean(x[v] for x in m) for v in m[0]}
+            mean = {v: statistics.fmean(x[v] for x in m) for v in views}
             wins_same = sum(x["V"] >= x["T|V"] for x in m)
             wins_model = sum(x["V"] >= max(x["T"], x["T|D"]) for x in m)
             same, per_model, total = same + wins_same, per_model + wins_model, total + len(m)
-            rows.append(f"{family:<12} {layer:>5} {len(m):>5} " + " ".join(f"{mean[v]:>6.3f}" for v in mean)
-                        + f"  {wins_same:>3}/{len(m):<3} {wins_model:>4}/{len(m):<3}")
+            layers, layers_on_mean = layers + 1, layers_on_mean + (mean["V"] >= max(mean["T"], mean["T|V"], mean["T|D"]))
+            if markdown:
+                rows.append(f"| {family} | {layer} | {len(m)} | " + " | ".join(f"{mean[v]:.2f}" for v in views)
+                            + f" | {wins_same}/{len(m)} | {wins_model}/{len(m)} |")
+            else:
+                rows.append(f"{family:<12} {layer:>5} {len(m):>5} " + " ".join(f"{mean[v]:>6.3f}" for v in views)
+                            + f"  {wins_same:>3}/{len(m):<3} {wins_model:>4}/{len(m):<3}")
     rows.append(f"\nlayer-runs at or above TopK: same model (V >= T|V) {same}/{total}; "
-                f"per model (V >= T and T|D) {per_model}/{total}")
+                f"per model (V >= T and T|D) {per_model}/{total}; layers whose mean over seeds is at or above "
+                f"all three TopK means: {layers_on_mean}/{layers}")
     rows += [f"(no checkpoint after step 0 yet: {', '.join(skipped)})"] if skipped else []
     return "\n".join(rows)
 
@@ -74,12 +85,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("files", nargs="+", help="fidelity_<router>[_seed<N>].json files")
     p.add_argument("--variant", default="probes 64s", help="the Default MoE variant to compare (a run's name)")
+    p.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")
     args = p.parse_args(argv)
     results = []
     for path in args.files:
         with open(path) as f:
             results.append(json.load(f))
-    print(seeds_table(results, args.variant))
+    print(seeds_table(results, args.variant, args.markdown))
 
 
 if __name__ == "__main__":

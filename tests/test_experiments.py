@@ -144,5 +144,9 @@ def test_fidelity_over_seeds_by_hand():
     assert row.split()[3:9] == ["0.650", "0.300", "0.500", "0.100", "0.600", "0.900"]
     assert row.split()[9:] == ["2/2", "1/2"]
     assert "same model (V >= T|V) 2/2; per model (V >= T and T|D) 1/2" in text and "paper seed 3" in text
+    assert "all three TopK means: 0/1" in text  # mean V 0.6 < mean T 0.65
+    markdown = seeds.seeds_table(runs, "V", markdown=True).splitlines()
+    assert markdown[0].startswith("| family | layer | seeds | T | T\\|V |")
+    assert markdown[2] == "| mixtral | 2 | 2 | 0.65 | 0.30 | 0.50 | 0.10 | 0.60 | 0.90 | 2/2 | 1/2 |"
     with pytest.raises(SystemExit, match="'W' is not in this run"):
         seeds.run_means(runs[0], "W")

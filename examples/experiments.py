@@ -331,7 +331,8 @@ def demo_args(flags, cell, seed, out):
         "--moe-default-probes", str(cell.get("moe_default_probes", 0)),
         "--moe-default-probe-draw", cell.get("moe_default_probe_draw", "uniform"),
         "--moe-default-fit", cell.get("moe_default_fit", "constant"),
-        *(["--moe-default-fit-beta", str(cell["moe_default_fit_beta"])] if cell.get("moe_default_fit_beta") else []),
+        *(["--moe-default-fit-beta", str(cell["moe_default_fit_beta"])] if cell.get("moe_default_fit_beta") is not None
+          else []),
         "--seed", str(seed), "--out", out,
         "--no-plot", "--no-diagnostics"])
 

@@ -71,6 +71,7 @@ def test_probe_settings_reach_the_demo(exp):
     d = exp.demo_args([], cells[0], 1, "out")
     assert (d.moe_default_probes, d.moe_default_probe_draw, d.moe_default_fit) == (64, "uniform", "shared-1")
     assert d.moe_default_fit_beta is None and exp.demo_args([], exp.grid()[0], 1, "out").moe_default_fit == "constant"
+    assert exp.demo_args([], exp.grid(probes="64s@0")[0], 1, "out").moe_default_fit_beta == 0.0  # a beta of 0 too
 
 
 @pytest.mark.distributed

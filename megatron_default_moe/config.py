@@ -136,11 +136,11 @@ class DefaultMoEConfig:
             raise ValueError(f"--moe-default-probes must be an integer >= 0, 'auto' or unset, got {self.probes!r}")
         if isinstance(self.stats_stride, bool) or int(self.stats_stride) != self.stats_stride or self.stats_stride < 1:
             raise ValueError(f"--moe-default-stats-stride must be an integer >= 1, got {self.stats_stride!r}")
-        if self.probes not in (None, 0, "auto") and self.stats_stride != 1:
+        if self._fixed_budget and self.stats_stride != 1:
             raise ValueError(f"--moe-default-stats-stride {self.stats_stride} does not apply with "
                              "--moe-default-probes: the vectors then average the probe rows only, not the routed "
                              "rows it thins")
-        if self.probes not in (None, 0, "auto") and self.ema_weighting != "uniform":
+        if self._fixed_budget and self.ema_weighting != "uniform":
             raise ValueError(f"--moe-default-ema-weighting {self.ema_weighting!r} does not apply with "
                              "--moe-default-probes (it weights the routed rows); use --moe-default-probe-draw weighted")
         if self.fit not in (None, "constant") and self.probes == 0:
@@ -168,11 +168,16 @@ class DefaultMoEConfig:
             return "forward" if allowed else "backward-only"
         return self.mode
 
+    @property
+    def _fixed_budget(self) -> bool:
+        """Probes asked for with a budget: what they cannot hold is rejected, not turned off."""
+        return self.probes not in (None, 0, "auto")
+
     def requested_probes(self, config) -> Union[int, str]:
         """``probes`` as given, or unset: the router family's default (``PROBED_BY_DEFAULT``)."""
         if self.probes is not None:
             return self.probes
-        return "auto" if config.moe_router_score_function in PROBED_BY_DEFAULT else 0
+        return "auto" if _probed_by_default(config) else 0
 
     def resolved_probes(self, config, token_sets: int = 1):
         """``(budget per rank, why)``. ``auto``: ``auto_probe_budget``, or 0 wherever probes cannot
@@ -195,7 +200,7 @@ class DefaultMoEConfig:
         ``constant``."""
         if self.fit is not None:
             return self.fit
-        return "shared-1" if probes_on and config.moe_router_score_function in PROBED_BY_DEFAULT else "constant"
+        return "shared-1" if probes_on and _probed_by_default(config) else "constant"
 
     def validate(self, config) -> None:
         """Raise ``ValueError`` naming the Megatron flag of any option Default MoE cannot run with."""
@@ -217,7 +222,7 @@ class DefaultMoEConfig:
                 "default term to the forward would inflate the mixture mass beyond the scaling factor; "
                 "use --moe-default-mode auto or backward-only."
             )
-        conflict = _probe_conflict(config) if self.probes not in (None, 0, "auto") else None
+        conflict = _probe_conflict(config) if self._fixed_budget else None
         if conflict:
             raise ValueError(conflict)
         scopes = _cuda_graph_moe_scopes(config)
@@ -227,6 +232,10 @@ class DefaultMoEConfig:
                 f"--cuda-graph-impl={config.cuda_graph_impl!r} (TransformerConfig.cuda_graph_modules): "
                 "only 'attn' may be captured; the MoE forward updates the default vectors."
             )
+
+
+def _probed_by_default(config) -> bool:
+    return config.moe_router_score_function in PROBED_BY_DEFAULT
 
 
 def _probe_conflict(config):

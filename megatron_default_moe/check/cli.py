@@ -85,7 +85,8 @@ def check_layout(setup, ref, name, router, args, tolerance):
     sizes, sp, rows, failures = LAYOUTS[name], LAYOUTS[name].get("sp", False), [], []
     runtime.init_layout(setup, sizes)
     try:
-        runs = [(d, u, p) for d in args.dispatchers for u in args.updates for p in (False, True)[: 1 + args.probes]]
+        with_probes = (False, True) if args.probes else (False,)
+        runs = [(d, u, p) for d in args.dispatchers for u in args.updates for p in with_probes]
         for dispatcher, update, probes in runs:
             label = update + ("+probes" if probes else "")
             tag, start = f"{name}:{router}/{dispatcher}/{label}", time.time()

@@ -26,7 +26,7 @@ import torch
 
 from megatron_default_moe.check.model import NUM_LAYERS, master_name, my_shard, stage_layer_ids
 from megatron_default_moe.check.train import my_tokens
-from megatron_default_moe.checkpoint import FIT_BUFFERS
+from megatron_default_moe.checkpoint import BUFFER, FIT_BUFFERS
 
 # relative to the tensor's scale; fp32 on CUDA allows for TF32 GEMMs (Transformer Engine's)
 TOLERANCE = {("cpu", torch.float32): 1e-5, ("cuda", torch.float32): 1e-4,
@@ -59,7 +59,7 @@ class StepErrors:
 
 def default_tables(layer) -> torch.Tensor:
     """The layer's default vectors and, with the ``shared-1`` fit, its tables, flat (fp32)."""
-    names = ("default_vectors", *(FIT_BUFFERS if layer.fit is not None else ()))
+    names = (BUFFER, *(FIT_BUFFERS if layer.fit is not None else ()))
     return torch.cat([getattr(layer, name).flatten() for name in names])
 
 

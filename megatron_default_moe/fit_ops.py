@@ -1,13 +1,18 @@
 """The ``shared-1`` fit's math (``shared_fit.py``) and its update as one op: pure torch, no Megatron.
 
 State, fp32: ``vectors`` ``[E, H]`` (EMA of the mean ``y``, decay ``β``, as for the constant),
-``fit`` ``[E, 2H + 2]`` (EMA of the means of ``y``, ``s·y``, ``s``, ``s²``, decay ``β_fit``),
+``fit`` ``[E, 2H + 3]`` (EMA of the means of ``y``, ``s·y``, ``s``, ``s²``, decay ``β_fit``, and
+the EMA of 1, the weight ``1 − β_fit^n`` those moments carry after ``n`` updates from zero),
 ``q`` ``[H]`` (EMA of ``C d``, decay ``β_fit``) and ``d = q / ‖q‖``, kept beside it so a pass
 reads it without a norm. A slope has ``H`` values per expert and a few probes per micro-batch
 estimate it, so its window must hold many more samples than ``H`` (``β_fit`` close to 1,
 ``shared_fit.fit_beta``); the intercept follows the recent mean:
 
     B_i = (E[s·y] − E[s] E[y]) / Var(s)    (β_fit window),        A_i = Ê_i − E[s] B_i.
+
+The moments enter debiased (divided by their weight, as Adam's): a window of ``16 H`` probes
+fills over thousands of steps, and moments scaled by ``c`` and ``c²`` would bend the slope for all
+of them (README, "the fit's warm-up").
 
 ``fit_update`` takes the statistics reduced over the stage (``[E + 1, 2H + 3]``, ``shared_fit``)
 and does in one op (one Triton kernel on CUDA, ``triton_fit_kernels._fit_update_kernel``): both EMAs
@@ -36,11 +41,12 @@ def unit(q_H: torch.Tensor) -> torch.Tensor:
 
 def line_tables(vectors_EH: torch.Tensor, fit_EC: torch.Tensor):
     """``(A, B)`` ``[E, H]``: intercepts and slopes of the least-squares lines from the EMA'd means
-    ``fit = [y | s·y | s | s²]`` and the recent mean ``vectors``; an expert without probes yet has
-    ``B = 0``, ``A = Ê``."""
+    ``fit = [y | s·y | s | s² | weight]`` (debiased) and the recent mean ``vectors``; an expert
+    without probes yet has ``B = 0``, ``A = Ê``."""
     hidden = vectors_EH.shape[1]
-    y_EH, sy_EH = fit_EC[:, :hidden], fit_EC[:, hidden : 2 * hidden]
-    m1_E1, m2_E1 = fit_EC[:, 2 * hidden : 2 * hidden + 1], fit_EC[:, 2 * hidden + 1 :]
+    moments_EC = fit_EC[:, :-1] / fit_EC[:, -1:].clamp_min(1e-30)
+    y_EH, sy_EH = moments_EC[:, :hidden], moments_EC[:, hidden : 2 * hidden]
+    m1_E1, m2_E1 = moments_EC[:, 2 * hidden : 2 * hidden + 1], moments_EC[:, 2 * hidden + 1 :]
     var_E1 = (m2_E1 - m1_E1 * m1_E1).clamp_min(0.0)
     b_EH = (sy_EH - m1_E1 * y_EH) / (var_E1 * (1.0 + RIDGE) + 1e-6 * m2_E1 + 1e-30)
     return vectors_EH - m1_E1 * b_EH, b_EH
@@ -68,9 +74,9 @@ def fit_update_reference(vectors_EH: torch.Tensor, fit_EC: torch.Tensor, q_H: to
     experts, hidden = vectors_EH.shape
     stats_EW = stats[:experts]
     updated_E1, nonfinite_E1 = F.ema_masks_E1(stats_EW)
-    means_EC = stats_EW[:, :-1] / torch.where(updated_E1, stats_EW[:, -1:], 1.0)
-    vectors_EH.lerp_(torch.where(updated_E1, means_EC[:, :hidden], vectors_EH), 1.0 - beta)
-    fit_EC.lerp_(torch.where(updated_E1, means_EC, fit_EC), 1.0 - beta_fit)
+    means_EW = stats_EW / torch.where(updated_E1, stats_EW[:, -1:], 1.0)  # the count's column: its weight, 1
+    vectors_EH.lerp_(torch.where(updated_E1, means_EW[:, :hidden], vectors_EH), 1.0 - beta)
+    fit_EC.lerp_(torch.where(updated_E1, means_EW, fit_EC), 1.0 - beta_fit)
     skips_E += nonfinite_E1.squeeze(-1)
     a_EH, b_EH = line_tables(vectors_EH, fit_EC)
     d_used = d_H.clone()

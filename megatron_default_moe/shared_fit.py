@@ -19,7 +19,7 @@ pairs, weight ``|p|``). Per pass and layer:
   (``functional.add_default_term``).
 
 State (fp32, identical on every rank): ``default_vectors`` (as for the constant),
-``default_fit`` ``[E, 2H + 2]`` and ``default_direction`` ``q`` ``[H]`` (checkpointed), and
+``default_fit`` ``[E, 2H + 3]`` and ``default_direction`` ``q`` ``[H]`` (checkpointed), and
 ``default_direction_unit`` ``d`` (not saved: ``q / ‖q‖``, set again at load); see ``fit_ops``.
 """
 
@@ -63,7 +63,7 @@ class SharedLineFit:
                                              "token sets / %d experts, H %d)", layer.layer_number, self.beta,
                                              probes.budget, probes.token_sets, experts, hidden)  # fmt: skip
         self.initial_direction = initial_direction_H(hidden, seed, layer.layer_number, device)
-        layer.register_buffer("default_fit", torch.zeros(experts, 2 * hidden + 2, dtype=torch.float32, device=device))
+        layer.register_buffer("default_fit", torch.zeros(experts, 2 * hidden + 3, dtype=torch.float32, device=device))
         layer.register_buffer("default_direction", self.initial_direction.clone())
         layer.register_buffer("default_direction_unit", self.initial_direction.clone(), persistent=False)
         self._x = self._s = self._d_x = None

@@ -14,13 +14,14 @@ from megatron_default_moe.triton_kernels import _lerp
 def _fit_update_kernel(vec_ptr, fit_ptr, q_ptr, d_ptr, stats_ptr, table_ptr, dused_ptr, updated_ptr, skips_ptr,
                        H, E, one_minus_beta, one_minus_beta_fit, ridge, BLOCK_H: tl.constexpr):  # fmt: skip
     """Program ``e < E``: expert ``e``'s two EMAs (``ema_update``'s rule over its ``2H + 3``
-    statistics) and its line ``A_e``, ``B_e`` into the table; program ``E``: the power step of
+    statistics; the fit's row the same width, its last value the moments' weight) and its line
+    ``A_e``, ``B_e`` into the table; program ``E``: the power step of
     ``q`` and the new ``d``; see ``fit_ops.fit_update_reference``."""
     e = tl.program_id(0)
     W = 2 * H + 3
     if e < E:
         srow = stats_ptr + e.to(tl.int64) * W
-        frow = fit_ptr + e.to(tl.int64) * (W - 1)
+        frow = fit_ptr + e.to(tl.int64) * W
         vrow = e.to(tl.int64) * H
         count = tl.load(srow + W - 1)
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -33,11 +34,17 @@ def _fit_update_kernel(vec_ptr, fit_ptr, q_ptr, d_ptr, stats_ptr, table_ptr, dus
         cnt = tl.where(ok, count, 1.0)
         m1_old = tl.load(frow + 2 * H)
         m2_old = tl.load(frow + 2 * H + 1)
+        w_old = tl.load(frow + W - 1)
         m1 = tl.where(ok, _lerp(m1_old, tl.load(srow + 2 * H) / cnt, one_minus_beta_fit), m1_old)
         m2 = tl.where(ok, _lerp(m2_old, tl.load(srow + 2 * H + 1) / cnt, one_minus_beta_fit), m2_old)
+        w = tl.where(ok, _lerp(w_old, count / cnt, one_minus_beta_fit), w_old)
         tl.store(frow + 2 * H, m1)
         tl.store(frow + 2 * H + 1, m2)
-        den = tl.maximum(m2 - m1 * m1, 0.0) * (1.0 + ridge) + 1e-6 * m2 + 1e-30
+        tl.store(frow + W - 1, w)
+        wd = tl.maximum(w, 1e-30)  # the moments debiased, as ``line_tables``
+        m1d = m1 / wd
+        m2d = m2 / wd
+        den = tl.maximum(m2d - m1d * m1d, 0.0) * (1.0 + ridge) + 1e-6 * m2d + 1e-30
         for h0 in range(0, H, BLOCK_H):
             h = h0 + tl.arange(0, BLOCK_H)
             m = h < H
@@ -51,8 +58,8 @@ def _fit_update_kernel(vec_ptr, fit_ptr, q_ptr, d_ptr, stats_ptr, table_ptr, dus
             tl.store(vec_ptr + vrow + h, v, mask=m)
             tl.store(frow + h, y, mask=m)
             tl.store(frow + H + h, sy, mask=m)
-            b = (sy - m1 * y) / den
-            tl.store(table_ptr + vrow + h, (v - m1 * b).to(table_ptr.dtype.element_ty), mask=m)
+            b = (sy / wd - m1d * (y / wd)) / den
+            tl.store(table_ptr + vrow + h, (v - m1d * b).to(table_ptr.dtype.element_ty), mask=m)
             tl.store(table_ptr + E * H + vrow + h, b.to(table_ptr.dtype.element_ty), mask=m)
         tl.store(updated_ptr + e, ok)
         skipped = (count > 0.0) & (finite == 0)

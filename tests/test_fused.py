@@ -400,8 +400,10 @@ checked = 0
 for experts, hidden, beta, beta_fit in ((8, 24, 0.9, 0.99), (3, 70, 0.3, 0.3), (16, 130, 0.0, 0.7)):
     for dtype in (torch.float32, torch.bfloat16):
         gen = torch.Generator().manual_seed(experts + hidden)
-        vectors, fit = torch.randn(experts, hidden, generator=gen), torch.randn(experts, 2 * hidden + 2, generator=gen)
-        fit[:, -1] = fit[:, -1].abs() + fit[:, -2] ** 2  # m2 >= m1^2
+        vectors, fit = torch.randn(experts, hidden, generator=gen), torch.randn(experts, 2 * hidden + 3, generator=gen)
+        fit[:, -1] = torch.rand(experts, generator=gen) * 0.9 + 0.1  # the moments' weight (debias)
+        fit[:, -2] = fit[:, -2].abs() + fit[:, -3] ** 2 / fit[:, -1]  # debiased m2 >= m1^2
+        fit[1] = 0.0  # never updated (and none now): B = 0
         q = torch.randn(hidden, generator=gen)
         d = q / q.norm()
         stats = torch.randn(experts + 1, 2 * hidden + 3, generator=gen)
@@ -482,7 +484,7 @@ def test_cuda_fit_update_matches_its_reference():
     gen = torch.Generator(device=dev).manual_seed(1)
     experts, hidden = 128, 2048
     state = [torch.randn(experts, hidden, device=dev, generator=gen),
-             torch.rand(experts, 2 * hidden + 2, device=dev, generator=gen) + 1.0,
+             torch.rand(experts, 2 * hidden + 3, device=dev, generator=gen) + 1.0,
              torch.randn(hidden, device=dev, generator=gen)]  # fmt: skip
     state.append(state[2] / state[2].norm())
     stats = torch.randn(experts + 1, 2 * hidden + 3, device=dev, generator=gen)

@@ -43,7 +43,7 @@ def test_line_tables_are_the_weighted_least_squares_line():
     stats = torch.cat([(w_EN[..., None] * y_ENH).sum(1), (w_EN[..., None] * s_EN[..., None] * y_ENH).sum(1),
                        (w_EN * s_EN).sum(1, keepdim=True), (w_EN * s_EN**2).sum(1, keepdim=True),
                        w_EN.sum(1, keepdim=True)], dim=1)  # fmt: skip
-    means = stats[:, :-1] / stats[:, -1:]
+    means = stats / stats[:, -1:]  # [y | s·y | s | s² | 1]: the moments of one update, weight 1
     a_fit, b_fit = FO.line_tables(means[:, :hidden], means)
     for i in range(experts):
         sw = w_EN[i].sqrt()[:, None]
@@ -51,8 +51,33 @@ def test_line_tables_are_the_weighted_least_squares_line():
         coef = torch.linalg.lstsq(design, y_ENH[i].double() * sw).solution
         torch.testing.assert_close(a_fit[i].double(), coef[0], rtol=3e-3, atol=3e-3)
         torch.testing.assert_close(b_fit[i].double(), coef[1], rtol=3e-3, atol=3e-3)
-    a0, b0 = FO.line_tables(torch.zeros(2, hidden), torch.zeros(2, 2 * hidden + 2))  # no probes yet: B = 0, A = Ê
+    a0, b0 = FO.line_tables(torch.zeros(2, hidden), torch.zeros(2, 2 * hidden + 3))  # no probes yet: B = 0, A = Ê
     assert not a0.any() and not b0.any()
+
+
+def test_lines_are_debiased_while_the_window_fills():
+    """The moments' EMAs start at zero: after ``n`` updates they carry weight ``1 − β_fit^n``, and the
+    lines divide it out, so a long window's first updates already give the line of what they saw
+    (without it the slope mixes moments scaled by ``c`` and ``c²``); an expert without probes keeps
+    its line and weight."""
+    torch.manual_seed(2)
+    experts, hidden, beta_fit = 3, 4, 0.999
+    vectors, fit = torch.zeros(experts, hidden), torch.zeros(experts, 2 * hidden + 3)
+    q = FO.initial_direction_H(hidden, 0, 1, "cpu")
+    d, skips = q.clone(), torch.zeros(experts, dtype=torch.long)
+    batches = [torch.rand(experts + 1, 2 * hidden + 3) + 0.5 for _ in range(3)]
+    for stats in batches:
+        stats[1, -1] = 0.0  # expert 1 never has probes
+    for n, stats in enumerate(batches, start=1):
+        table, _, _ = FO.fit_update_reference(vectors, fit, q, d, stats, 0.0, beta_fit, skips, torch.float32)
+        weights = [(1 - beta_fit) * beta_fit ** (n - k) for k in range(1, n + 1)]
+        seen = sum(w * b[:experts] / b[:experts, -1:] for w, b in zip(weights, batches)) / sum(weights)
+        a_EH, b_EH = FO.line_tables(stats[:experts, :hidden] / stats[:experts, -1:], seen)
+        torch.testing.assert_close(fit[:, -1], torch.tensor([1 - beta_fit**n, 0.0, 1 - beta_fit**n]))
+        keep = torch.tensor([0, 2])
+        torch.testing.assert_close(table[experts:][keep], b_EH[keep], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(table[:experts][keep], a_EH[keep], rtol=1e-4, atol=1e-5)
+        assert not table[experts + 1].any() and not table[1].any()  # no probes yet: B = 0, A = Ê = 0
 
 
 def test_power_steps_find_the_leading_principal_direction():
@@ -117,8 +142,9 @@ def test_tables_follow_the_drawn_unchosen_pairs_and_the_term_uses_them(monkeypat
     mean_s = torch.zeros(8, 1).index_add_(0, experts_B, (w_B * s_B)[:, None]) / count_E
     mean_s2 = torch.zeros(8, 1).index_add_(0, experts_B, (w_B * s_B**2)[:, None]) / count_E
     torch.testing.assert_close(layer.default_vectors, mean_y, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.default_fit, torch.cat([mean_y, mean_sy, mean_s, mean_s2], 1), rtol=1e-5,
-                               atol=1e-6)  # fmt: skip
+    probed_E1 = (torch.zeros(8).index_add_(0, experts_B, w_B) > 0).float()[:, None]  # the moments' weight
+    torch.testing.assert_close(layer.default_fit, torch.cat([mean_y, mean_sy, mean_s, mean_s2, probed_E1], 1),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
     xp = x_TH[tokens_B[probs_B < 0]]  # the probe tokens: a uniform sample of the micro-batch
     xc = xp - xp.mean(0)
     torch.testing.assert_close(layer.default_direction, xc.T @ (xc @ d0) / len(xp), rtol=1e-4, atol=1e-5)

@@ -82,7 +82,7 @@ def _probe_exclude(out_dtype, count_rows, line, turn):
 def _fit_update(table_dtype, turn):
     experts, hidden = ((8, 1024), (128, 1000), (1, 2048))[turn % 3]
     zeros = torch.zeros
-    return (zeros(experts, hidden), zeros(experts, 2 * hidden + 2), zeros(hidden), zeros(hidden),
+    return (zeros(experts, hidden), zeros(experts, 2 * hidden + 3), zeros(hidden), zeros(hidden),
             zeros(experts + 1, 2 * hidden + 3), 0.9, 0.99, zeros(experts, dtype=torch.long), table_dtype)  # fmt: skip
 
 

@@ -64,6 +64,14 @@ def fill_missing_default_vectors(layer, prefix: str, missing_keys: list) -> None
         )
 
 
+def add_fit_weight(layer, state_dict: dict, key: str) -> None:
+    """A ``default_fit`` saved before its last column, the moments' weight (``[E, 2H + 2]``, moments
+    used as they were), loads with weight 1: the run goes on with the lines it had."""
+    fit = state_dict.get(key)
+    if fit is not None and fit.shape[-1] + 1 == layer.default_fit.shape[-1]:
+        state_dict[key] = torch.cat([fit, fit.new_ones(*fit.shape[:-1], 1)], dim=-1)
+
+
 def restore_sample_counter(layer, key: str, missing_keys: list) -> int:
     """The loaded ``sample_counter`` as a host int (the one read, at load time); a checkpoint from
     before the counter (0.2, or TopK) starts it at 0, like the vectors."""

@@ -9,7 +9,7 @@ and restored once at load.
 
 import torch
 
-from megatron_default_moe.checkpoint import fill_missing_default_vectors, restore_sample_counter
+from megatron_default_moe.checkpoint import add_fit_weight, fill_missing_default_vectors, restore_sample_counter
 
 FP32_TABLES = ("default_vectors", "default_fit", "default_direction", "default_direction_unit")
 
@@ -45,6 +45,8 @@ class TableBuffers:
         for name in self._fp32_tables():
             if prefix + name in state_dict:
                 state_dict[prefix + name] = state_dict[prefix + name].to(torch.float32)
+        if "default_fit" in self._buffers:
+            add_fit_weight(self, state_dict, prefix + "default_fit")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         fill_missing_default_vectors(self, prefix, missing_keys)
         if getattr(self, "fit", None) is not None:

@@ -213,6 +213,9 @@ def test_checkpoint_carries_the_fit_and_a_constant_checkpoint_starts_it_afresh(c
     assert not again.default_fit.any() and torch.equal(again.default_direction, again.fit.initial_direction)
     torch.testing.assert_close(again.default_direction_unit, again.fit.initial_direction)
     assert "default-vector fit" in caplog.text
+    old = dict(state, default_fit=state["default_fit"][:, :-1])  # saved before the moments' weight
+    again.load_state_dict(old)
+    assert torch.equal(again.default_fit, torch.cat([old["default_fit"], torch.ones(8, 1)], 1))
 
 
 def test_fit_window_holds_about_16h_probes_per_expert_unless_given():

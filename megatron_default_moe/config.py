@@ -1,4 +1,5 @@
-"""``DefaultMoEConfig``: the knobs of Default MoE and the Megatron options it cannot run with."""
+"""``DefaultMoEConfig``: the knobs of Default MoE, checked, and resolved per router (the Megatron
+options it cannot run with: ``unsupported.py``)."""
 
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -6,79 +7,14 @@ from typing import Optional, Union
 from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, NORMALISERS, forward_mode_allowed
 from megatron_default_moe.probes import PROBE_DRAWS, PROBE_SAMPLES_PER_EXPERT, auto_probe_budget
 from megatron_default_moe.shared_fit import FITS
+from megatron_default_moe.unsupported import (cuda_graph_conflict, forward_mode_conflict, probe_conflict,
+                                              unsupported_option)  # fmt: skip
 
 UPDATES = ("microbatch", "step")
 # Router score functions whose Default MoE runs with probes (``auto``) and the ``shared-1`` fit
 # unless told otherwise: there both beat TopK's router gradient in every measured layer (README
 # "Default: probes and the fit for sigmoid routers").
 PROBED_BY_DEFAULT = ("sigmoid",)
-
-# (TransformerConfig field, Megatron-LM flag, predicate meaning "unsupported", why)
-_REJECTED = (
-    ("num_moe_experts", "--num-experts", lambda v: not v, "Default MoE needs an MoE model"),
-    (
-        "moe_router_load_balancing_type",
-        "--moe-router-load-balancing-type",
-        lambda v: "sinkhorn" in _as_list(v),
-        "Sinkhorn routing weights top-1 tokens by sigmoid(z) and selects on Sinkhorn-normalised "
-        "logits, so its probs do not follow the score function (c·f/N) the default weights use",
-    ),
-    (
-        "moe_apply_probs_on_input",
-        "--moe-apply-probs-on-input",
-        bool,
-        "the expert input is scaled by the prob, so out / p is not the unweighted expert output",
-    ),
-    (
-        "moe_token_dispatcher_type",
-        "--moe-token-dispatcher-type",
-        lambda v: v not in ("allgather", "alltoall"),
-        "only the 'allgather' and 'alltoall' dispatchers are supported",
-    ),
-    (
-        "overlap_moe_expert_parallel_comm",
-        "--overlap-moe-expert-parallel-comm",
-        bool,
-        "EP-comm overlap splits the layer forward across schedule nodes",
-    ),
-    ("delay_wgrad_compute", "--delay-wgrad-compute", bool, "used only with EP-comm overlap"),
-    (
-        "overlap_dispatch_backward_with_experts_wgrad",
-        "--overlap-dispatch-backward-with-experts-wgrad",
-        bool,
-        "not validated with the default-vector statistics",
-    ),
-    ("moe_latent_size", "--moe-latent-size", bool, "latent MoE projects expert outputs"),
-    (
-        "transformer_impl",
-        "--transformer-impl",
-        lambda v: v == "inference_optimized",
-        "inference-optimized MoE layers use their own router and dispatcher",
-    ),
-    (
-        "moe_enable_routing_replay",
-        "--moe-enable-routing-replay",
-        bool,
-        "replayed routes bypass the router's full softmax",
-    ),
-)
-
-
-def _as_list(value):
-    return value if isinstance(value, (list, tuple)) else [value]
-
-
-def _cuda_graph_moe_scopes(config):
-    """CUDA-graph modules that capture more than attention (the MoE forward has a collective)."""
-    if getattr(config, "cuda_graph_impl", "none") == "none":
-        return []
-    if config.cuda_graph_impl == "full_iteration":
-        return ["full_iteration"]
-    modules = [getattr(m, "name", m) for m in _as_list(getattr(config, "cuda_graph_modules", []))]
-    if not modules or modules == ["full"]:  # an empty list (Megatron's "full") is the whole layer
-        return ["full layer"]
-    return [m for m in modules if m != "attn"]
-
 
 @dataclass
 class DefaultMoEConfig:
@@ -188,7 +124,7 @@ class DefaultMoEConfig:
                                  f"off: the default for --moe-router-score-function {config.moe_router_score_function}")
         if self.stats_stride != 1 or self.ema_weighting != "uniform":
             return 0, "off: --moe-default-stats-stride / --moe-default-ema-weighting shape the routed statistics"
-        conflict = _probe_conflict(config)
+        conflict = probe_conflict(config)
         if conflict:
             return 0, "off: " + conflict
         budget = auto_probe_budget(config.num_moe_experts, token_sets)
@@ -203,57 +139,13 @@ class DefaultMoEConfig:
         return "shared-1" if probes_on and _probed_by_default(config) else "constant"
 
     def validate(self, config) -> None:
-        """Raise ``ValueError`` naming the Megatron flag of any option Default MoE cannot run with."""
-        for field, flag, unsupported, why in _REJECTED:
-            value = getattr(config, field, None)
-            if unsupported(value):
-                raise ValueError(
-                    f"Default MoE does not support {flag}={value!r} "
-                    f"(TransformerConfig.{field}): {why}."
-                )
-        if self.mode == "forward" and not forward_mode_allowed(
-            config.moe_router_score_function, config.moe_router_pre_softmax
-        ):
-            raise ValueError(
-                "Default MoE does not support --moe-default-mode forward with "
-                f"--moe-router-score-function={config.moe_router_score_function!r}"
-                f"{'' if config.moe_router_score_function != 'softmax' else ' without --moe-router-pre-softmax'}: "
-                "the selected probs are renormalised (or, for sigmoid top-1, unbounded), so adding the "
-                "default term to the forward would inflate the mixture mass beyond the scaling factor; "
-                "use --moe-default-mode auto or backward-only."
-            )
-        conflict = _probe_conflict(config) if self._fixed_budget else None
+        """Raise ``ValueError`` naming the Megatron flag of any option Default MoE cannot run with
+        (``unsupported.py``)."""
+        conflict = (unsupported_option(config) or forward_mode_conflict(self.mode, config)
+                    or (probe_conflict(config) if self._fixed_budget else None) or cuda_graph_conflict(config))  # fmt: skip
         if conflict:
             raise ValueError(conflict)
-        scopes = _cuda_graph_moe_scopes(config)
-        if scopes:
-            raise ValueError(
-                f"Default MoE does not support --cuda-graph-modules {scopes} with "
-                f"--cuda-graph-impl={config.cuda_graph_impl!r} (TransformerConfig.cuda_graph_modules): "
-                "only 'attn' may be captured; the MoE forward updates the default vectors."
-            )
 
 
 def _probed_by_default(config) -> bool:
     return config.moe_router_score_function in PROBED_BY_DEFAULT
-
-
-def _probe_conflict(config):
-    """Why probes cannot ride this config's dispatch (they are extra routed pairs of Megatron's
-    dropless dispatch), or None."""
-    for field, flag, unsupported, why in (
-        ("moe_expert_capacity_factor", "--moe-expert-capacity-factor", lambda v: v is not None,
-         "probe pairs would compete with routed pairs for expert capacity"),
-        ("moe_pad_expert_input_to_capacity", "--moe-pad-expert-input-to-capacity", bool,
-         "probe pairs would compete with routed pairs for expert capacity"),
-        ("moe_token_dispatcher_type", "--moe-token-dispatcher-type", lambda v: v not in ("allgather", "alltoall"),
-         "probes are routed through the allgather and alltoall dispatchers only"),
-    ):
-        value = getattr(config, field, None)
-        if unsupported(value):
-            return f"--moe-default-probes does not support {flag}={value!r} (TransformerConfig.{field}): {why}."
-    if config.num_moe_experts and config.moe_router_topk >= config.num_moe_experts:
-        return (f"--moe-default-probes does not support --moe-router-topk={config.moe_router_topk} with "
-                f"--num-experts={config.num_moe_experts}: every expert is selected, so there is no unchosen "
-                "pair to probe (and the default term is zero).")
-    return None

@@ -13,18 +13,17 @@ rank, after all backward passes and after the ``update="step"`` EMA step):
 - ``log_default_moe_metrics(model, iteration, ...)``: gathers the stats of all pipeline stages
   and writes them, with ``gpu_telemetry()``, through the given writers.
 - ``install_training_hooks(model, log_interval)``: the ``finalize_model_grads_func`` wrappers.
-- ``gpu_telemetry()``: utilisation, memory and power of this rank's GPU through ``nvidia-ml-py``;
-  ``{}`` without an NVIDIA GPU or without the package.
+- ``gpu_telemetry()`` (``gpu_telemetry.py``): this rank's GPU through ``nvidia-ml-py``.
 """
 
 import functools
 
 import torch
 
+from megatron_default_moe.gpu_telemetry import gpu_telemetry
 from megatron_default_moe.update import default_moe_layers, wrap_finalize_model_grads
 
 PREFIX = "default_moe"
-_NVML = {"ready": None}
 
 
 # -- default-vector statistics ---------------------------------------------------------------
@@ -108,56 +107,6 @@ def flatten_stats(per_layer: dict) -> dict:
 def default_moe_stats(model) -> dict:
     """The metrics dict of this rank's Default MoE layers (pure: reads buffers, no collective)."""
     return flatten_stats(per_layer_stats(model))
-
-
-# -- GPU telemetry ---------------------------------------------------------------------------
-def _nvml():
-    """The ``pynvml`` module, initialised once, or ``None`` (no package, no driver)."""
-    if _NVML["ready"] is None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            _NVML["ready"] = pynvml
-        except Exception:  # ImportError, NVMLError (no driver / no GPU)
-            _NVML["ready"] = False
-    return _NVML["ready"] or None
-
-
-def gpu_telemetry(device=None) -> dict:
-    """``gpu/*`` utilisation (%), memory (GiB) and power (W) of a CUDA device; ``{}`` if unknown.
-
-    ``device`` defaults to the current CUDA device; it is mapped to NVML's index the way torch
-    maps it (``CUDA_VISIBLE_DEVICES`` aware). Fields the GPU does not report are left out.
-    """
-    if device is None:
-        if not torch.cuda.is_available():
-            return {}
-        device = torch.cuda.current_device()
-    nvml = _nvml()
-    if nvml is None:
-        return {}
-    try:
-        to_nvml = getattr(torch.cuda, "_get_nvml_device_index", None)
-        index = to_nvml(device) if to_nvml is not None and torch.cuda.is_available() else int(device)
-        handle = nvml.nvmlDeviceGetHandleByIndex(index)
-    except Exception:
-        return {}
-    readings = {
-        "gpu/utilization_percent": lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
-        "gpu/memory_bandwidth_utilization_percent": lambda: nvml.nvmlDeviceGetUtilizationRates(handle).memory,
-        "gpu/memory_used_gib": lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30,
-        "gpu/memory_total_gib": lambda: nvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30,
-        "gpu/power_w": lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
-        "gpu/power_limit_w": lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
-    }
-    out = {}
-    for name, read in readings.items():
-        try:
-            out[name] = float(read())
-        except Exception:  # NVMLError_NotSupported and friends
-            pass
-    return out
 
 
 # -- writing ---------------------------------------------------------------------------------

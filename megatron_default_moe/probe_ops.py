@@ -114,7 +114,7 @@ def draw_probes(weights_TE, routing_map_TE, budget: int, seed: int, draw: str):
     with prob ``-W_t`` (``W_t = Σ w`` of the token's unrouted experts) so that the statistics,
     weighting each row by ``|p|``, estimate the ``w``-weighted unchosen mean. A token with no
     eligible pair (padding) gets a filler: an unrouted pair with prob 0 (one exists: probes need
-    top-k below the expert count, ``config._probe_conflict``), run like Megatron's own padding
+    top-k below the expert count, ``unsupported.probe_conflict``), run like Megatron's own padding
     rows and never counted. Work: ``O(budget · E)`` in one op, no host sync. ``weights_TE``:
     ``w`` for weighted draws; for uniform ones a bool of the pairs with weight 0 (the router's
     chosen pairs and padding tokens), so that ``w`` itself is not computed.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import build_layers, moe_config
 
-from megatron_default_moe import DefaultMoEConfig, metrics
+from megatron_default_moe import DefaultMoEConfig, gpu_telemetry, metrics
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 
@@ -105,7 +105,7 @@ def test_log_writes_through_both_writers_at_the_interval():
 def test_no_gpu_no_telemetry():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    assert metrics.gpu_telemetry() == {}
+    assert gpu_telemetry.gpu_telemetry() == {}
 
 
 def test_telemetry_through_nvml(monkeypatch):
@@ -122,8 +122,8 @@ def test_telemetry_through_nvml(monkeypatch):
     fake.nvmlDeviceGetPowerUsage = lambda h: 412_500  # mW
     fake.nvmlDeviceGetEnforcedPowerLimit = lambda h: (_ for _ in ()).throw(NVMLError("not supported"))
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setitem(metrics._NVML, "ready", None)
-    out = metrics.gpu_telemetry(device=0)
+    monkeypatch.setitem(gpu_telemetry._NVML, "ready", None)
+    out = gpu_telemetry.gpu_telemetry(device=0)
     assert out == {
         "gpu/utilization_percent": 87.0,
         "gpu/memory_bandwidth_utilization_percent": 41.0,
@@ -141,11 +141,11 @@ def test_telemetry_silent_without_driver_or_package(monkeypatch):
 
     fake.nvmlInit = no_driver
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setitem(metrics._NVML, "ready", None)
-    assert metrics.gpu_telemetry(device=0) == {}
+    monkeypatch.setitem(gpu_telemetry._NVML, "ready", None)
+    assert gpu_telemetry.gpu_telemetry(device=0) == {}
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
-    monkeypatch.setitem(metrics._NVML, "ready", None)
-    assert metrics.gpu_telemetry(device=0) == {}
+    monkeypatch.setitem(gpu_telemetry._NVML, "ready", None)
+    assert gpu_telemetry.gpu_telemetry(device=0) == {}
 
 
 GATHER_WORKER = r"""

@@ -7,7 +7,7 @@ from helpers import moe_config, moe_submodules
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 
-# One unsupported value per entry of ``config._REJECTED`` (several where the predicate has cases).
+# One unsupported value per entry of ``unsupported.REJECTED`` (several where the predicate has cases).
 UNSUPPORTED = {
     "num_moe_experts": [None, 0],
     "moe_router_load_balancing_type": ["sinkhorn", ["aux_loss", "sinkhorn"]],
@@ -35,9 +35,9 @@ SUPPORTED = {
 
 
 def _rejected():
-    from megatron_default_moe.config import _REJECTED
+    from megatron_default_moe.unsupported import REJECTED
 
-    return {field: flag for field, flag, _, _ in _REJECTED}
+    return {field: flag for field, flag, _, _ in REJECTED}
 
 
 def _build(config):

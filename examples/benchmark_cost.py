@@ -675,7 +675,7 @@ def measure_points(spec, args, device, local):
         for variant in variants:
             default, _, stride = variant.partition(":")
             layer = build_layer(config, default == "default", device, stats_stride=int(stride or 1),
-                                local_experts=local, probes=args.probe_budget, fit=args.fit)
+                                local_experts=local, probes=args.probe_budget, fit=args.shape_fit)
             base.setdefault(variant, {})[e] = state_bytes(layer)
             if variant == "topk":
                 fingerprint = weights_fingerprint(layer)
@@ -709,16 +709,33 @@ def ep_of(args, name, spec):
     return ep
 
 
-def probe_budget_of(args, spec, ep):
+def probes_and_fit_of(args, spec, ep):
+    """``(probes per GPU and micro-batch, fit)``: as given, or where left at ``default`` what the
+    package runs for the shape's router (``DefaultMoEConfig.requested_probes`` / ``resolved_fit``:
+    a sigmoid router probes by the rule and fits ``shared-1``; a stride other than 1 turns that off)."""
+    from megatron_default_moe import DefaultMoEConfig
+
+    router = argparse.Namespace(**spec["router"])
+    probes = args.probes
+    if probes == "default":
+        probes = "rule" if DefaultMoEConfig().requested_probes(router) == "auto" and args.stats_strides == [1] else "0"
+    budget = probe_budget_of(args, spec, ep, probes)
+    fit = DefaultMoEConfig().resolved_fit(router, budget > 0) if args.fit == "default" else args.fit
+    if fit == "shared-1" and not budget:
+        raise SystemExit(f"--fit shared-1 fits the probes' statistics: give --probes for {spec['router']}")
+    return budget, fit
+
+
+def probe_budget_of(args, spec, ep, probes):
     """Probes per GPU and micro-batch: ``--probes N``, or the rule of ``--moe-default-probes auto``:
     ``16 E / (EP · DP)`` (the statistics are summed over the stage, so each expert gets about 16
     samples a micro-batch)."""
-    if args.probes in ("rule", "auto"):
+    if probes in ("rule", "auto"):
         from megatron_default_moe.probes import auto_probe_budget
 
         budget = auto_probe_budget(spec["experts"], ep * args.dp)
     else:
-        budget = int(args.probes)
+        budget = int(probes)
     if budget and (budget * args.tokens % args.target_tokens or budget * args.tokens < args.target_tokens):
         raise SystemExit(f"--probes {budget} at --target-tokens {args.target_tokens}: measured at --tokens "
                          f"{args.tokens}, the budget scales to {budget * args.tokens / args.target_tokens:g} probes; "
@@ -747,7 +764,7 @@ def run_shape(name, args, device, gpu):
     spec = shape_spec(args, name)
     ep = ep_of(args, name, spec)
     local = spec["experts"] // ep
-    args.probe_budget = probe_budget_of(args, spec, ep)
+    args.probe_budget, args.shape_fit = probes_and_fit_of(args, spec, ep)
     points, peaks, base, es, ts, shape_notes = measure_points(spec, args, device, local)
     target = (args.target_tokens, spec["experts"])
     results = []
@@ -788,7 +805,7 @@ def _result(name, spec, args, ep, local, stride, notes, es, ts, fitted, tot, mis
         shape=name, spec={k_: v for k_, v in spec.items()}, notes=notes, measured_tokens=ts, measured_experts=es,
         target_tokens=args.target_tokens, experts_impl=args.experts_impl, stats_stride=stride, ep=ep,
         local_experts=local, stats_kernel=kernel, topk=k, default=d,
-        probe_traffic=probe_traffic(spec, args.probe_budget, args.target_tokens),
+        probe_traffic=probe_traffic(spec, args.probe_budget, args.target_tokens), fit=args.shape_fit,
         extra_flops_fraction=(d["flops"] - k["flops"]) / k["flops"],
         extra_expert_flops_fraction=_region_flops(fitted["default"]) / _region_flops(fitted["topk"]) - 1.0,
         ratio_time=d["time_s"] / k["time_s"], ratio_bytes=d["bytes"] / k["bytes"],
@@ -830,7 +847,7 @@ def _cuda_measure_at(spec, e, args, device, stride):
     config, note = resolve_router(spec, e)
     out = dict(experts=e, tokens=args.target_tokens, note=note, iters=args.iters)
     layers = [build_layer(config, False, device), build_layer(config, True, device, stats_stride=stride,
-                                                                  probes=args.probe_budget)]
+                                                                  probes=args.probe_budget, fit=args.shape_fit)]
     x, g = tokens_for(spec["hidden"], args.target_tokens, device)
     times = [[], []]
     for it in range(args.warmup + args.iters):
@@ -875,7 +892,8 @@ def print_shape(r, gpu, top):
           f"{'SwiGLU' if s['glu'] else 'GeLU'}; per GPU at EP={r['ep']} ({r['local_experts']} local experts, "
           f"{r['target_tokens']} tokens); measured at T={r['measured_tokens']}, E={r['measured_experts']}; "
           f"experts as {r['experts_impl']} kernels; Default with --moe-default-stats-stride {r['stats_stride']}"
-          + (f", --moe-default-probes {r['probe_traffic']['probes']}" if r["probe_traffic"]["probes"] else ""))
+          + (f", --moe-default-probes {r['probe_traffic']['probes']} --moe-default-fit {r['fit']}"
+             if r["probe_traffic"]["probes"] else ""))
     for note in r["notes"]:
         print(f"   NOTE: {note}")
     print(f"   {'':9} {'HBM bytes':>11} {'GFLOP':>9} {'kernels':>8} {'syncs':>6} {'time µs':>9} {'peak mem':>11}")
@@ -948,12 +966,14 @@ def parse_args(argv=None):
     p.add_argument("--kernel-model-only", action="store_true",
                    help="print expert_stats' kernel model (both designs, balanced and 90%% hot) per shape and stride, "
                         "and measure nothing")
-    p.add_argument("--fit", default="constant", choices=("constant", "shared-1"),
-                   help="Default MoE's --moe-default-fit (shared-1 needs --probes)")
-    p.add_argument("--probes", default="0",
-                   help="Default MoE's --moe-default-probes per GPU and micro-batch at --target-tokens: N, or 'rule' "
+    p.add_argument("--fit", default="default", choices=("default", "constant", "shared-1"),
+                   help="Default MoE's --moe-default-fit (shared-1 needs probes); default: the package's for the "
+                        "shape's router (shared-1 for sigmoid routers with probes, else constant)")
+    p.add_argument("--probes", default="default",
+                   help="Default MoE's --moe-default-probes per GPU and micro-batch at --target-tokens: N, 'rule' "
                         "(16 E / (EP DP), as --moe-default-probes auto: about 16 samples per expert "
-                        "and micro-batch over the stage)")
+                        "and micro-batch over the stage), or 'default': the package's for the shape's router "
+                        "(the rule for sigmoid routers at --stats-stride 1, else 0)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size of the stage, for --probes rule")
     p.add_argument("--top", type=int, default=8, help="top extra ops to print")
     p.add_argument("--iters", type=int, default=20, help="CUDA timing iterations")
@@ -962,9 +982,9 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write every figure to this path")
     args = p.parse_args(argv)
     args.stats_strides = [int(v) for v in str(args.stats_stride).split(",")]
-    if args.probes != "0" and args.stats_strides != [1]:
+    if args.probes not in ("0", "default") and args.stats_strides != [1]:
         p.error("--stats-stride does not apply with --probes: the vectors then average the probe rows only")
-    if args.fit != "constant" and args.probes == "0":
+    if args.fit == "shared-1" and args.probes == "0":
         p.error(f"--fit {args.fit} fits the probes' statistics: it needs --probes")
     return args
 

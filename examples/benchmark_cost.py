@@ -722,7 +722,8 @@ def probes_and_fit_of(args, spec, ep):
     budget = probe_budget_of(args, spec, ep, probes)
     fit = DefaultMoEConfig().resolved_fit(router, budget > 0) if args.fit == "default" else args.fit
     if fit == "shared-1" and not budget:
-        raise SystemExit(f"--fit shared-1 fits the probes' statistics: give --probes for {spec['router']}")
+        raise SystemExit("--fit shared-1 fits the probes' statistics: give --probes (a router with "
+                         f"--moe-router-score-function {router.moe_router_score_function} has none by default)")
     return budget, fit
 
 

@@ -711,19 +711,21 @@ def ep_of(args, name, spec):
 
 def probes_and_fit_of(args, spec, ep):
     """``(probes per GPU and micro-batch, fit)``: as given, or where left at ``default`` what the
-    package runs for the shape's router (``DefaultMoEConfig.requested_probes`` / ``resolved_fit``:
-    a sigmoid router probes by the rule and fits ``shared-1``; a stride other than 1 turns that off)."""
+    package resolves for the config measured (``DefaultMoEConfig.resolved_probes`` /
+    ``resolved_fit``: a sigmoid router probes by the rule and fits ``shared-1``, off where probes
+    cannot run, e.g. at a stride other than 1)."""
     from megatron_default_moe import DefaultMoEConfig
 
-    router = argparse.Namespace(**spec["router"])
+    config, _ = resolve_router(spec, spec["experts"])
+    package = DefaultMoEConfig(stats_stride=max(args.stats_strides))
     probes = args.probes
     if probes == "default":
-        probes = "rule" if DefaultMoEConfig().requested_probes(router) == "auto" and args.stats_strides == [1] else "0"
+        probes = str(package.resolved_probes(config, token_sets=ep * args.dp)[0])
     budget = probe_budget_of(args, spec, ep, probes)
-    fit = DefaultMoEConfig().resolved_fit(router, budget > 0) if args.fit == "default" else args.fit
+    fit = package.resolved_fit(config, budget > 0) if args.fit == "default" else args.fit
     if fit == "shared-1" and not budget:
         raise SystemExit("--fit shared-1 fits the probes' statistics: give --probes (a router with "
-                         f"--moe-router-score-function {router.moe_router_score_function} has none by default)")
+                         f"--moe-router-score-function {config.moe_router_score_function} has none by default)")
     return budget, fit
 
 

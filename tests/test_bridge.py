@@ -71,6 +71,10 @@ def test_bridge_megatron_checkpoint_reloads_vectors_bit_for_bit(flow):
     assert flow["reload_all_default"] and flow["reload_nonzero"] and flow["reload_bit_equal"]
 
 
+def test_bridge_checkpoint_saved_by_release_0_2_loads_bit_for_bit(flow):
+    assert flow["v0_2_reload_all_default"] and flow["v0_2_reload_bit_equal"]
+
+
 def test_topk_bridge_checkpoint_continues_as_default_moe(flow):
     assert flow["topk_continued_default_layers"] == 2
     assert flow["topk_continued_zero"] and flow["topk_continued_weights_equal"]

@@ -202,6 +202,13 @@ def main(out_dir):
     before, after = topk[0].state_dict(), continued[0].state_dict()
     r["topk_continued_weights_equal"] = all(
         torch.equal(before[n], after[n]) for n in before if isinstance(before[n], torch.Tensor))
+    # A Bridge checkpoint saved by release 0.2 (tests/fixtures/v0_2, made before the package's
+    # modules moved into folders): its run_config.yaml names the spec and config by their paths.
+    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "v0_2")
+    old = bridge.load_megatron_model(os.path.join(fixture, "bridge_qwen3"))
+    saved = torch.load(os.path.join(fixture, "bridge_qwen3.vectors.pt"))
+    r["v0_2_reload_all_default"] = len(default_moe_layers(old)) == r["moe_layers"]
+    r["v0_2_reload_bit_equal"] = all(torch.equal(a, b) for a, b in zip(vectors(old), saved))
     r["said"] = said.lines
     r["seconds"] = time.time() - T0
     with open(os.path.join(out_dir, "result.json"), "w") as f:

@@ -593,7 +593,7 @@ def stats_kernel_model(rows_L, hidden, num_experts, gpu, design="chunked", elem=
     segments, stage 2 one per (local expert, 32 columns of ``H+1``) summing its segments' fp32 partial rows
     and zeroing ``(E - L) / L`` other rows. ``per-expert`` (the earlier kernel): one program per
     (expert of all ``E``, 128 columns), each over every row of its expert."""
-    from megatron_default_moe.triton_launch import STATS_BLOCK_H, STATS_REDUCE_BLOCK_H, stats_chunk
+    from megatron_default_moe.ops.launch import STATS_BLOCK_H, STATS_REDUCE_BLOCK_H, stats_chunk
 
     blocks = [min(STATS_BLOCK_H, hidden - h) for h in range(0, hidden, STATS_BLOCK_H)]
     blocks1 = [min(STATS_REDUCE_BLOCK_H, hidden + 1 - h) for h in range(0, hidden + 1, STATS_REDUCE_BLOCK_H)]
@@ -734,7 +734,7 @@ def probe_budget_of(args, spec, ep, probes):
     ``16 E / (EP · DP)`` (the statistics are summed over the stage, so each expert gets about 16
     samples a micro-batch)."""
     if probes in ("rule", "auto"):
-        from megatron_default_moe.probes import auto_probe_budget
+        from megatron_default_moe.estimators.probes import auto_probe_budget
 
         budget = auto_probe_budget(spec["experts"], ep * args.dp)
     else:
@@ -962,7 +962,7 @@ def parse_args(argv=None):
                    help="Default MoE's --moe-default-stats-stride: statistics from every N-th expert-output row; "
                         "a comma list (1,2,4,8,16) reports each, TopK counted once")
     p.add_argument("--stats-kernel", default="chunked", choices=("chunked", "per-expert"),
-                   help="expert_stats' kernel model: chunked (triton_launch.py) or per-expert (the earlier kernel: "
+                   help="expert_stats' kernel model: chunked (ops/launch.py) or per-expert (the earlier kernel: "
                         "one program per expert and 128 columns, over all its rows)")
     p.add_argument("--hot-expert", type=float, default=0.0,
                    help="share of the sampled rows in one local expert (0: balanced) for the kernel model")

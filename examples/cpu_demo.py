@@ -9,14 +9,14 @@ What it does, all through Megatron-Core's own code paths:
 
 1. Data: the Python standard library's source (found via ``sysconfig``, no download) as a byte-level
    Megatron ``IndexedDataset`` (``.bin``/``.idx``), then ``GPTDataset`` train / valid splits from
-   ``BlendedMegatronDatasetBuilder`` (``megatron_default_moe.data``).
+   ``BlendedMegatronDatasetBuilder`` (``megatron_default_moe.testing.data``).
 2. Two ``GPTModel``s from the same seed (identical weights): Megatron's GPT block spec (first layer
    dense, then MoE layers with 8 experts, top-1, full-softmax probs as in the paper) and the same spec
    through ``to_default_moe_spec``. Each is wrapped in Megatron's ``DistributedDataParallel`` with
    Megatron's Adam; every step runs ``forward_backward_no_pipelining`` on the same batch for both.
 3. Launches itself under ``torchrun`` (2 ranks, EP = 2; gloo + ``megatron_default_moe.testing.cpu`` on
    CPU, NCCL without any shim on GPUs). Prints a progress bar, a table of train / valid loss every
-   ``--eval-interval`` steps, the router-gradient cosines of ``megatron_default_moe.diagnostics``
+   ``--eval-interval`` steps, the router-gradient cosines of ``megatron_default_moe.analysis.diagnostics``
    (paper Fig. 4) and the default vectors' statistics; writes PNG plots and a JSON of all numbers to
    ``--out`` (default ``out/``).
 
@@ -329,7 +329,7 @@ def load_data(args, device):
     """Train / valid ``GPTDataset``s of the byte-level stdlib corpus (built once, on rank 0)."""
     from megatron.core import parallel_state
 
-    from megatron_default_moe.data import build_gpt_datasets, write_byte_corpus
+    from megatron_default_moe.testing.data import build_gpt_datasets, write_byte_corpus
 
     prefix = os.path.join(args.out, "data", f"pystdlib_bytes_{args.corpus_bytes}")
     if is_rank0():
@@ -364,7 +364,7 @@ def micro_batches(dataset, first_sample, count, args, device):
 # -- diagnostics and reporting ----------------------------------------------------------------------
 def measure_cosines(run, batch):
     """Router-gradient cosines to the dense gradient on one micro-batch (paper Fig. 4)."""
-    from megatron_default_moe.diagnostics import router_gradient_cosines
+    from megatron_default_moe.analysis.diagnostics import router_gradient_cosines
 
     def loss_fn(model):
         per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
@@ -470,7 +470,7 @@ def plot_losses(steps, runs, path):
 def default_vector_report(run, batch):
     """Per-layer statistics of the trained default vectors (and the default term's share)."""
     from megatron_default_moe import default_moe_layers
-    from megatron_default_moe.vector_quality import default_vector_stats
+    from megatron_default_moe.analysis.vector_quality import default_vector_stats
 
     layers = default_moe_layers(run.module)
     for layer in layers:
@@ -531,7 +531,7 @@ def report(args, runs, checkpoints, dv_stats, train_time, total_time, device, wo
         plot_losses(checkpoints, runs, os.path.join(args.out, "cpu_demo_loss.png"))
         written.append("cpu_demo_loss.png")
         if not args.no_diagnostics:
-            from megatron_default_moe.diagnostics import plot_router_gradient_cosines
+            from megatron_default_moe.analysis.diagnostics import plot_router_gradient_cosines
 
             path = os.path.join(args.out, "cpu_demo_router_grad_cosine.png")
             plot_router_gradient_cosines({r.name: r.cosines for r in runs}, path)

@@ -357,7 +357,7 @@ def prepare_data(d, device):
     import torch
 
     import cpu_demo
-    from megatron_default_moe.data import write_byte_corpus
+    from megatron_default_moe.testing.data import write_byte_corpus
 
     if cpu_demo.is_rank0():
         write_byte_corpus(os.path.join(d.out, "data", f"pystdlib_bytes_{d.corpus_bytes}"), d.corpus_bytes, seed=0)

@@ -82,10 +82,10 @@ def _measure(run, batch, oracle, fit_batch):
 
     import cpu_demo
     from megatron_default_moe import default_moe_layers
-    from megatron_default_moe.default_oracles import richer_default_ceilings
-    from megatron_default_moe.oracle_fits import gram_of
-    from megatron_default_moe.diagnostics import cosine, router_gradient_triples
-    from megatron_default_moe.vector_quality import default_vector_bias, expert_output_moments
+    from megatron_default_moe.analysis.default_oracles import richer_default_ceilings
+    from megatron_default_moe.analysis.oracle_fits import gram_of
+    from megatron_default_moe.analysis.diagnostics import cosine, router_gradient_triples
+    from megatron_default_moe.analysis.vector_quality import default_vector_bias, expert_output_moments
 
     forward = _forward_fn(batch)
     triples = router_gradient_triples(run.module, _loss_fn(batch))
@@ -204,7 +204,7 @@ def fidelity_table(result):
 
 
 def _gram_cos(gram, alpha=1.0):
-    from megatron_default_moe.oracle_fits import shrunk_cosine
+    from megatron_default_moe.analysis.oracle_fits import shrunk_cosine
 
     return shrunk_cosine(gram, alpha)
 
@@ -213,7 +213,7 @@ def richer_table(result):
     """Per MoE layer, means over the checkpoints after step 0: the router-gradient cosine to dense
     of TopK, today's Default and the probe variants, each also shrunk toward TopK by its best α
     (mean α* in brackets), and of the richer-default candidates on the base model."""
-    from megatron_default_moe.oracle_fits import CANDIDATES, shrink_ceiling
+    from megatron_default_moe.analysis.oracle_fits import CANDIDATES, shrink_ceiling
 
     h = result["history"]
     names = [n for n, *_ in result["variants"]]

@@ -32,7 +32,7 @@ _PROGRAM_START_TIME = time.time()
 
 def import_pretrain_gpt():
     """``pretrain_gpt`` of the checkout, imported the way running it as a script would see it."""
-    from megatron_default_moe.model_config import import_megatron_lm_script
+    from megatron_default_moe.megatron_lm.model_config import import_megatron_lm_script
 
     return import_megatron_lm_script("pretrain_gpt", "pretrain_gpt_default_moe.py")
 
@@ -44,14 +44,14 @@ def parse_and_configure(base):
     """
     from megatron.training.argument_utils import gpt_config_from_args
 
-    from megatron_default_moe.model_config import configure_gpt_model_config
-    from megatron_default_moe.entry import parse_and_configure as parse
+    from megatron_default_moe.megatron_lm.model_config import configure_gpt_model_config
+    from megatron_default_moe.megatron_lm.entry import parse_and_configure as parse
 
     return parse(base, gpt_config_from_args, "ModelOptModelConfig", configure_gpt_model_config)
 
 
 def main() -> None:
-    from megatron_default_moe.entry import run_pretrain
+    from megatron_default_moe.megatron_lm.entry import run_pretrain
 
     base = import_pretrain_gpt()
     run_pretrain(base, parse_and_configure, _PROGRAM_START_TIME, get_embedding_ranks=base.get_embedding_ranks)

@@ -15,7 +15,7 @@ dataset provider are imported from it) plus the Default MoE flags. Without
 ``moe_layer`` made Default MoE (the MTP depths of a ``"main/mtp"`` pattern reuse it), with the
 flags' settings, and the same hooks, logging and TopK-checkpoint loading as
 ``pretrain_gpt_default_moe.py``. Without the entry script, ``pretrain_hybrid.py --spec
-megatron_default_moe.hybrid_spec hybrid_stack_spec`` builds Default MoE with paper defaults.
+megatron_default_moe.megatron_lm.hybrid_spec hybrid_stack_spec`` builds Default MoE with paper defaults.
 """
 
 import time
@@ -25,7 +25,7 @@ _PROGRAM_START_TIME = time.time()
 
 def import_pretrain_hybrid():
     """``pretrain_hybrid`` of the checkout, imported the way running it as a script would see it."""
-    from megatron_default_moe.model_config import import_megatron_lm_script
+    from megatron_default_moe.megatron_lm.model_config import import_megatron_lm_script
 
     return import_megatron_lm_script("pretrain_hybrid", "pretrain_hybrid_default_moe.py")
 
@@ -37,14 +37,14 @@ def parse_and_configure(base):
     """
     from megatron.training.argument_utils import hybrid_config_from_args
 
-    from megatron_default_moe.model_config import configure_hybrid_model_config
-    from megatron_default_moe.entry import parse_and_configure as parse
+    from megatron_default_moe.megatron_lm.model_config import configure_hybrid_model_config
+    from megatron_default_moe.megatron_lm.entry import parse_and_configure as parse
 
     return parse(base, hybrid_config_from_args, "ModelOptHybridModelConfig", configure_hybrid_model_config)
 
 
 def main() -> None:
-    from megatron_default_moe.entry import run_pretrain
+    from megatron_default_moe.megatron_lm.entry import run_pretrain
 
     base = import_pretrain_hybrid()
     run_pretrain(base, parse_and_configure, _PROGRAM_START_TIME)

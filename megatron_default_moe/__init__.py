@@ -4,9 +4,11 @@ Importing this package changes nothing in Megatron; ``megatron_default_moe.testi
 stand-ins for CUDA calls) is applied only when asked for.
 """
 
+from megatron_default_moe import moved
 from megatron_default_moe.compat import check_megatron_core_version
 
 check_megatron_core_version()
+moved.install()
 
 from megatron_default_moe.config import DefaultMoEConfig  # noqa: E402
 from megatron_default_moe.layer import DefaultMoELayer  # noqa: E402

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, NORMALISERS, forward_mode_allowed
-from megatron_default_moe.probes import PROBE_DRAWS, PROBE_SAMPLES_PER_EXPERT, auto_probe_budget
-from megatron_default_moe.shared_fit import FITS
+from megatron_default_moe.estimators.probes import PROBE_DRAWS, PROBE_SAMPLES_PER_EXPERT, auto_probe_budget
+from megatron_default_moe.estimators.shared_fit import FITS
 from megatron_default_moe.unsupported import (cuda_graph_conflict, forward_mode_conflict, probe_conflict,
                                               unsupported_option)  # fmt: skip
 
@@ -37,7 +37,7 @@ class DefaultMoEConfig:
             takes every row. The mean is over the whole stage's rows, so at scale a stride of 8
             still averages thousands of rows per expert (see the README's cost section).
         probes: unchosen (token, expert) pairs each rank sends to the experts per micro-batch for
-            the default vectors only (``probes.py``); the vectors then average the experts'
+            the default vectors only (``estimators/probes.py``); the vectors then average the experts'
             outputs on tokens that did *not* choose them, where the default term uses them, and the
             routed rows' statistics are not taken (``stats_stride`` and ``ema_weighting`` then do
             not apply: rejected unless 1 and ``uniform``). 0: off. ``auto``: about 16 per expert
@@ -48,7 +48,7 @@ class DefaultMoEConfig:
         probe_seed: seeds the draws with the checkpointed micro-batch counter (a resume is exact).
         fit: ``constant`` (one vector per expert) or ``shared-1``: each expert's default is linear
             in the token's coordinate on one shared input direction, fitted online from the probes
-            (``shared_fit.py``; needs ``probes``). None (default): ``shared-1`` for sigmoid routers
+            (``estimators/shared_fit.py``; needs ``probes``). None (default): ``shared-1`` for sigmoid routers
             whose probes run, else ``constant`` (``resolved_fit``).
         fit_beta: the ``shared-1`` fit's EMA decay (its slopes, means and direction); None: a window
             of about ``16 H`` probes per expert (``shared_fit.fit_beta``).

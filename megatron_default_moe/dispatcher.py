@@ -6,7 +6,7 @@ what ``dispatch_postprocess`` returned (rows per local expert, each row's prob) 
 rank, calls ``on_expert_output(out_RH, probs_R, tokens_per_expert, in_RH)`` (``in``: the experts'
 input rows, a reference) just before
 ``combine_preprocess``, so the layer can launch its statistics all-reduce to overlap the combine;
-the combine takes what that returns (the same rows, with any probe rows zeroed: ``probes.py``).
+the combine takes what that returns (the same rows, with any probe rows zeroed: ``estimators/probes.py``).
 """
 
 import functools
@@ -20,7 +20,7 @@ class DefaultMoEDispatcherMixin:
 
     def preprocess(self, routing_map):
         """The all-to-all dispatcher's dropless row count is static (``tokens × topk``): add the
-        probe pairs (``probes.py``), a host-known number."""
+        probe pairs (``estimators/probes.py``), a host-known number."""
         out = super().preprocess(routing_map)
         if self.extra_routed_pairs and not self.drop_and_pad and self.config.moe_expert_capacity_factor is None:
             self.num_out_tokens += self.extra_routed_pairs

@@ -12,10 +12,10 @@ Forward of one training micro-batch (``update="microbatch"``, the paper's settin
    take a detached snapshot, add ``weights_TE @ snapshot`` to the combined output (``forward``
    mode); in backward, ``dL/dy @ snapshotᵀ`` reaches the logits with Megatron's gradient.
 
-With ``probes`` (``probes.py``) ``route`` adds a few unchosen pairs to the routing (prob -1),
+With ``probes`` (``estimators/probes.py``) ``route`` adds a few unchosen pairs to the routing (prob -1),
 ``_on_expert_output`` takes their statistics apart and zeroes their rows, and the EMA follows
 their mean: the experts' output on tokens that did not choose them. With ``fit="shared-1"``
-(``shared_fit.py``) the default is a line per expert in one input coordinate, fitted from them.
+(``estimators/shared_fit.py``) the default is a line per expert in one input coordinate, fitted from them.
 
 Activation recompute runs the forward twice: first under ``no_grad`` (the update happens here and
 the snapshot is queued), then again with grad in backward (the queued snapshot is reused, nothing
@@ -35,13 +35,13 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_default_moe import functional as F
-from megatron_default_moe import fused
+from megatron_default_moe.ops import ema as fused
 from megatron_default_moe.config import DefaultMoEConfig
 from megatron_default_moe.dispatcher import with_default_moe_mixin
-from megatron_default_moe.probes import probe_sampler_of
+from megatron_default_moe.estimators.probes import probe_sampler_of
 from megatron_default_moe.router import DefaultMoERouter
-from megatron_default_moe.shared_fit import SharedLineFit
-from megatron_default_moe.statistics import expert_output_stats_EH1
+from megatron_default_moe.estimators.shared_fit import SharedLineFit
+from megatron_default_moe.estimators.routed_rows import expert_output_stats_EH1
 from megatron_default_moe.tables import TableBuffers
 
 logger = logging.getLogger(__name__)

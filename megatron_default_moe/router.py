@@ -1,6 +1,6 @@
 """``DefaultMoERouter``: Megatron's TopK router that also prepares the default term.
 
-The default weights ``w = c·f / sg(N)`` and their logits gradient are fused ops (``fused.py``).
+The default weights ``w = c·f / sg(N)`` and their logits gradient are fused ops (``ops/ema.py``).
 Their gradient meets Megatron's own logits gradient in one op: the router hands Megatron the
 logits through ``DefaultLogitGradient`` (an identity), whose backward adds the default term's
 share, so autograd never sums two ``[T, E]`` gradients into the logits.
@@ -11,7 +11,7 @@ from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_func
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_default_moe import functional as F
-from megatron_default_moe import fused
+from megatron_default_moe.ops import ema as fused
 
 
 def default_op_inputs(router: TopKRouter, logits_TE, probs_TE, routing_map_TE, normaliser=None, padding_T1=None):
@@ -89,7 +89,7 @@ class DefaultTermInputs:
         if not self.track:
             return fused.default_weights_backward(*args, grad_TE).view(grad.shape)
         extra_TE = fused.default_weights_backward(*args)
-        # a device scalar: no host sync in the backward; metrics.py reads it at log time
+        # a device scalar: no host sync in the backward; analysis/metrics.py reads it at log time
         self.extra_grad_ratio = extra_TE.float().norm() / grad_TE.float().norm().clamp_min(1e-30)
         return (grad_TE + extra_TE).view(grad.shape)
 

@@ -215,7 +215,7 @@ def _break_dtype():
 
 def _break_no_fake_kernel():
     """The EMA as a custom op with no fake kernel."""
-    from megatron_default_moe import fused
+    from megatron_default_moe.ops import ema as fused
 
     op = torch.library.custom_op("default_moe_test::ema_no_fake", mutates_args=("defaults_EH", "skips_E"))
     return _patch(fused, "ema_update", op(fused.ema_update_reference))

@@ -1,4 +1,4 @@
-"""Richer-default oracles (``default_oracles.py``) on one rank, on a real ``MoELayer``.
+"""Richer-default oracles (``analysis/default_oracles.py``) on one rank, on a real ``MoELayer``.
 
 The plumbing is proven by its limits: with ``V_{t,i} = E_i(x_t)`` (``exact``) the Default MoE
 router gradient *is* the dense one, for the paper router (forward mode) and the renormalised /
@@ -13,9 +13,9 @@ from helpers import moe_config, moe_submodules
 from test_routers import FAMILIES
 
 from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
-from megatron_default_moe import default_oracles as O
-from megatron_default_moe import oracle_fits as OF
-from megatron_default_moe.diagnostics import cosine, router_gradient_triples
+from megatron_default_moe.analysis import default_oracles as O
+from megatron_default_moe.analysis import oracle_fits as OF
+from megatron_default_moe.analysis.diagnostics import cosine, router_gradient_triples
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 

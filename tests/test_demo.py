@@ -57,7 +57,7 @@ def test_demo_step_update_mode(tmp_path):
 
 
 def test_byte_corpus_through_megatron_datasets(tmp_path):
-    from megatron_default_moe.data import (
+    from megatron_default_moe.testing.data import (
         ByteTokenizer,
         build_gpt_datasets,
         write_byte_corpus,

@@ -8,13 +8,13 @@ import torch
 from helpers import build_layers, moe_config
 
 from megatron_default_moe import DefaultMoEConfig
-from megatron_default_moe.diagnostics import (
+from megatron_default_moe.analysis.diagnostics import (
     cosine,
     plot_router_gradient_cosines,
     router_gradient_cosines,
     router_gradients,
 )
-from megatron_default_moe.vector_quality import default_vector_stats
+from megatron_default_moe.analysis.vector_quality import default_vector_stats
 
 
 # -- pure helpers -----------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def test_plot_writes_png(tmp_path):
 
 # -- default-vector bias ------------------------------------------------------------------------------
 def test_default_vector_bias_matches_hand_computation(megatron_cpu):
-    from megatron_default_moe.vector_quality import default_vector_bias, expert_output_moments
+    from megatron_default_moe.analysis.vector_quality import default_vector_bias, expert_output_moments
 
     config = moe_config(num_moe_experts=4, moe_router_topk=1)
     _, layer = build_layers(config, DefaultMoEConfig(beta=0.5), seed=11)

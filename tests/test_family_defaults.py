@@ -11,7 +11,7 @@ from helpers import moe_config, moe_submodules
 from test_probes import ROUTERS
 
 from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
-from megatron_default_moe.arguments import add_default_moe_args, default_moe_config_from_args
+from megatron_default_moe.megatron_lm.arguments import add_default_moe_args, default_moe_config_from_args
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 
@@ -22,7 +22,7 @@ def layer_of(router, dm=None, **overrides):
 
 
 def test_sigmoid_router_defaults_to_probes_and_the_fit(caplog):
-    with caplog.at_level(logging.INFO, logger="megatron_default_moe.probes"):
+    with caplog.at_level(logging.INFO, logger="megatron_default_moe.estimators.probes"):
         layer = layer_of("deepseek_v3")
     assert layer.probes is not None and layer.probes.budget == 16 * layer.config.num_moe_experts
     assert layer.fit is not None and layer.mode == "backward-only"

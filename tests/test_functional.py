@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_default_moe import functional as F
-from megatron_default_moe.statistics import expert_output_stats_EH1
+from megatron_default_moe.estimators.routed_rows import expert_output_stats_EH1
 
 
 def reference_layer(x_TH, router_EH, experts, topk, defaults_EH, beta, weighting="uniform"):

@@ -1,4 +1,4 @@
-"""The fused ops (``fused.py``): their references against an fp64 computation of the sampled rows,
+"""The fused ops (``ops/ema.py``): their references against an fp64 computation of the sampled rows,
 and the Triton kernels against the references (on CPU under ``TRITON_INTERPRET=1``)."""
 
 import os
@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import OpNames
 
-from megatron_default_moe import fused
-from megatron_default_moe.statistics import expert_output_stats_EH1
+from megatron_default_moe.ops import ema as fused
+from megatron_default_moe.estimators.routed_rows import expert_output_stats_EH1
 
 
 def _rows(counts, hidden=24, pad_every=5, seed=0, extra=0):
@@ -152,7 +152,7 @@ def interpret(script: str, checked: int, timeout: int):
 TRITON_CHECK = textwrap.dedent(
     """
     import torch
-    from megatron_default_moe import fused, triton_launch as K
+    from megatron_default_moe.ops import ema as fused, triton_launch as K
     torch.manual_seed(0)
     checked = 0
 
@@ -308,8 +308,8 @@ def test_triton_kernels_match_references_in_the_interpreter():
 
 PROBE_DRAW_CHECK = textwrap.dedent("""
 import torch
-from megatron_default_moe import probe_ops as D
-from megatron_default_moe import triton_launch as TL
+from megatron_default_moe.ops import probes as D
+from megatron_default_moe.ops import launch as TL
 checked = 0
 for T, E, budget in ((64, 8, 64), (300, 16, 37), (50, 160, 50), (33, 3, 5)):
     for weighted in (False, True):
@@ -347,8 +347,8 @@ def test_probe_draw_kernel_matches_its_reference_in_the_interpreter():
 
 PROBE_EXCLUDE_CHECK = textwrap.dedent("""
 import torch
-from megatron_default_moe import probe_ops as D
-from megatron_default_moe import triton_launch as TL
+from megatron_default_moe.ops import probes as D
+from megatron_default_moe.ops import launch as TL
 checked = 0
 for counts, hidden, max_rows, first, E in (([7, 0, 13, 21], 24, 16, 2, 8), ([40] * 16, 70, 40, 0, 16), ([5, 9], 130, 8, 6, 8)):
     for dtype, line in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True), (torch.bfloat16, True)):
@@ -394,8 +394,8 @@ def test_probe_exclude_kernel_matches_its_reference_in_the_interpreter():
 
 FIT_UPDATE_CHECK = textwrap.dedent("""
 import torch
-from megatron_default_moe import fit_ops as D
-from megatron_default_moe import triton_launch as TL
+from megatron_default_moe.ops import fit as D
+from megatron_default_moe.ops import launch as TL
 checked = 0
 for experts, hidden, beta, beta_fit in ((8, 24, 0.9, 0.99), (3, 70, 0.3, 0.3), (16, 130, 0.0, 0.7)):
     for dtype in (torch.float32, torch.bfloat16):
@@ -441,7 +441,7 @@ def test_fit_update_kernel_matches_its_reference_in_the_interpreter():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the probes' Triton kernels on a GPU")
 def test_cuda_probe_ops_match_their_references():
-    from megatron_default_moe import probe_ops as D
+    from megatron_default_moe.ops import probes as D
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -478,7 +478,7 @@ def test_cuda_probe_ops_match_their_references():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the shared-1 fit's Triton kernel on a GPU")
 def test_cuda_fit_update_matches_its_reference():
-    from megatron_default_moe import fit_ops as D
+    from megatron_default_moe.ops import fit as D
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -503,7 +503,7 @@ def test_cuda_fit_update_matches_its_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused ops' Triton kernels on a GPU")
 def test_cuda_ops_match_their_references():
     """On CUDA the ops run Triton; each must match its torch reference on the same device."""
-    from megatron_default_moe import fallback
+    from megatron_default_moe.ops import fallback as fallback
 
     assert fused.TRITON_ON_CUDA, "Triton kernels were not registered on this CUDA machine"
     assert fallback.triton_enabled(), f"{fallback.ENV}=0 would compare the references with themselves"
@@ -558,7 +558,7 @@ def test_a_failing_kernel_falls_back_to_its_reference_once_warned(monkeypatch):
     names the op and the error, the kernel is not tried again; layout errors are not hidden."""
     import warnings
 
-    from megatron_default_moe import fallback
+    from megatron_default_moe.ops import fallback as fallback
 
     monkeypatch.setattr(fallback, "FAILED", {})
     monkeypatch.delenv(fallback.ENV, raising=False)
@@ -587,7 +587,7 @@ def test_a_failing_kernel_falls_back_to_its_reference_once_warned(monkeypatch):
 
 
 def test_environment_variable_forces_the_reference(monkeypatch):
-    from megatron_default_moe import fallback
+    from megatron_default_moe.ops import fallback as fallback
 
     monkeypatch.setattr(fallback, "FAILED", {})
     ran = []
@@ -604,7 +604,7 @@ REGISTERED_CHECK = textwrap.dedent(
     import torch
     import triton
     import triton.language as tl
-    from megatron_default_moe import fallback, fused, triton_kernels, triton_launch
+    from megatron_default_moe.ops import fallback as fallback, fused, triton_kernels, triton_launch
     # the ops as CUDA registers them, here on the CPU (the kernels run in the interpreter)
     assert fallback.register(fused.OPS, device="cpu")
     launched = []

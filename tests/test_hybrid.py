@@ -79,7 +79,7 @@ def twins(config, dm_config):
 def test_megatron_hybrid_stack_spec_gets_a_default_moe_layer_and_nothing_else_changes():
     from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec
 
-    from megatron_default_moe import hybrid_spec
+    from megatron_default_moe.megatron_lm import hybrid_spec as hybrid_spec
 
     dm = DefaultMoEConfig(beta=0.95)
     new = to_default_moe_spec(hybrid_stack_spec, dm)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer, DefaultMoERouter
-from megatron_default_moe.arguments import add_default_moe_args, default_moe_config_from_args
-from megatron_default_moe.model_config import configure_gpt_model_config
+from megatron_default_moe.megatron_lm.arguments import add_default_moe_args, default_moe_config_from_args
+from megatron_default_moe.megatron_lm.model_config import configure_gpt_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "examples", "pretrain_gpt_default_moe.py")
@@ -159,7 +159,7 @@ def test_parse_and_validate_args_and_spec_hook_build_default_moe_gpt(megatron_ar
     calls, written = [], []
     config = model.config
     config.finalize_model_grads_func = lambda chunks, *a, **k: calls.append(len(chunks))
-    from megatron_default_moe import metrics
+    from megatron_default_moe.analysis import metrics as metrics
 
     metrics.install_training_hooks(
         [model], log_interval=1, writers=lambda: (FakeWriter(written), None), iteration=lambda: 1
@@ -210,7 +210,7 @@ def test_user_spec_is_rewritten():
     """A ``--spec`` of the user's keeps its layers, with the MoE ones made Default MoE."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_default_moe.model_config import _spec_with_default_moe
+    from megatron_default_moe.megatron_lm.model_config import _spec_with_default_moe
 
     dm = DefaultMoEConfig(beta=0.7)
     spec = _spec_with_default_moe(get_gpt_layer_local_spec(num_experts=4), dm)
@@ -369,7 +369,7 @@ def test_mtp_moe_layers_are_default_moe_on_the_entry_route(megatron_args):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training.argument_utils import gpt_config_from_args
 
-    from megatron_default_moe.model_config import DefaultMoEGPTModelBuilder
+    from megatron_default_moe.megatron_lm.model_config import DefaultMoEGPTModelBuilder
 
     mtp = ("--mtp-num-layers", "1", "--position-embedding-type", "rope")
     args = megatron_args(*mtp, "--moe-default-vectors")

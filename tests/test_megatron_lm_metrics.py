@@ -150,7 +150,7 @@ def test_telemetry_silent_without_driver_or_package(monkeypatch):
 
 GATHER_WORKER = r"""
 import torch
-from megatron_default_moe.metrics import flatten_stats, gather_over_pipeline
+from megatron_default_moe.analysis.metrics import flatten_stats, gather_over_pipeline
 
 torch.distributed.init_process_group("gloo")
 rank = torch.distributed.get_rank()

@@ -53,7 +53,7 @@ def main():
     from megatron.training import training
 
     training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
-    from megatron_default_moe import metrics
+    from megatron_default_moe.analysis import metrics as metrics
 
     log = metrics.log_default_moe_metrics
 

@@ -98,7 +98,7 @@ sys.argv = ["pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "16", "--nu
 args = parse_args()
 assert (args.moe_default_vectors, args.moe_default_ema_beta, args.moe_default_update) == (True, 0.95, "step")
 assert (args.moe_default_probes, args.moe_default_fit) == (None, None)  # unset: the router family's default
-from megatron_default_moe.arguments import default_moe_config_from_args
+from megatron_default_moe.megatron_lm.arguments import default_moe_config_from_args
 sys.argv += ["--moe-default-ema-weighting", "uniform", "--moe-default-probes", "16",
              "--moe-default-fit", "shared-1", "--moe-default-fit-beta", "0.99"]
 dm = default_moe_config_from_args(parse_args())

@@ -1,4 +1,4 @@
-"""Probes (``probes.py``, ``DESIGN.md`` §1.7) on one rank, on a real ``MoELayer``: they change
+"""Probes (``estimators/probes.py``, ``DESIGN.md`` §1.7) on one rank, on a real ``MoELayer``: they change
 nothing but the default vectors (output, aux and z losses, expert-bias counts, every gradient;
 router replay is rejected by Default MoE as a whole), and the vectors follow an independent reference of the unchosen-pair mean.
 
@@ -13,7 +13,7 @@ from helpers import moe_config, moe_submodules
 from test_routers import FAMILIES
 
 from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
-from megatron_default_moe import probes as P
+from megatron_default_moe.estimators import probes as P
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 
@@ -261,7 +261,7 @@ def test_auto_budget_follows_the_rule_and_is_off_where_probes_do_not_help_or_hol
     words by name."""
     import argparse
 
-    from megatron_default_moe.arguments import add_default_moe_args, default_moe_config_from_args
+    from megatron_default_moe.megatron_lm.arguments import add_default_moe_args, default_moe_config_from_args
 
     assert P.auto_probe_budget(128, 8) == 256 and P.auto_probe_budget(256, 64 * 16) == 4
     assert P.auto_probe_budget(8, 1000) == 1

@@ -432,7 +432,7 @@ def test_still_rejected(override, flag):
 def test_default_with_oracle_vectors_is_the_dense_gradient(family):
     """Invariant 3: with ``Ê_i = E_i(x)`` (all tokens equal to ``x``), Default MoE's router gradient
     is the dense one: the dense mixture (pre-softmax) or DenseMixer's target (renormalised)."""
-    from megatron_default_moe.diagnostics import router_gradient_cosines, router_gradients
+    from megatron_default_moe.analysis.diagnostics import router_gradient_cosines, router_gradients
 
     _, layer = build(family_config(family), DefaultMoEConfig(beta=0.5))
     gen = torch.Generator().manual_seed(3)
@@ -461,7 +461,7 @@ def test_default_with_oracle_vectors_is_the_dense_gradient(family):
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_extra_router_gradient_ratio_is_logged(family):
     """``last_extra_grad_ratio`` = ‖extra logit gradient‖ / ‖stock logit gradient‖, from hooks."""
-    from megatron_default_moe.metrics import layer_stats
+    from megatron_default_moe.analysis.metrics import layer_stats
 
     stock, layer = build(family_config(family), DefaultMoEConfig(beta=0.5))
     grads = {}

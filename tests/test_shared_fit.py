@@ -1,4 +1,4 @@
-"""``--moe-default-fit shared-1`` (``shared_fit.py``): the math against independent references, and
+"""``--moe-default-fit shared-1`` (``estimators/shared_fit.py``): the math against independent references, and
 on one rank on a real ``MoELayer``: the tables follow the drawn unchosen pairs, the term uses
 them, nothing but the router gradient changes, recompute / step mode / checkpoints hold."""
 
@@ -10,8 +10,8 @@ from test_probes import expert_outputs_TEH, fp32_close, step, twin_layers
 
 from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
 from megatron_default_moe import functional as F
-from megatron_default_moe import fit_ops as FO
-from megatron_default_moe import shared_fit as S
+from megatron_default_moe.ops import fit as FO
+from megatron_default_moe.estimators import shared_fit as S
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 

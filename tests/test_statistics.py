@@ -1,4 +1,4 @@
-"""The statistics op (``statistics.py``): bf16 precision against fp64, padding rows, rows
+"""The statistics op (``estimators/routed_rows.py``): bf16 precision against fp64, padding rows, rows
 past ``tokens_per_expert`` (HybridEP / NCCL-EP static budgets), device-side counts without a host
 sync, and rows grouped by Megatron's own pure-torch ``permute`` (the flex dispatcher's layout)."""
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import OpNames
 
-from megatron_default_moe import fused
-from megatron_default_moe import statistics as S
+from megatron_default_moe.ops import ema as fused
+from megatron_default_moe.estimators import routed_rows as S
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "item", "is_nonzero", "equal"}
 

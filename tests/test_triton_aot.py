@@ -130,7 +130,7 @@ def specialisation(launch, capability):
     return key, fn, signature, constexprs, attrs
 
 
-KERNEL_FILES = ("triton_kernels.py", "triton_probe_kernels.py", "triton_fit_kernels.py")
+KERNEL_FILES = ("ema.py", "probes.py", "fit.py")  # in megatron_default_moe/ops/kernels/
 
 
 @functools.cache
@@ -138,8 +138,9 @@ def _kernels_module(filename):
     """One kernels file alone (it imports only Triton): a worker need not import Megatron."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_default_moe", filename)
-    spec = importlib.util.spec_from_file_location("default_moe_" + filename[:-3], path)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_default_moe", "ops",
+                        "kernels", filename)
+    spec = importlib.util.spec_from_file_location("default_moe_kernels_" + filename[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -166,7 +167,7 @@ def compile_one(job):
 
 
 def jobs_for(cases, capability):
-    from megatron_default_moe.triton_launch import LAUNCHES
+    from megatron_default_moe.ops.launch import LAUNCHES
 
     jobs, kernels = {}, set()
     for op, args in cases:
@@ -180,9 +181,9 @@ def jobs_for(cases, capability):
 
 
 def test_every_kernel_compiles_for_sm80_sm90_sm100(tmp_path, monkeypatch):
-    from megatron_default_moe import triton_fit_kernels as KF
-    from megatron_default_moe import triton_kernels as K
-    from megatron_default_moe import triton_probe_kernels as KP
+    from megatron_default_moe.ops.kernels import fit as KF
+    from megatron_default_moe.ops.kernels import ema as K
+    from megatron_default_moe.ops.kernels import probes as KP
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile, never reuse a cached cubin
     jobs, kernels = jobs_for(full_cases(), 90)

@@ -4,7 +4,7 @@ Bridge's ``train()`` fires ``on_train_step_end`` once per optimizer step on ever
 all micro-batches' backward and the optimizer step, and before that step's checkpoint is saved.
 There ``DefaultMoECallback`` runs ``update_default_vectors`` (``update="step"``: one bucketed
 all-reduce and one EMA step; in both modes the NaN/Inf-skip warning) and, every
-``log_interval`` steps, writes the Default MoE metrics (``megatron_default_moe.metrics``) through
+``log_interval`` steps, writes the Default MoE metrics (``megatron_default_moe.analysis.metrics``) through
 Bridge's TensorBoard / W&B writers. ``on_train_step_start`` turns on the metric tracking of the
 forward and backward of a step that will be logged.
 
@@ -12,7 +12,7 @@ Bridge's ``CallbackManager.add`` takes any object with ``on_<event>`` methods, s
 needs no Bridge import: ``pretrain(cfg, forward_step, callbacks=[DefaultMoECallback()])``.
 """
 
-from megatron_default_moe.metrics import log_default_moe_metrics
+from megatron_default_moe.analysis.metrics import log_default_moe_metrics
 from megatron_default_moe.update import default_moe_layers, update_default_vectors
 
 

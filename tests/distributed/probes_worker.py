@@ -139,7 +139,7 @@ def auto_budget_failures(plain):
     from helpers import moe_submodules
 
     from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
-    from megatron_default_moe.probes import auto_probe_budget
+    from megatron_default_moe.estimators.probes import auto_probe_budget
 
     experts = plain.config.num_moe_experts
     auto = DefaultMoELayer(plain.config, moe_submodules(experts), dm_config=DefaultMoEConfig(probes="auto"))

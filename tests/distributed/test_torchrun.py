@@ -48,7 +48,7 @@ def test_every_layout_matches_one_rank_run(world_size):
 
 BROKEN_EMA = """
 import sys
-from megatron_default_moe import fused
+from megatron_default_moe.ops import ema as fused
 from megatron_default_moe.check.cli import main
 ema_update = fused.ema_update
 fused.ema_update = lambda vectors, stats, beta, *args: ema_update(vectors, stats, beta * 0.9, *args)
@@ -75,7 +75,7 @@ def test_check_fails_when_the_package_is_wrong():
 
 BROKEN_PROBE_GRADIENT = """
 import sys
-from megatron_default_moe import probes
+from megatron_default_moe.estimators import probes as probes
 from megatron_default_moe.check.cli import main
 probes.probe_zero = lambda grad_RH, rows_B, p_B: None  # the probe rows' gradient reaches the experts
 main(sys.argv[1:])

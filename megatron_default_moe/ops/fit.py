@@ -1,4 +1,4 @@
-"""The ``shared-1`` fit's math (``shared_fit.py``) and its update as one op: pure torch, no Megatron.
+"""The ``shared-1`` fit's math (``estimators/shared_fit.py``) and its update as one op: pure torch, no Megatron.
 
 State, fp32: ``vectors`` ``[E, H]`` (EMA of the mean ``y``, decay ``β``, as for the constant),
 ``fit`` ``[E, 2H + 3]`` (EMA of the means of ``y``, ``s·y``, ``s``, ``s²``, decay ``β_fit``, and
@@ -24,7 +24,7 @@ dtype, and one power step of ``q``.
 import torch
 
 from megatron_default_moe import functional as F
-from megatron_default_moe.probe_ops import probe_seed, uniform_keys
+from megatron_default_moe.ops.probes import probe_seed, uniform_keys
 
 RIDGE = 1e-3  # relative ridge of the slope, as the oracle's fit (``oracle_fits``)
 

@@ -1,13 +1,13 @@
 """Triton kernel of the ``shared-1`` fit's update (``fit_ops.fit_update``): both EMAs, the lines
 as the term's table and the direction's power step in one launch. It computes exactly its
 reference (same formulas, fp32 arithmetic); only summation orders may differ. Launched by
-``triton_launch.py``; tested like ``triton_kernels.py``.
+``ops/launch.py``; tested like ``ops/kernels/ema.py``.
 """
 
 import triton
 import triton.language as tl
 
-from megatron_default_moe.triton_kernels import _lerp
+from megatron_default_moe.ops.kernels.ema import _lerp
 
 
 @triton.jit

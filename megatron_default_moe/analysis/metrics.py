@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from megatron_default_moe.gpu_telemetry import gpu_telemetry
+from megatron_default_moe.analysis.gpu_telemetry import gpu_telemetry
 from megatron_default_moe.update import default_moe_layers, wrap_finalize_model_grads
 
 PREFIX = "default_moe"

@@ -66,7 +66,7 @@ def _build_mtp_layers_as_default_moe(model_cfg) -> None:
 
 def _install_hooks_after_wrap(model_cfg, log_interval: int) -> None:
     def install_default_moe_hooks(model):
-        from megatron_default_moe.metrics import install_training_hooks
+        from megatron_default_moe.analysis.metrics import install_training_hooks
 
         install_training_hooks(model, log_interval=log_interval)
         return model

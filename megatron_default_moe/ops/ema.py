@@ -4,7 +4,7 @@
 Between the expert output and the default vectors Default MoE does ~25 small elementwise steps
 (row weights, per-expert sums and counts, the EMA and its bookkeeping, the bf16 snapshot). On a
 GPU each would be a kernel launch (~4 µs): more than the one read of the expert output they
-serve. These ops cover them, each one Triton kernel (``triton_kernels.py``) on CUDA, with its
+serve. These ops cover them, each one Triton kernel (``ops/kernels/ema.py``) on CUDA, with its
 reference as the fallback when the kernel cannot run there (``fallback.py``):
 
 - ``expert_stats``: the ``[E, H+1]`` statistics of ``statistics.expert_output_stats_EH1``, one
@@ -17,8 +17,8 @@ reference as the fallback when the kernel cannot run there (``fallback.py``):
   them, and their logits gradient (scores recomputed) added to Megatron's own logits gradient;
 - ``probe_draw`` / ``probe_exclude`` / ``probe_zero``: the probes' draw, the exclusion of their
   rows (with ``shared-1``, the line's statistics too) and the zeroing of those rows' gradient,
-  defined with the probes (``probe_ops.py``) and registered here with the others;
-- ``fit_update``: the ``shared-1`` fit's EMA, lines and power step (``fit_ops.py``).
+  defined with the probes (``ops/probes.py``) and registered here with the others;
+- ``fit_update``: the ``shared-1`` fit's EMA, lines and power step (``ops/fit.py``).
 
 Rows are sampled ``offset, offset + stride, ...`` (``C`` of them); ``stride = 1`` takes all.
 Each op is an opaque ``torch.library`` op (its torch body: ``<op>_reference``), so
@@ -29,10 +29,10 @@ from typing import Optional
 
 import torch
 
-from megatron_default_moe import fallback
+from megatron_default_moe.ops import fallback as fallback
 from megatron_default_moe import functional as F
-from megatron_default_moe.fit_ops import fit_update, fit_update_reference
-from megatron_default_moe.probe_ops import (
+from megatron_default_moe.ops.fit import fit_update, fit_update_reference
+from megatron_default_moe.ops.probes import (
     probe_draw,
     probe_draw_reference,
     probe_exclude,
@@ -221,9 +221,9 @@ OPS = {  # name: (op, its torch reference)
     "ema_update": (ema_update, ema_update_reference),
     "default_weights": (default_weights, default_weights_reference),
     "default_weights_backward": (default_weights_backward, default_weights_backward_reference),
-    "probe_draw": (probe_draw, probe_draw_reference),  # the probes' ops live with them (probe_ops.py)
+    "probe_draw": (probe_draw, probe_draw_reference),  # the probes' ops live with them (ops/probes.py)
     "probe_exclude": (probe_exclude, probe_exclude_reference),
     "probe_zero": (probe_zero, probe_zero_reference),
-    "fit_update": (fit_update, fit_update_reference),  # the shared-1 fit's update (fit_ops.py)
+    "fit_update": (fit_update, fit_update_reference),  # the shared-1 fit's update (ops/fit.py)
 }
 TRITON_ON_CUDA = fallback.register(OPS) if torch.cuda.is_available() else None

@@ -1,8 +1,8 @@
-"""Triton kernels of the fused ops (``fused.py``): one or two launches where the reference takes ~10.
+"""Triton kernels of the fused ops (``ops/ema.py``): one or two launches where the reference takes ~10.
 
-Each kernel computes exactly its reference in ``fused.py`` (same formulas, fp32 arithmetic); only
-summation orders may differ; the probes' kernels are in ``triton_probe_kernels.py``.
-``triton_launch.py`` builds their launches. Tested against the references on CPU under
+Each kernel computes exactly its reference in ``ops/ema.py`` (same formulas, fp32 arithmetic); only
+summation orders may differ; the probes' kernels are in ``ops/kernels/probes.py``.
+``ops/launch.py`` builds their launches. Tested against the references on CPU under
 ``TRITON_INTERPRET=1`` (``tests/test_fused.py``), compiled for sm_80 / sm_90 / sm_100 without a GPU
 (``tests/test_triton_aot.py``), on CUDA by ``scripts/gpu_check.sh``.
 """

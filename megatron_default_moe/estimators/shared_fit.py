@@ -27,8 +27,8 @@ import logging
 
 import torch
 
-from megatron_default_moe import fused
-from megatron_default_moe.fit_ops import fit_tables, initial_direction_H, unit
+from megatron_default_moe.ops import ema as fused
+from megatron_default_moe.ops.fit import fit_tables, initial_direction_H, unit
 from megatron_default_moe.functional import mm_fp32
 
 FITS = ("constant", "shared-1")

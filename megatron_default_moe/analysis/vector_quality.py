@@ -11,7 +11,7 @@ from typing import Callable, Dict
 
 import torch
 
-from megatron_default_moe.diagnostics import _eval_mode, _layer_key, _patched, moe_layers
+from megatron_default_moe.analysis.diagnostics import _eval_mode, _layer_key, _patched, moe_layers
 from megatron_default_moe.layer import DefaultMoELayer, _group_size
 
 

@@ -36,7 +36,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron_default_moe import functional as F
 from megatron_default_moe.layer import DefaultMoELayer, _group_size
 from megatron_default_moe.router import default_weights_of
-from megatron_default_moe.shared_fit import TABLES
+from megatron_default_moe.estimators.shared_fit import TABLES
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine similarity of two tensors seen as flat fp64 vectors (0.0 if either is zero)."""

@@ -1,7 +1,7 @@
-"""Triton kernels of the probes' ops (``probe_ops.py``): the draw, the exclusion of the probe rows
+"""Triton kernels of the probes' ops (``ops/probes.py``): the draw, the exclusion of the probe rows
 with their statistics, and the zeroing of those rows' gradient. Each computes exactly its
 reference (same formulas, fp32 arithmetic); only summation orders may differ. Launched by
-``triton_launch.py``; tested like ``triton_kernels.py``.
+``ops/launch.py``; tested like ``ops/kernels/ema.py``.
 """
 
 import triton

@@ -22,7 +22,7 @@ from typing import Sequence, Tuple, Union
 
 import torch
 
-from megatron_default_moe import fused
+from megatron_default_moe.ops import ema as fused
 from megatron_default_moe.functional import EMA_WEIGHTINGS
 
 

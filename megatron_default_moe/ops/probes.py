@@ -1,8 +1,8 @@
-"""The probes' (``probes.py``) two hot steps as ops: the draw, and the exclusion of the probe rows.
+"""The probes' (``estimators/probes.py``) two hot steps as ops: the draw, and the exclusion of the probe rows.
 
 Unfused, the draw is ~80 small torch kernels per layer and micro-batch (the key hash alone is
 ~40) and the exclusion ~20, about 0.4 ms of launches on a GPU. Each op is one Triton kernel on
-CUDA (``triton_probe_kernels.py``) and the reference below elsewhere (pure torch, no Megatron):
+CUDA (``ops/kernels/probes.py``) and the reference below elsewhere (pure torch, no Megatron):
 
 - ``probe_draw``: which (token, expert) pairs a micro-batch's probes take; the kernel draws the
   same pairs bit for bit on uniform draws (weighted draws: the same pairs unless a key falls

@@ -17,7 +17,7 @@ def parse_and_configure(base, config_from_args, modelopt_config_cls, configure):
     """
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_default_moe.arguments import add_default_moe_args, default_moe_config_from_args
+    from megatron_default_moe.megatron_lm.arguments import add_default_moe_args, default_moe_config_from_args
 
     def extra_args_provider(parser):
         if base.has_nvidia_modelopt:

@@ -26,7 +26,7 @@ import logging
 
 import torch
 
-from megatron_default_moe.probe_ops import (  # noqa: F401
+from megatron_default_moe.ops.probes import (  # noqa: F401
     PROBE_DRAWS,
     PROBE_PROB,
     draw_probes,
@@ -35,7 +35,7 @@ from megatron_default_moe.probe_ops import (  # noqa: F401
     probe_zero,
     uniform_keys,
 )
-from megatron_default_moe.statistics import counts_on
+from megatron_default_moe.estimators.routed_rows import counts_on
 
 
 PROBE_SAMPLES_PER_EXPERT = 16  # per expert and micro-batch over the stage: ``--moe-default-probes auto``
@@ -149,7 +149,7 @@ class ProbeSampler:
         """``(out_RH`` with its probe rows zeroed (autograd-aware), the probes' ``[E, H+1]``)``: the
         statistics the vectors follow (the routed rows' are not taken). With ``coordinates``
         (``rows_B -> s_B``) and the expert input ``in_RH``: the ``shared-1`` line's ``[E+1, 2H+3]``
-        (``shared_fit.py``), in the same op."""
+        (``estimators/shared_fit.py``), in the same op."""
         rows_B, p_B = probe_rows(probs_R, self.max_rows)
         counts_L = counts_on(tokens_per_expert_L, out_RH.device)[0]
         s_B = None if coordinates is None else coordinates(rows_B)

@@ -41,7 +41,7 @@ def register(ops: dict, device: str = "cuda") -> bool:
     """Register ``{name: (custom op, reference)}`` for ``device``: the guarded Triton kernels. False
     (the references run, said once) where Triton is not importable."""
     try:
-        from megatron_default_moe import triton_launch
+        from megatron_default_moe.ops import launch as triton_launch
     except ImportError as err:
         warnings.warn(f"Default MoE: Triton is not importable ({err}); the fused ops run as several torch kernels",
                       RuntimeWarning, stacklevel=2)  # fmt: skip

@@ -1,5 +1,5 @@
-"""Launches of the Triton kernels (``triton_kernels.py``, ``triton_probe_kernels.py``,
-``triton_fit_kernels.py``): each op's launcher builds its
+"""Launches of the Triton kernels (``ops/kernels/ema.py``, ``ops/kernels/probes.py``,
+``ops/kernels/fit.py``): each op's launcher builds its
 ``Launch``es in one function, which ``tests/test_triton_aot.py`` compiles for every GPU target, so
 the compiled signatures are the launched ones.
 
@@ -13,10 +13,10 @@ from typing import NamedTuple
 import torch
 import triton
 
-from megatron_default_moe import triton_kernels as K
-from megatron_default_moe import triton_fit_kernels as KF
-from megatron_default_moe import triton_probe_kernels as KP
-from megatron_default_moe.fit_ops import RIDGE as FIT_RIDGE
+from megatron_default_moe.ops.kernels import ema as K
+from megatron_default_moe.ops.kernels import fit as KF
+from megatron_default_moe.ops.kernels import probes as KP
+from megatron_default_moe.ops.fit import RIDGE as FIT_RIDGE
 
 BLOCK_H = 512  # 1-D passes over a row of H
 STATS_BLOCK_R, STATS_BLOCK_H = 32, 128  # expert_stats stage 1: a [rows, H] tile per step

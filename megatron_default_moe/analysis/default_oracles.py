@@ -25,10 +25,10 @@ from typing import Callable, Dict
 import torch
 
 from megatron_default_moe import functional as F
-from megatron_default_moe.diagnostics import _eval_mode, _layer_key, _patched, moe_layers, router_gradient_triples
+from megatron_default_moe.analysis.diagnostics import _eval_mode, _layer_key, _patched, moe_layers, router_gradient_triples
 from megatron_default_moe.layer import DefaultMoELayer, _group_rank, _group_size
-from megatron_default_moe.oracle_fits import CANDIDATES, candidate_vectors_TEH, fit_candidates, gram_of
-from megatron_default_moe.vector_quality import _gather_rows
+from megatron_default_moe.analysis.oracle_fits import CANDIDATES, candidate_vectors_TEH, fit_candidates, gram_of
+from megatron_default_moe.analysis.vector_quality import _gather_rows
 
 def record_routing(model, forward_fn: Callable):
     """Per Default MoE layer: ``(x_NH, routed_NE, top1_N, mine)`` of one forward (eval, no grad),

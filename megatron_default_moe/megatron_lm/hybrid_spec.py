@@ -1,6 +1,6 @@
 """Megatron's hybrid stack spec in its Default MoE form, for ``pretrain_hybrid.py --spec``.
 
-    python pretrain_hybrid.py ... --spec megatron_default_moe.hybrid_spec hybrid_stack_spec
+    python pretrain_hybrid.py ... --spec megatron_default_moe.megatron_lm.hybrid_spec hybrid_stack_spec
 
 Megatron-LM's ``pretrain_hybrid.py`` imports ``--spec MODULE NAME`` as a module-level object (not
 a function), so this module builds it on import: ``megatron.core.models.hybrid.hybrid_layer_specs

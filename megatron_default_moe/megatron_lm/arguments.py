@@ -12,9 +12,9 @@ import warnings
 from megatron_default_moe.compat import escape_stray_help_percents
 from megatron_default_moe.config import UPDATES, DefaultMoEConfig
 from megatron_default_moe.functional import EMA_WEIGHTINGS, MODES, NORMALISERS
-from megatron_default_moe.model_config import DefaultMoEGPTModelBuilder  # noqa: F401  (0.2 configs name it here)
-from megatron_default_moe.probes import PROBE_DRAWS
-from megatron_default_moe.shared_fit import FITS
+from megatron_default_moe.megatron_lm.model_config import DefaultMoEGPTModelBuilder  # noqa: F401  (0.2 configs name it here)
+from megatron_default_moe.estimators.probes import PROBE_DRAWS
+from megatron_default_moe.estimators.shared_fit import FITS
 
 # (flag, args attribute, DefaultMoEConfig field, argparse kwargs)
 def _probes_arg(value: str):

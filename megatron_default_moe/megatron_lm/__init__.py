@@ -1,0 +1,2 @@
+"""Megatron-LM glue: the ``--moe-default-*`` flags, the entry scripts' helpers, ``megatron.training``
+model configs and the hybrid stack spec."""

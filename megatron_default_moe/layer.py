@@ -12,10 +12,11 @@ Forward of one training micro-batch (``update="microbatch"``, the paper's settin
    take a detached snapshot, add ``weights_TE @ snapshot`` to the combined output (``forward``
    mode); in backward, ``dL/dy @ snapshotᵀ`` reaches the logits with Megatron's gradient.
 
-With ``probes`` (``estimators/probes.py``) ``route`` adds a few unchosen pairs to the routing (prob -1),
-``_on_expert_output`` takes their statistics apart and zeroes their rows, and the EMA follows
-their mean: the experts' output on tokens that did not choose them. With ``fit="shared-1"``
-(``estimators/shared_fit.py``) the default is a line per expert in one input coordinate, fitted from them.
+Where the statistics come from, and what the term's table is, is the layer's ``estimator``
+(``estimators/``): the routed rows' EMA above (``routed_rows.py``), the probes' mean (``probes.py``:
+``route`` adds a few unchosen pairs, their rows are taken apart and zeroed before the combine, and
+the EMA follows the experts' output on tokens that did not choose them), or the ``shared-1`` line
+fitted from the probes (``shared_fit.py``: a line per expert in one input coordinate).
 
 Activation recompute runs the forward twice: first under ``no_grad`` (the update happens here and
 the snapshot is queued), then again with grad in backward (the queued snapshot is reused, nothing
@@ -35,13 +36,10 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_default_moe import functional as F
-from megatron_default_moe.ops import ema as fused
 from megatron_default_moe.config import DefaultMoEConfig
 from megatron_default_moe.dispatcher import with_default_moe_mixin
-from megatron_default_moe.estimators.probes import probe_sampler_of
+from megatron_default_moe.estimators.choice import estimator_of
 from megatron_default_moe.router import DefaultMoERouter
-from megatron_default_moe.estimators.shared_fit import SharedLineFit
-from megatron_default_moe.estimators.routed_rows import expert_output_stats_EH1
 from megatron_default_moe.tables import TableBuffers
 
 logger = logging.getLogger(__name__)
@@ -107,15 +105,19 @@ class DefaultMoELayer(TableBuffers, MoELayer):
         # under stats_stride and seeds the probe draws; checkpointed (``sample_counter``).
         self._stats_updates = 0
         self.register_buffer("sample_counter", torch.zeros(1, dtype=torch.long, device=device))
-        self.probes = probe_sampler_of(self)
-        self.fit = None  # ``--moe-default-fit shared-1``: vectors linear in one input coordinate
-        if self.dm_config.resolved_fit(self.config, self.probes is not None) == "shared-1":
-            if self.probes is None:
-                raise ValueError("--moe-default-fit shared-1 needs probes, but --moe-default-probes "
-                                 f"{self.dm_config.requested_probes(self.config)!r} resolves to 0 here (see the log)")
-            self.fit = SharedLineFit(self, self.dm_config.probe_seed, self.probes)
+        self.estimator = estimator_of(self)  # routed rows' EMA, probes' mean or the shared-1 line
         self.track_metrics = False  # set by the logging hook: keep the norm ratio below
         self.last_term_norm_ratio = None  # ‖default term‖ / ‖MoE output‖ of the last forward
+
+    @property
+    def probes(self):
+        """The estimator's ``ProbeSampler`` (None without probes)."""
+        return self.estimator.probes
+
+    @property
+    def fit(self):
+        """The estimator's ``SharedLineFit`` (None unless ``shared-1``)."""
+        return self.estimator.fit
 
     # -- forward -------------------------------------------------------------------------------
     def route(self, hidden_states, padding_mask=None):
@@ -131,13 +133,12 @@ class DefaultMoELayer(TableBuffers, MoELayer):
         else:
             self._phase = "update"
         probs, routing_map = super().route(hidden_states, padding_mask)
-        if self.fit is not None:
-            self.fit.see_input(self, hidden_states, self._phase in ("update", "accumulate"))
+        takes_stats = self._phase in ("update", "accumulate")
+        self.estimator.see_input(self, hidden_states, takes_stats)
         self.token_dispatcher.extra_routed_pairs = 0
-        if self.probes is not None and self._phase in ("update", "accumulate"):
-            probs, routing_map, self.token_dispatcher.extra_routed_pairs = self.probes.add(
-                probs, routing_map, self.router.default_term[0], self._stats_updates, self.layer_number
-            )
+        if takes_stats:
+            probs, routing_map, self.token_dispatcher.extra_routed_pairs = self.estimator.route(
+                self, probs, routing_map, self._stats_updates)
         return probs, routing_map
 
     def _on_expert_output(self, out_RH, probs_R, tokens_per_expert, in_RH=None):
@@ -145,24 +146,8 @@ class DefaultMoELayer(TableBuffers, MoELayer):
         the rows the combine takes (probe rows zeroed)."""
         if self._phase not in ("update", "accumulate"):
             return out_RH
-        if self.probes is not None:  # the vectors follow the probes': no pass over the routed rows
-            line = {} if self.fit is None else dict(in_RH=in_RH, coordinates=self.fit.coordinates(in_RH))
-            out_RH, stats_EH1 = self.probes.exclude(
-                out_RH, probs_R, tokens_per_expert, self.local_expert_indices[0], self.config.num_moe_experts,
-                self.counts_rows, **line,
-            )
-        else:
-            stats_EH1 = expert_output_stats_EH1(
-                out_RH,
-                probs_R,
-                tokens_per_expert,
-                self.local_expert_indices[0],
-                self.config.num_moe_experts,
-                weighting=self.dm_config.ema_weighting,
-                count_rows=self.counts_rows,
-                row_stride=self.dm_config.stats_stride,
-                row_offset=self._stats_updates % self.dm_config.stats_stride,
-            )
+        out_RH, stats_EH1 = self.estimator.take_stats(self, out_RH, probs_R, tokens_per_expert, in_RH,
+                                                      self._stats_updates)  # fmt: skip
         self._stats_updates += 1
         if self._phase == "accumulate":
             if self._step_stats_EH1 is None:
@@ -177,17 +162,12 @@ class DefaultMoELayer(TableBuffers, MoELayer):
 
     def apply_ema(self, stats_EH1: torch.Tensor, snapshot_dtype=torch.float32) -> torch.Tensor:
         """EMA step from statistics already reduced over the stage (identical on every rank);
-        returns a copy of the new vectors in ``snapshot_dtype`` (one fused op on CUDA), with a
-        fit its ``([A; B], d)``."""
+        returns the estimator's snapshot in ``snapshot_dtype`` (a copy of the new vectors, one fused
+        op on CUDA; with the ``shared-1`` fit its ``([A; B], d)``)."""
         with torch.no_grad():
-            if self.fit is not None:
-                snapshot, self.experts_updated = self.fit.apply(self, stats_EH1, float(self.dm_config.beta),
-                                                                snapshot_dtype)  # fmt: skip
-                return snapshot
-            snapshot_EH, self.experts_updated = fused.ema_update(
-                self.default_vectors, stats_EH1, float(self.dm_config.beta), self.nonfinite_skips, snapshot_dtype
-            )
-        return snapshot_EH
+            snapshot, self.experts_updated = self.estimator.apply(self, stats_EH1, float(self.dm_config.beta),
+                                                                  snapshot_dtype)  # fmt: skip
+        return snapshot
 
     def _snapshot_for_this_pass(self, dtype):
         if self._phase == "recompute":
@@ -199,10 +179,8 @@ class DefaultMoELayer(TableBuffers, MoELayer):
             if work is not None:
                 work.wait()
             snapshot_EH = self.apply_ema(stats_EH1, dtype)
-        elif self.fit is not None:
-            snapshot_EH = self.fit.frozen(self, dtype)
         else:
-            snapshot_EH = self.default_vectors.detach().to(dtype, copy=True)  # cast once per pass
+            snapshot_EH = self.estimator.frozen(self, dtype)
         if self._phase == "update" and not torch.is_grad_enabled():
             self._recompute_snapshots.append(snapshot_EH)  # first pass of activation recompute
         return snapshot_EH
@@ -211,9 +189,7 @@ class DefaultMoELayer(TableBuffers, MoELayer):
         """Combined TopK output plus the default term, on the token's home rank."""
         output = super().postprocess(output, shared_expert_output)
         (inputs, routed_logits), self.router.default_term = self.router.default_term, None
-        snapshot_EH, coordinates = self._snapshot_for_this_pass(output.dtype), {}
-        if self.fit is not None:
-            snapshot_EH, coordinates = self.fit.term_args(snapshot_EH)
+        snapshot_EH, coordinates = self.estimator.term_args(self._snapshot_for_this_pass(output.dtype))
         y_TH = output.view(-1, output.shape[-1])
         if self.track_metrics:
             with torch.no_grad():
@@ -235,6 +211,5 @@ class DefaultMoELayer(TableBuffers, MoELayer):
         stats, self._step_stats_EH1 = self._step_stats_EH1, None
         if stats is None:
             experts, hidden = self.default_vectors.shape
-            shape = (experts, hidden + 1) if self.fit is None else self.fit.stats_shape(experts, hidden)
-            stats = self.default_vectors.new_zeros(shape)
+            stats = self.default_vectors.new_zeros(self.estimator.stats_shape(experts, hidden))
         return stats

@@ -49,8 +49,7 @@ class TableBuffers:
             add_fit_weight(self, state_dict, prefix + "default_fit")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         fill_missing_default_vectors(self, prefix, missing_keys)
-        if getattr(self, "fit", None) is not None:
-            self.fit.loaded(self)
+        self.estimator.loaded(self)
         self._stats_updates = restore_sample_counter(self, prefix + "sample_counter", missing_keys)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -210,7 +210,7 @@ def test_probes_reject_what_they_cannot_hold(override, flag):
 def test_probes_take_no_statistics_of_the_routed_rows(monkeypatch):
     """The vectors follow the probes alone: the routed rows' statistics pass (a read of the whole
     ``[rows, H]`` expert output) is not run, and the table all-reduced is ``[E, H+1]``."""
-    import megatron_default_moe.layer as L
+    import megatron_default_moe.estimators.routed_rows as L
 
     _, layer = twin_layers("mixtral", "alltoall", budget=6)
 

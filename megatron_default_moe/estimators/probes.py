@@ -35,6 +35,7 @@ from megatron_default_moe.ops.probes import (  # noqa: F401
     probe_zero,
     uniform_keys,
 )
+from megatron_default_moe.estimators.base import Estimator
 from megatron_default_moe.estimators.routed_rows import counts_on
 
 
@@ -177,3 +178,21 @@ def probe_sampler_of(layer) -> ProbeSampler:
         logging.getLogger(__name__).info("Default MoE layer %s: --moe-default-probes %s -> %d (%s)",
                                          layer.layer_number, origin, budget, why)  # fmt: skip
     return ProbeSampler(budget, dm.probe_draw, dm.probe_seed, sources, token_set, token_sets) if budget else None
+
+
+class ProbeMean(Estimator):
+    """The default as the EMA of the probes' mean: the experts' output on tokens that did not
+    choose them (the routed rows are not read)."""
+
+    def __init__(self, probes: ProbeSampler):
+        self.probes = probes
+
+    def route(self, layer, probs_TE, routing_map_TE, counter: int):
+        return self.probes.add(probs_TE, routing_map_TE, layer.router.default_term[0], counter, layer.layer_number)
+
+    def take_stats(self, layer, out_RH, probs_R, tokens_per_expert, in_RH, counter: int):
+        return self._exclude(layer, out_RH, probs_R, tokens_per_expert)
+
+    def _exclude(self, layer, out_RH, probs_R, tokens_per_expert, **line):
+        return self.probes.exclude(out_RH, probs_R, tokens_per_expert, layer.local_expert_indices[0],
+                                   layer.config.num_moe_experts, layer.counts_rows, **line)  # fmt: skip

@@ -22,8 +22,9 @@ from typing import Sequence, Tuple, Union
 
 import torch
 
-from megatron_default_moe.ops import ema as fused
+from megatron_default_moe.estimators.base import Estimator
 from megatron_default_moe.functional import EMA_WEIGHTINGS
+from megatron_default_moe.ops import ema as fused
 
 
 def counts_on(tokens_per_expert: Union[torch.Tensor, Sequence[int]], device) -> Tuple[torch.Tensor, int]:
@@ -68,3 +69,19 @@ def expert_output_stats_EH1(
     rows = out_RH.shape[0] if total is None else min(total, out_RH.shape[0])
     return fused.expert_stats(out_RH[row_offset:rows:row_stride], p_R, counts_L, row_offset, row_stride, first_expert,
                               num_experts, weighting == "uniform", count_rows)  # fmt: skip
+
+
+class RoutedRowEMA(Estimator):
+    """The paper's estimator: the EMA of each expert's output over the rows routed to it (every
+    ``stride``-th row, the offset rotating per micro-batch)."""
+
+    def __init__(self, weighting: str, stride: int):
+        self.weighting, self.stride = weighting, int(stride)
+
+    def take_stats(self, layer, out_RH, probs_R, tokens_per_expert, in_RH, counter: int):
+        stats_EH1 = expert_output_stats_EH1(
+            out_RH, probs_R, tokens_per_expert, layer.local_expert_indices[0], layer.config.num_moe_experts,
+            weighting=self.weighting, count_rows=layer.counts_rows, row_stride=self.stride,
+            row_offset=counter % self.stride,
+        )  # fmt: skip
+        return out_RH, stats_EH1

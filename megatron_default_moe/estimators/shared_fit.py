@@ -27,9 +27,10 @@ import logging
 
 import torch
 
+from megatron_default_moe.estimators.probes import ProbeMean
+from megatron_default_moe.functional import mm_fp32
 from megatron_default_moe.ops import ema as fused
 from megatron_default_moe.ops.fit import fit_tables, initial_direction_H, unit
-from megatron_default_moe.functional import mm_fp32
 
 FITS = ("constant", "shared-1")
 TABLES = ("default_vectors", "default_fit")  # zero both and the term vanishes (TopK)
@@ -48,11 +49,14 @@ def coordinates_T1(x_TH: torch.Tensor, d_H: torch.Tensor) -> torch.Tensor:
     return mm_fp32(x_TH, d_H.to(x_TH.dtype)[:, None])
 
 
-class SharedLineFit:
-    """A layer's ``shared-1`` fit: registers its tables on the layer, and carries one pass's
-    input and coordinates from ``route`` to the expert statistics and the term."""
+class SharedLineFit(ProbeMean):
+    """A layer's ``shared-1`` estimator: the probes' statistics fit a line per expert. Registers
+    its tables on the layer, and carries one pass's input and coordinates from ``route`` to the
+    expert statistics and the term."""
 
     def __init__(self, layer, seed: int, probes):
+        super().__init__(probes)
+        self.fit = self
         experts, hidden = layer.default_vectors.shape
         device = layer.default_vectors.device
         dm = layer.dm_config
@@ -81,6 +85,10 @@ class SharedLineFit:
         ``see_input``: only passes that take statistics call this), for ``ProbeSampler.exclude``."""
         d_H = self._d_x
         return lambda rows_B: coordinates_T1(in_RH.index_select(0, rows_B), d_H)[:, 0]
+
+    def take_stats(self, layer, out_RH, probs_R, tokens_per_expert, in_RH, counter: int):
+        return self._exclude(layer, out_RH, probs_R, tokens_per_expert, in_RH=in_RH,
+                             coordinates=self.coordinates(in_RH))  # fmt: skip
 
     def apply(self, layer, stats, beta: float, dtype):
         """``fit_update`` on the layer's tables: ``(([A; B], d)`` of this pass, experts updated``)``."""

@@ -11,10 +11,6 @@ from megatron_default_moe.unsupported import (cuda_graph_conflict, forward_mode_
                                               unsupported_option)  # fmt: skip
 
 UPDATES = ("microbatch", "step")
-# Router score functions whose Default MoE runs with probes (``auto``) and the ``shared-1`` fit
-# unless told otherwise: there both beat TopK's router gradient in every measured layer (README
-# "Default: probes and the fit for sigmoid routers").
-PROBED_BY_DEFAULT = ("sigmoid",)
 
 @dataclass
 class DefaultMoEConfig:
@@ -42,14 +38,15 @@ class DefaultMoEConfig:
             routed rows' statistics are not taken (``stats_stride`` and ``ema_weighting`` then do
             not apply: rejected unless 1 and ``uniform``). 0: off. ``auto``: about 16 per expert
             over the stage, off where probes cannot run (``resolved_probes``). None (default): the
-            router family's default, ``auto`` for sigmoid routers (``PROBED_BY_DEFAULT``), else 0.
+            router family's default: ``auto`` for every renormalised or sigmoid router, 0 (the
+            paper's routed-row EMA) for the paper's pre-softmax router (``probed_by_default``).
         probe_draw: ``uniform`` over the pairs with a nonzero default weight, or ``weighted``
             (proportional to it: the vectors then estimate the weight-averaged unchosen output).
         probe_seed: seeds the draws with the checkpointed micro-batch counter (a resume is exact).
         fit: ``constant`` (one vector per expert) or ``shared-1``: each expert's default is linear
             in the token's coordinate on one shared input direction, fitted online from the probes
-            (``estimators/shared_fit.py``; needs ``probes``). None (default): ``shared-1`` for sigmoid routers
-            whose probes run, else ``constant`` (``resolved_fit``).
+            (``estimators/shared_fit.py``; needs ``probes``). None (default): ``shared-1`` wherever the
+            router family's default probes run, else ``constant`` (``resolved_fit``).
         fit_beta: the ``shared-1`` fit's EMA decay (its slopes, means and direction); None: a window
             of about ``16 H`` probes per expert (``shared_fit.fit_beta``).
     """
@@ -110,10 +107,10 @@ class DefaultMoEConfig:
         return self.probes not in (None, 0, "auto")
 
     def requested_probes(self, config) -> Union[int, str]:
-        """``probes`` as given, or unset: the router family's default (``PROBED_BY_DEFAULT``)."""
+        """``probes`` as given, or unset: the router family's default (``probed_by_default``)."""
         if self.probes is not None:
             return self.probes
-        return "auto" if _probed_by_default(config) else 0
+        return "auto" if probed_by_default(config) else 0
 
     def resolved_probes(self, config, token_sets: int = 1):
         """``(budget per rank, why)``. ``auto``: ``auto_probe_budget``, or 0 wherever probes cannot
@@ -121,7 +118,7 @@ class DefaultMoEConfig:
         probes = self.requested_probes(config)
         if probes != "auto":
             return int(probes), ("as given" if self.probes is not None else
-                                 f"off: the default for --moe-router-score-function {config.moe_router_score_function}")
+                                 "off: the paper's router (softmax with --moe-router-pre-softmax) keeps its routed-row EMA")
         if self.stats_stride != 1 or self.ema_weighting != "uniform":
             return 0, "off: --moe-default-stats-stride / --moe-default-ema-weighting shape the routed statistics"
         conflict = probe_conflict(config)
@@ -132,11 +129,11 @@ class DefaultMoEConfig:
         return budget, f"{PROBE_SAMPLES_PER_EXPERT} x {experts} experts / {token_sets} token sets in the stage"
 
     def resolved_fit(self, config, probes_on: bool) -> str:
-        """``fit`` as given, or unset: ``shared-1`` for a sigmoid router whose probes run, else
+        """``fit`` as given, or unset: ``shared-1`` where the family's default probes run, else
         ``constant``."""
         if self.fit is not None:
             return self.fit
-        return "shared-1" if probes_on and _probed_by_default(config) else "constant"
+        return "shared-1" if probes_on and probed_by_default(config) else "constant"
 
     def validate(self, config) -> None:
         """Raise ``ValueError`` naming the Megatron flag of any option Default MoE cannot run with
@@ -147,5 +144,10 @@ class DefaultMoEConfig:
             raise ValueError(conflict)
 
 
-def _probed_by_default(config) -> bool:
-    return config.moe_router_score_function in PROBED_BY_DEFAULT
+def probed_by_default(config) -> bool:
+    """Router families whose Default MoE runs with probes (``auto``) and the ``shared-1`` fit unless
+    told otherwise: every renormalised (Mixtral, Qwen3, GPT-OSS) or sigmoid (DeepSeek-V3) router,
+    where both beat TopK's router gradient in every measured layer (docs/evidence.md). The
+    paper's router (softmax over all experts, then top-k: the forward term keeps its mass) keeps
+    the paper's method."""
+    return not forward_mode_allowed(config.moe_router_score_function, config.moe_router_pre_softmax)

@@ -158,6 +158,10 @@ class ProbeSampler:
         return ExcludeProbeRows.apply(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows, s_B, in_RH)
 
 
+def _family(score_function: str) -> str:
+    return "sigmoid" if score_function == "sigmoid" else f"renormalised {score_function}"
+
+
 def probe_sampler_of(layer) -> ProbeSampler:
     """The probes of a ``DefaultMoELayer`` (None if its budget resolves to 0): ranks routing the same
     tokens (TP peers without sequence parallelism) draw alike, and count once among the stage's
@@ -174,7 +178,8 @@ def probe_sampler_of(layer) -> ProbeSampler:
     dm = layer.dm_config
     budget, why = dm.resolved_probes(layer.config, token_sets)
     if dm.requested_probes(layer.config) == "auto":
-        origin = "auto" if dm.probes == "auto" else f"unset, auto for {layer.config.moe_router_score_function} routers"
+        score = layer.config.moe_router_score_function
+        origin = "auto" if dm.probes == "auto" else f"unset, auto for {_family(score)} routers"
         logging.getLogger(__name__).info("Default MoE layer %s: --moe-default-probes %s -> %d (%s)",
                                          layer.layer_number, origin, budget, why)  # fmt: skip
     return ProbeSampler(budget, dm.probe_draw, dm.probe_seed, sources, token_set, token_sets) if budget else None

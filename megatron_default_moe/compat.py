@@ -78,3 +78,14 @@ def gpt_builder_mtp_spec(transform):
         yield
     finally:
         gpt.mtp_block_spec = stock
+
+
+def expert_bias_padding_mask(padding_mask):
+    """The padding mask ``TopKRouter._apply_expert_bias`` can take (``True``: a padded token).
+
+    megatron-core 0.19 computes ``routing_map & ~padding_mask`` with a ``[T, E]`` map and a
+    ``[T]`` mask, which raises unless ``T == E`` (and is wrong then), so expert bias with padding
+    crashes even in the stock layer. A ``[T, 1]`` mask broadcasts over the experts as meant."""
+    if padding_mask is not None and padding_mask.dim() == 1:
+        return padding_mask.unsqueeze(-1)
+    return padding_mask

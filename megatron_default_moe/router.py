@@ -11,6 +11,7 @@ from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_func
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_default_moe import functional as F
+from megatron_default_moe.compat import expert_bias_padding_mask
 from megatron_default_moe.ops import ema as fused
 
 
@@ -138,6 +139,10 @@ class DefaultMoERouter(TopKRouter):
         """‖extra logit gradient‖ / ‖stock logit gradient‖ of the last tracked backward (stock:
         Megatron's probs, aux and z losses), as a 0-d device tensor (read it at log time)."""
         return None if self._tracked is None else self._tracked.extra_grad_ratio
+
+    def _apply_expert_bias(self, routing_map, padding_mask=None):
+        """Megatron's expert-bias token count, with a padding mask it can broadcast (``compat``)."""
+        super()._apply_expert_bias(routing_map, padding_mask=expert_bias_padding_mask(padding_mask))
 
     def routing(self, logits: torch.Tensor, padding_mask=None):
         inputs = DefaultTermInputs(logits.reshape(-1, self.config.num_moe_experts))

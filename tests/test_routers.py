@@ -305,10 +305,14 @@ def test_dropped_pairs_get_exactly_the_prob_they_lost(family, policy, pad):
     assert torch.isfinite(out).all() and layer.default_vectors.abs().sum() > 0
 
 
+@pytest.mark.parametrize("probes", [0, None])
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
-def test_padding_never_reaches_the_default_vectors(family, dispatcher):
-    """Padded tokens (mask True) are excluded from ``Ê``; real outputs ignore padded content."""
+def test_padding_never_reaches_the_default_vectors(family, dispatcher, probes):
+    """Padded tokens (mask True) are excluded from ``Ê``; real outputs ignore padded content. The
+    routed rows' EMA (``probes=0``) also equals a run on the real tokens alone; the family's
+    default (probes and the fit) never draws a padded token (its default weight is 0), and the
+    draw depends on the batch's length, so there the padded content alone is varied."""
     config = family_config(family, moe_token_dispatcher_type=dispatcher)
     seq, batch, real = 6, 2, 4
     x, g = inputs(0, seq=seq, batch=batch)
@@ -316,7 +320,7 @@ def test_padding_never_reaches_the_default_vectors(family, dispatcher):
     padding_BS[:, real:] = True
     layers = []
     for fill in (0.0, 5.0):
-        _, layer = build(config, DefaultMoEConfig(beta=0.5))
+        _, layer = build(config, DefaultMoEConfig(beta=0.5, probes=probes))
         x_fill = x.clone()
         x_fill[real:] = fill + torch.randn(seq - real, batch, x.shape[-1])
         out, _, _ = run(layer, x_fill, g, padding_mask=padding_BS)
@@ -325,14 +329,18 @@ def test_padding_never_reaches_the_default_vectors(family, dispatcher):
     # equal up to the order of fp32 sums (padded rows sit elsewhere in the expert-major rows)
     torch.testing.assert_close(first.default_vectors, second.default_vectors, atol=1e-8, rtol=1e-6)
     torch.testing.assert_close(out_a[:real], out_b[:real], atol=1e-8, rtol=1e-6)
-    _, only_real = build(config, DefaultMoEConfig(beta=0.5))
+    from megatron_default_moe.config import probed_by_default
+
+    probed = probes != 0 and probed_by_default(config)  # deepseek_v2: pre-softmax, the paper's method
+    assert (first.probes is not None) == probed and first.default_vectors.abs().sum() > 0
+    if probed:
+        return
+    _, only_real = build(config, DefaultMoEConfig(beta=0.5, probes=0))
     run(only_real, x[:real].contiguous(), g[:real].contiguous())
     torch.testing.assert_close(first.default_vectors, only_real.default_vectors, atol=1e-6, rtol=1e-5)
 
 
-# not deepseek_v3: Megatron 0.19's expert-bias counter broadcasts a [T] padding mask against the
-# [T, E] routing map (``TopKRouter._apply_expert_bias``), which fails for T != E in the stock layer
-@pytest.mark.parametrize("family", ["deepseek_v2", "mixtral", "sqrtsoftplus"])
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "mixtral", "sqrtsoftplus"])
 def test_padded_tokens_get_no_default_weight_and_no_default_gradient(family, monkeypatch):
     """At padded tokens the default weights are exactly 0 and so is the default term's logits
     gradient (Megatron routes padded tokens like real ones; only ``default_op_inputs`` marks them
@@ -369,6 +377,36 @@ def test_padded_tokens_get_no_default_weight_and_no_default_gradient(family, mon
     assert torch.equal(extra_TE[padded_T], torch.zeros_like(extra_TE[padded_T]))
     assert (w_TE[~padded_T].abs().sum(-1) > 0).all()
     assert (extra_TE[~padded_T].abs().sum(-1) > 0).all()
+
+
+def test_expert_bias_counts_only_real_tokens_with_padding():
+    """DeepSeek-V3 routing (sigmoid, expert bias) with a padding mask trains through the layer:
+    Megatron 0.19's stock ``_apply_expert_bias`` broadcasts a ``[T]`` mask against the ``[T, E]``
+    map and raises (``compat.expert_bias_padding_mask``); the bias counter then sees the real
+    tokens' selections only."""
+    config = family_config("deepseek_v3")
+    seq, batch, real = 6, 2, 4
+    x, g = inputs(2, seq=seq, batch=batch)
+    padding_BS = torch.zeros(batch, seq, dtype=torch.bool)
+    padding_BS[:, real:] = True
+    padded_T = padding_BS.T.reshape(-1)
+    _, layer = build(config, DefaultMoEConfig(beta=0.5))
+    assert layer.router.enable_expert_bias
+    maps = []
+    inner = layer.router.routing
+
+    def routing(logits, *args, **kwargs):
+        probs, routing_map = inner(logits, *args, **kwargs)
+        maps.append(routing_map.detach().clone())
+        return probs, routing_map
+
+    layer.router.routing = routing
+    out, _, _ = run(layer, x, g, padding_mask=padding_BS)
+    (routing_map,) = maps
+    assert torch.isfinite(out).all() and layer.default_vectors.abs().sum() > 0
+    want = routing_map[~padded_T].sum(0).float()
+    assert routing_map[padded_T].any() and want.sum() == real * batch * config.moe_router_topk
+    assert torch.equal(layer.router.local_tokens_per_expert.float(), want)
 
 
 @pytest.mark.parametrize("aux", ["aux_loss", "seq_aux_loss", "global_aux_loss", ["aux_loss", "seq_aux_loss"]])

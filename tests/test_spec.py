@@ -91,3 +91,23 @@ def test_spec_route_with_mtp_says_the_mtp_layers_stay_topk(caplog):
     with caplog.at_level(logging.WARNING, logger="megatron_default_moe.spec"):
         default_moe_spec(config)
     assert not caplog.records
+
+
+def test_bridge_prewrap_check_names_the_likely_cause_of_stock_moe_layers():
+    """``require_default_moe_layers``: a stock ``MoELayer`` in the decoder means the spec was
+    replaced after ``enable_default_moe``; stock layers only under ``mtp`` mean Bridge's MTP spec on
+    a last stage without decoder layers. Default MoE layers pass."""
+    from helpers import build_layers, moe_config
+
+    from megatron_default_moe.bridge import require_default_moe_layers
+
+    stock, default = build_layers(moe_config())
+    decoder = torch.nn.ModuleDict({"decoder": torch.nn.ModuleDict({"mlp": stock})})
+    with pytest.raises(ValueError, match="decoder.mlp.*replaced after enable_default_moe"):
+        require_default_moe_layers([decoder])
+    mtp = torch.nn.ModuleDict({"decoder": torch.nn.ModuleDict({"mlp": default}),
+                               "mtp": torch.nn.ModuleDict({"mlp": stock})})  # fmt: skip
+    with pytest.raises(ValueError, match="mtp.mlp.*MTP layers of a last pipeline stage"):
+        require_default_moe_layers(mtp)
+    only_default = torch.nn.ModuleDict({"decoder": torch.nn.ModuleDict({"mlp": default})})
+    assert require_default_moe_layers(only_default) is only_default

@@ -60,11 +60,18 @@ def require_default_moe_layers(model):
     stock = [name for chunk in chunks for name, m in chunk.named_modules()
              if isinstance(m, MoELayer) and not isinstance(m, DefaultMoELayer)]  # fmt: skip
     if stock:
-        raise ValueError(
-            f"Default MoE: {len(stock)} MoE layer(s) were built without the Default MoE spec "
-            f"(e.g. {stock[0]}); with MTP, give the last pipeline stage a decoder layer"
-        )
+        raise ValueError(f"Default MoE: {len(stock)} MoE layer(s) were built without the Default MoE spec "
+                         f"(e.g. {stock[0]}): {_likely_cause(stock)}")  # fmt: skip
     return model
+
+
+def _likely_cause(stock_names) -> str:
+    if all(".mtp." in f".{name}." for name in stock_names):
+        return ("the MTP layers of a last pipeline stage without decoder layers, whose spec Bridge re-derives "
+                "from Megatron's defaults; give that stage a decoder layer")
+    return ("the model config's layer spec was most likely replaced after enable_default_moe (it wraps the "
+            "spec it finds): set transformer_layer_spec, or apply a recipe's layer choices, first, then call "
+            "enable_default_moe")
 
 
 def enable_default_moe(model_config, dm_config: DefaultMoEConfig = None, callbacks=None) -> DefaultMoECallback:

@@ -90,10 +90,10 @@ def parse_args(argv=None):
     g.add_argument("--moe-default-normaliser", default="selected", choices=("selected", "all"))
     g.add_argument("--moe-default-stats-stride", type=int, default=1)
     g.add_argument("--moe-default-probes", type=lambda v: v if v == "auto" else int(v), default=None,
-                   help="a budget, 'auto', or unset: the package's default (auto for the sigmoid router)")
+                   help="a budget, 'auto', or unset: the package's default (auto for renormalised and sigmoid routers)")
     g.add_argument("--moe-default-probe-draw", default="uniform", choices=("uniform", "weighted"))
     g.add_argument("--moe-default-fit", default=None, choices=("constant", "shared-1"),
-                   help="unset: the package's default (shared-1 for the sigmoid router with probes)")
+                   help="unset: the package's default (shared-1 for renormalised and sigmoid routers with probes)")
     g.add_argument("--moe-default-fit-beta", type=float, default=None)
     return p.parse_args(argv)
 

@@ -13,7 +13,7 @@
 # router the package's defaults draw probes (--moe-default-probes auto: ~16 unchosen pairs per
 # expert and micro-batch over the stage) and fit each expert's default as a line in one shared
 # input coordinate (--moe-default-fit shared-1): above TopK's router gradient in every measured
-# layer, ~0.7% of TopK's layer time at this shape (README "Default"). Shapes
+# layer, ~0.7% of TopK's layer time at this shape (docs/evidence.md). Shapes
 # follow the released model (61 layers, hidden 7168, expert FFN 2048) but attention is plain
 # multi-head here: add Megatron's --multi-latent-attention flags for MLA. Optimiser ours.
 

@@ -42,10 +42,10 @@ QWEN3_30B_A3B_ARGS=(
     --moe-aux-loss-coeff 1e-3
     --moe-router-dtype fp32
     --moe-token-dispatcher-type alltoall
-    # Default MoE (mode auto = backward-only for this router).
+    # Default MoE at the package's defaults for this router: backward-only, probes auto (~16 unchosen
+    # pairs per expert and micro-batch over the stage) and the shared-1 fit (docs/evidence.md).
     --moe-default-vectors
     --moe-default-ema-beta 0.9
-    --moe-default-stats-stride 4  # statistics from every 4th row: under 1% of the layer on an H100 (README)
     # Optimisation (ours; adjust to your run).
     --micro-batch-size 1
     --global-batch-size 512

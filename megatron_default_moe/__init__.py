@@ -21,7 +21,7 @@ from megatron_default_moe.update import (  # noqa: E402
     wrap_finalize_model_grads,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "DefaultMoEConfig",

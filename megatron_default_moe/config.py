@@ -27,11 +27,11 @@ class DefaultMoEConfig:
             ``backward-only`` for every renormalised or sigmoid router (``resolved_mode``).
         normaliser: for renormalised routers, divide the default weights by the selected experts'
             score sum (``selected``, DenseMixer's rule, the default) or by all experts' (``all``:
-            smaller extra router gradient; see the README's router evidence).
+            smaller extra router gradient; see docs/design.md, Routers).
         stats_stride: statistics from every ``stats_stride``-th expert-output row (offset rotating
             per update), so they read ``1 / stats_stride`` of the expert output; 1 (the paper)
             takes every row. The mean is over the whole stage's rows, so at scale a stride of 8
-            still averages thousands of rows per expert (see the README's cost section).
+            still averages thousands of rows per expert (see docs/cost.md).
         probes: unchosen (token, expert) pairs each rank sends to the experts per micro-batch for
             the default vectors only (``estimators/probes.py``); the vectors then average the experts'
             outputs on tokens that did *not* choose them, where the default term uses them, and the

@@ -8,15 +8,14 @@
 #   1. records the machine (python, torch, CUDA, GPU);
 #   2. installs megatron-core 0.19.2 (and pytest, numpy, psutil where missing) from wheels/ into a
 #      private --target folder on PYTHONPATH: no venv, no network, the system's torch untouched;
-#   2b. runs the users' correctness check first, exactly as they would (README "Check your
-#      cluster"): torchrun -m megatron_default_moe.check on one GPU (NCCL, Triton kernels, TE
+#   2b. runs the users' correctness check first, exactly as they would (docs/check.md): torchrun -m megatron_default_moe.check on one GPU (NCCL, Triton kernels, TE
 #      grouped experts if TE imports), fp32 and then bf16: the layouts that fit one rank, every
 #      router family, dispatcher and update mode against its own one-rank reference;
 #   3. runs tests/test_fused.py on the GPU: the fused ops' Triton kernels against their references;
 #   3b. runs examples/benchmark_cost.py on CUDA at the three shapes: the op counts, plus CUDA-event
 #      times and torch.cuda.max_memory_allocated of TopK vs Default MoE at 16,384 tokens;
 #   4. runs examples/benchmark_scale.py on those layer times, and the cost benchmark again at
-#      --stats-stride 4 (the README's setting for the Qwen3-like and DeepSeek-V3-like shapes);
+#      --stats-stride 4 (the routed-row EMA thinned: the opt-in cheap setting, docs/cost.md);
 #   5. runs the layer and distributed-free tests as they are built (CPU shim, GPU hidden), and
 #      the layer tests again with the GPU visible (informational: the suite is CPU by construction);
 #   6. writes everything into OUT_DIR/gpu_check.json (plus the logs beside it).
@@ -137,7 +136,7 @@ run_step cost 270 "$PY" examples/benchmark_cost.py --gpu h200 --max-expert-gb 48
 if [[ -f "$OUT_DIR/cost.json" ]]; then
   run_step scale 30 "$PY" examples/benchmark_scale.py --cost-json "$OUT_DIR/cost.json" --json "$OUT_DIR/scale.json"
 fi
-# the README's documented setting for the large shapes: statistics from every 4th row
+# the routed-row EMA thinned to every 4th row (opt-in; the defaults run probes and the fit)
 if [[ -z "${COST_ARGS:-}" ]]; then
   run_step cost_stride4 150 "$PY" examples/benchmark_cost.py --gpu h200 --max-expert-gb 48 --stats-stride 4 \
     --shapes qwen3-30b-a3b,deepseek-v3 --json "$OUT_DIR/cost_stride4.json"

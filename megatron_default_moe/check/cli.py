@@ -32,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--updates", nargs="+", choices=UPDATES, default=list(UPDATES))
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="params and activations; bf16: every step bit-identical across ranks, "
-                        "the one-rank comparison on the first step only (see the README)")
+                        "the one-rank comparison on the first step only (see docs/check.md)")
     parser.add_argument("--experts", choices=("auto", "te", "sequential"), default="auto",
                         help="TE grouped GEMM experts (auto: on CUDA when transformer_engine imports) "
                         "or Megatron's SequentialMLP")

@@ -1,7 +1,7 @@
 """``--moe-default-fit shared-1``: a default that follows the token, fitted online from the probes.
 
 A constant ``Ê_i`` stands in for ``E_i(x_t)`` on every token that did not choose expert ``i``;
-with a renormalised router that misses much of the gradient (README, "Richer defaults"). Here
+with a renormalised router that misses much of the gradient (docs/evidence.md, "Richer defaults"). Here
 
     V_{t,i} = a_i + s_t b_i,        s_t = x_t · d
 
@@ -12,15 +12,15 @@ pairs, weight ``|p|``). Per pass and layer:
 - ``route`` (the token's rank): ``s = x · d`` for every token (one GEMV; the term needs it);
 - expert rank: the probe rows' coordinates (their input rows, a gather and a GEMV), then the
   probes' one exclusion op also takes the line's statistics, and the probe tokens' input sums for
-  the direction: ``[E + 1, 2H + 3]`` (``probe_ops.probe_exclude_reference``), summed over the stage
+  the direction: ``[E + 1, 2H + 3]`` (``ops.probes.probe_exclude_reference``), summed over the stage
   in the layer's one all-reduce;
-- ``postprocess``: one op (``fit_ops.fit_update``) moves every table and writes the term's
+- ``postprocess``: one op (``ops.fit.fit_update``) moves every table and writes the term's
   ``[A; B]``; the term is ``w @ A + s ⊙ (w @ B)``, its gradient ``dL/dw = G Aᵀ + s ⊙ (G Bᵀ)``
   (``functional.add_default_term``).
 
 State (fp32, identical on every rank): ``default_vectors`` (as for the constant),
 ``default_fit`` ``[E, 2H + 3]`` and ``default_direction`` ``q`` ``[H]`` (checkpointed), and
-``default_direction_unit`` ``d`` (not saved: ``q / ‖q‖``, set again at load); see ``fit_ops``.
+``default_direction_unit`` ``d`` (not saved: ``q / ‖q‖``, set again at load); see ``ops/fit.py``.
 """
 
 import logging

@@ -103,7 +103,8 @@ _FLAGS = (
             "default vectors only (excluded from output, losses and gradients): the vectors then average "
             "each expert's output on tokens that did not choose it, where they are used. 0: off; "
             "'auto': ceil(16 x experts / token sets in the stage), off (logged) where probes cannot run. "
-            "Default: 'auto' for --moe-router-score-function sigmoid, 0 for the others.",
+            "Default: 'auto' for renormalised and sigmoid routers, 0 (the routed rows' EMA, the paper's "
+            "method) for softmax with --moe-router-pre-softmax.",
         ),
     ),
     (
@@ -128,8 +129,8 @@ _FLAGS = (
             choices=FITS,
             help="'constant' (paper): one default vector per expert; 'shared-1': each expert's default is "
             "linear in the token's coordinate on one shared input direction, fitted online from the probes "
-            "(needs --moe-default-probes). Default: 'shared-1' for --moe-router-score-function sigmoid "
-            "where its probes run, 'constant' otherwise.",
+            "(needs --moe-default-probes). Default: 'shared-1' where the router's default probes run "
+            "(renormalised and sigmoid routers), 'constant' otherwise.",
         ),
     ),
     (

@@ -12,7 +12,7 @@ estimate it, so its window must hold many more samples than ``H`` (``β_fit`` cl
 
 The moments enter debiased (divided by their weight, as Adam's): a window of ``16 H`` probes
 fills over thousands of steps, and moments scaled by ``c`` and ``c²`` would bend the slope for all
-of them (README, "the fit's warm-up").
+of them (docs/evidence.md, "The fit's warm-up").
 
 ``fit_update`` takes the statistics reduced over the stage (``[E + 1, 2H + 3]``, ``shared_fit``)
 and does in one op (one Triton kernel on CUDA, ``triton_fit_kernels._fit_update_kernel``): both EMAs

@@ -1,4 +1,4 @@
-"""Triton kernel of the ``shared-1`` fit's update (``fit_ops.fit_update``): both EMAs, the lines
+"""Triton kernel of the ``shared-1`` fit's update (``ops.fit.fit_update``): both EMAs, the lines
 as the term's table and the direction's power step in one launch. It computes exactly its
 reference (same formulas, fp32 arithmetic); only summation orders may differ. Launched by
 ``ops/launch.py``; tested like ``ops/kernels/ema.py``.
@@ -16,7 +16,7 @@ def _fit_update_kernel(vec_ptr, fit_ptr, q_ptr, d_ptr, stats_ptr, table_ptr, dus
     """Program ``e < E``: expert ``e``'s two EMAs (``ema_update``'s rule over its ``2H + 3``
     statistics; the fit's row the same width, its last value the moments' weight) and its line
     ``A_e``, ``B_e`` into the table; program ``E``: the power step of
-    ``q`` and the new ``d``; see ``fit_ops.fit_update_reference``."""
+    ``q`` and the new ``d``; see ``ops.fit.fit_update_reference``."""
     e = tl.program_id(0)
     W = 2 * H + 3
     if e < E:

@@ -10,7 +10,7 @@ import triton.language as tl
 
 @triton.jit
 def _fmix32(h):
-    """MurmurHash3's finaliser on uint32 lanes (wrapping products); ``probe_ops._fmix32``."""
+    """MurmurHash3's finaliser on uint32 lanes (wrapping products); ``ops.probes._fmix32``."""
     h = h ^ (h >> 16)
     h = h * 0x85EBCA6B
     h = h ^ (h >> 13)
@@ -22,7 +22,7 @@ def _fmix32(h):
 def _probe_draw_kernel(w_ptr, routed_ptr, tokens_ptr, experts_ptr, probs_ptr, T, E, B, a, b, k0, k1, k2, k3,
                        WEIGHTED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
     """``BLOCK_B`` probes per program, one token row of ``E`` each: the walk's token, its key, the
-    eligible experts' cumulative shares, the pick; see ``probe_ops.probe_draw_reference``. The
+    eligible experts' cumulative shares, the pick; see ``ops.probes.probe_draw_reference``. The
     seed comes as four 16-bit pieces ``k0..k3`` (low first) and the per-call integers are not
     specialised: every seed runs the same compiled kernel."""
     j = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -70,7 +70,7 @@ def _probe_exclude_kernel(out_ptr, ld, rows_ptr, p_ptr, counts_ptr, stats_ptr, s
     out of the product and re-applied to their own expert only), then the row's columns zeroed;
     with ``LINE`` also ``-out·s`` and the ``s`` counts (stats row width ``W = 2H + 3``), and in row
     ``E`` the probe tokens' input sums ``Σ x·s``, ``Σ x`` and their number; see
-    ``probe_ops.probe_exclude_reference``."""
+    ``ops.probes.probe_exclude_reference``."""
     hb = tl.program_id(0)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     mh = h < H
@@ -140,7 +140,7 @@ def _probe_exclude_kernel(out_ptr, ld, rows_ptr, p_ptr, counts_ptr, stats_ptr, s
 @triton.jit
 def _probe_zero_kernel(x_ptr, ld, rows_ptr, p_ptr, H, B, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program (rows ``b``, columns ``h``): the probe rows (``p < 0``) among the candidates zeroed;
-    see ``probe_ops.probe_zero_reference``."""
+    see ``ops.probes.probe_zero_reference``."""
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mb = b < B

@@ -29,7 +29,7 @@ fi
 "$VENV/bin/python" -c "import torch, megatron.core, megatron_default_moe" 2>/dev/null \
   || { echo "error: install failed (torch / megatron-core / megatron_default_moe not importable)" >&2; exit 1; }
 # Megatron-Bridge (optional; megatron_default_moe.bridge and tests/test_bridge.py): the wheel
-# without its hard dependencies, then the pinned ones its conversion path imports (setup.py
+# without its hard dependencies, then the pinned ones its conversion path imports (pyproject.toml
 # extra "bridge"). A failure is recorded, and only then do the Bridge tests skip.
 BRIDGE_FAILED="$VENV/megatron-bridge-install-failed"
 rm -f "$BRIDGE_FAILED"

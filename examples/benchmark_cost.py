@@ -712,8 +712,8 @@ def ep_of(args, name, spec):
 def probes_and_fit_of(args, spec, ep):
     """``(probes per GPU and micro-batch, fit)``: as given, or where left at ``default`` what the
     package resolves for the config measured (``DefaultMoEConfig.resolved_probes`` /
-    ``resolved_fit``: a sigmoid router probes by the rule and fits ``shared-1``, off where probes
-    cannot run, e.g. at a stride other than 1)."""
+    ``resolved_fit``: renormalised and sigmoid routers probe by the rule and fit ``shared-1``, off
+    where probes cannot run, e.g. at a stride other than 1)."""
     from megatron_default_moe import DefaultMoEConfig
 
     config, _ = resolve_router(spec, spec["experts"])
@@ -724,8 +724,8 @@ def probes_and_fit_of(args, spec, ep):
     budget = probe_budget_of(args, spec, ep, probes)
     fit = package.resolved_fit(config, budget > 0) if args.fit == "default" else args.fit
     if fit == "shared-1" and not budget:
-        raise SystemExit("--fit shared-1 fits the probes' statistics: give --probes (a router with "
-                         f"--moe-router-score-function {config.moe_router_score_function} has none by default)")
+        raise SystemExit("--fit shared-1 fits the probes' statistics: give --probes (the paper's pre-softmax "
+                         "router, or a stats stride, has none by default)")
     return budget, fit
 
 

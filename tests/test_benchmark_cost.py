@@ -229,19 +229,22 @@ def test_probe_budget_rule(bench):
 
 
 def test_probes_and_fit_default_to_the_packages_for_each_router(bench):
-    """Unset, the benchmark counts what the package runs: DeepSeek-V3's sigmoid router probes by the
-    rule with the shared-1 fit, Qwen3's renormalised one and the paper's run the EMA of the routed rows;
-    a stride other than 1 turns the default off; explicit flags win."""
+    """Unset, the benchmark counts what the package runs: DeepSeek-V3's sigmoid and Qwen3's
+    renormalised routers probe by the rule with the shared-1 fit, the paper's runs the EMA of the
+    routed rows; a stride other than 1 turns the default off; explicit flags win."""
     import argparse
 
     args = argparse.Namespace(probes="default", fit="default", dp=1, tokens=256, target_tokens=16384,
                               stats_strides=[1])  # fmt: skip
     assert bench.probes_and_fit_of(args, bench.SHAPES["deepseek-v3"], 64) == (16 * 256 // 64, "shared-1")
-    assert bench.probes_and_fit_of(args, bench.SHAPES["qwen3-30b-a3b"], 8) == (0, "constant")
+    assert bench.probes_and_fit_of(args, bench.SHAPES["qwen3-30b-a3b"], 8) == (16 * 128 // 8, "shared-1")
     assert bench.probes_and_fit_of(args, bench.SHAPES["paper-8c1"], 1) == (0, "constant")
     strided = argparse.Namespace(**dict(vars(args), stats_strides=[4]))
     assert bench.probes_and_fit_of(strided, bench.SHAPES["deepseek-v3"], 64) == (0, "constant")
-    given = argparse.Namespace(**dict(vars(args), probes="rule"))
+    assert bench.probes_and_fit_of(strided, bench.SHAPES["qwen3-30b-a3b"], 8) == (0, "constant")
+    given = argparse.Namespace(**dict(vars(args), probes="0"))
+    assert bench.probes_and_fit_of(given, bench.SHAPES["qwen3-30b-a3b"], 8) == (0, "constant")
+    given = argparse.Namespace(**dict(vars(args), fit="constant"))
     assert bench.probes_and_fit_of(given, bench.SHAPES["qwen3-30b-a3b"], 8) == (256, "constant")
     with pytest.raises(SystemExit, match="--fit shared-1"):
         bench.probes_and_fit_of(argparse.Namespace(**dict(vars(args), fit="shared-1")), bench.SHAPES["paper-8c1"], 1)

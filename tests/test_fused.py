@@ -152,7 +152,7 @@ def interpret(script: str, checked: int, timeout: int):
 TRITON_CHECK = textwrap.dedent(
     """
     import torch
-    from megatron_default_moe.ops import ema as fused, triton_launch as K
+    from megatron_default_moe.ops import ema as fused, launch as K
     torch.manual_seed(0)
     checked = 0
 
@@ -604,7 +604,8 @@ REGISTERED_CHECK = textwrap.dedent(
     import torch
     import triton
     import triton.language as tl
-    from megatron_default_moe.ops import fallback as fallback, fused, triton_kernels, triton_launch
+    from megatron_default_moe.ops import ema as fused, fallback, launch as triton_launch
+    from megatron_default_moe.ops.kernels import ema as triton_kernels
     # the ops as CUDA registers them, here on the CPU (the kernels run in the interpreter)
     assert fallback.register(fused.OPS, device="cpu")
     launched = []

@@ -104,16 +104,24 @@ def test_round_trip_restores_tables_and_weights_bit_exact(trained, tmp_path):
     assert torch.equal(_eval_logits(target), _eval_logits(source))
 
 
-@pytest.mark.parametrize("update, fit", [("microbatch", "constant"), ("step", "constant"), ("microbatch", "shared-1")])
-def test_resume_is_bit_exact(tmp_path, update, fit):
+RENORMALISED = dict(moe_router_pre_softmax=False)  # Mixtral / Qwen3 routing: the family default probes
+
+
+@pytest.mark.parametrize("update, fit, router", [
+    ("microbatch", "constant", {}), ("step", "constant", {}), ("microbatch", "shared-1", {}),
+    ("microbatch", None, RENORMALISED), ("step", None, RENORMALISED),
+])  # fmt: skip
+def test_resume_is_bit_exact(tmp_path, update, fit, router):
     """2 steps, save, load into a fresh model, 2 steps == 4 steps uninterrupted (``shared-1``: with
-    probes, its tables and direction through ``dist_checkpointing`` too)."""
+    probes, its tables and direction through ``dist_checkpointing`` too; ``None``: a renormalised
+    router's default, probes ``auto`` and ``shared-1``, in both update modes)."""
     from megatron_default_moe import DefaultMoEConfig
     from megatron_default_moe.update import default_moe_layers
 
     def fresh(seed):
-        dm = DefaultMoEConfig(update=update, fit=fit, probes=4 if fit != "constant" else 0)
-        model = build_gpt(gpt_config(), dm, seed=seed)
+        probes = None if fit is None else (4 if fit != "constant" else 0)
+        dm = DefaultMoEConfig(update=update, fit=fit, probes=probes)
+        model = build_gpt(gpt_config(**router), dm, seed=seed)
         return model, torch.optim.Adam(model.parameters(), lr=1e-2)
 
     reference, ref_optim = fresh(0)
@@ -136,6 +144,7 @@ def test_resume_is_bit_exact(tmp_path, update, fit):
         for name in got._fp32_tables():
             assert torch.equal(getattr(got, name), getattr(want, name)), name
         assert (fit != "constant") == ("default_fit" in got._fp32_tables())
+        assert (got.probes is not None) == (fit != "constant")
     _assert_same_parameters(resumed, reference)
     assert torch.equal(_eval_logits(resumed), _eval_logits(reference))
 

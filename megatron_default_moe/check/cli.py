@@ -38,7 +38,7 @@ def parse_args(argv=None):
                         "or Megatron's SequentialMLP")
     parser.add_argument("--probes", action="store_true",
                         help="also run each with probes ('auto', and the router's default fit: shared-1 for "
-                        "sigmoid): their tables bit-identical on every rank, the expert rows (outputs, "
+                        "renormalised and sigmoid routers): their tables bit-identical on every rank, the expert rows (outputs, "
                         "expert gradients) unchanged against the one-rank run on the first step")
     parser.add_argument("--tolerance", type=float, help="relative tolerance (default: fp32 1e-5 on CPU, 1e-4 "
                         "on CUDA; bf16 3e-2)")

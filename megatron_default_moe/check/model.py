@@ -182,7 +182,8 @@ def my_shard(param, master_tensor):
 def build_stage(setup: Setup, dispatcher, update, sizes, weights=None, router="paper", probes=False):
     """This stage's Default MoE layers; with ``weights`` (one-rank state dicts), copied from them.
     Probes off (each rank draws its own, so no one-rank run matches them: ``compare``), or with
-    ``probes`` ``auto`` and the router's default fit (``shared-1`` for sigmoid)."""
+    ``probes`` ``auto`` and the router's default fit (``shared-1`` for renormalised and sigmoid
+    routers)."""
     from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer, wrap_finalize_model_grads
 
     config = make_config(setup, dispatcher, sizes, router)

@@ -83,15 +83,15 @@ main(sys.argv[1:])
 
 
 @pytest.mark.distributed
-def test_check_with_probes_on_the_sigmoid_routers_default():
-    """``--probes``: each run again with probes (``auto``, and the sigmoid router's ``shared-1``
-    fit): their tables bit-identical on every rank, outputs and the last layer's expert gradients
+def test_check_with_probes_on_the_families_default():
+    """``--probes``: each run again with probes (``auto``, and the ``shared-1`` fit: the default of
+    renormalised and sigmoid routers): their tables bit-identical on every rank, outputs and the last layer's expert gradients
     as the one-rank run's on the first step, over EP with data parallelism, TP+SP with expert TP,
     and pipeline stages; a package whose probe rows' gradient reaches the experts fails it."""
     import os
     import subprocess
 
-    layouts = ["dp2xep2:sigmoid", "tp2sp-ep2-etp2:sigmoid", "pp2-ep2:renorm"]
+    layouts = ["dp2xep2:sigmoid", "tp2sp-ep2-etp2:sigmoid", "dp2xep2:renorm", "pp2-ep2:renorm"]
     out = run_isolated(check_command(4, layouts) + ["--probes"], 480)
     passed = re.findall(r"^ok +(\S+) ", out, flags=re.MULTILINE)
     assert len(passed) == 2 * len(layouts) * CHECKS_PER_LAYOUT, out[-6000:]

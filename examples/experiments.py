@@ -86,10 +86,14 @@ def parse_args(argv=None):
 # -- the grid and its statistics -------------------------------------------------------------------
 def probe_flags(spec: str) -> dict:
     """One ``--probes`` entry (``64``, ``64w``, ``64s``, ``64s@0.99``) as Default MoE settings: the
-    budget, a weighted draw for 'w', the ``shared-1`` fit for 's', its beta after '@'."""
+    budget, a weighted draw for 'w', the ``shared-1`` fit for 's', its beta after '@'; ``default``
+    leaves them unset (the package's default for the router family)."""
+    if spec == "default":
+        return dict(moe_default_probes=None, moe_default_probe_draw="uniform", moe_default_fit=None,
+                    moe_default_fit_beta=None)
     m = re.fullmatch(r"(\d+)([ws]*)(?:@(\d*\.?\d+))?", spec)
     if not m or (m[3] and "s" not in m[2]):
-        raise SystemExit(f"--probes: cannot read {spec!r} (a budget with optional 'w' / 's' suffixes, '@beta' after 's')")
+        raise SystemExit(f"--probes: cannot read {spec!r} (a budget with optional 'w' / 's' suffixes, '@beta' after 's', or 'default')")
     return dict(moe_default_probes=int(m[1]), moe_default_probe_draw="weighted" if "w" in m[2] else "uniform",
                 moe_default_fit="shared-1" if "s" in m[2] else "constant",
                 moe_default_fit_beta=float(m[3]) if m[3] else None)

@@ -63,6 +63,8 @@ def test_probe_settings_reach_the_demo(exp):
                                          moe_default_fit="constant", moe_default_fit_beta=None)
     assert exp.probe_flags("32w")["moe_default_probe_draw"] == "weighted"
     assert exp.probe_flags("64s@0.99")["moe_default_fit_beta"] == 0.99
+    unset = exp.probe_flags("default")  # --fidelity: the package's default for the router family
+    assert unset["moe_default_probes"] is None and unset["moe_default_fit"] is None
     for bad in ("", "s64", "64x", "64@0.9", "64s@", "64s@x"):
         with pytest.raises(SystemExit, match="--probes"):
             exp.probe_flags(bad)

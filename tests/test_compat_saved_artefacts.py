@@ -6,6 +6,7 @@ the ``shared-1`` fit and of the paper's router, and the ``GPTModelConfig`` build
 
 import importlib
 import os
+import sys
 
 import pytest
 import torch
@@ -55,3 +56,18 @@ def test_gpt_model_config_builder_paths_of_0_1_and_0_2_resolve(module):
 
     builder = getattr(importlib.import_module(module), "DefaultMoEGPTModelBuilder")
     assert builder is DefaultMoEGPTModelBuilder
+
+
+def test_every_0_2_module_path_imports_as_its_new_module():
+    import warnings
+
+    from megatron_default_moe.moved import MOVED
+
+    for old, new in MOVED.items():
+        first_import = f"megatron_default_moe.{old}" not in sys.modules  # a cached module warns no more
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(f"megatron_default_moe.{old}")
+        assert module is importlib.import_module(f"megatron_default_moe.{new}"), old
+        said = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+        assert not first_import or f"megatron_default_moe.{old} moved to megatron_default_moe.{new}" in said[0], old

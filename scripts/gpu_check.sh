@@ -121,7 +121,7 @@ COST_TESTS=(tests/test_benchmark_cost.py tests/test_benchmark_scale.py)
 run_step machine 30 machine
 run_step install 60 install_wheels
 # the correctness check users run on their cluster, first: one process on this GPU (one rank),
-# fp32 (the strict comparison), then bf16 (first step against the reference, bit-identity after)
+# fp32 (the strict comparison), then bf16 (against the stock baseline up to the first routing flip, bit-identity throughout)
 run_step check 150 "$PY" -m torch.distributed.run --nproc-per-node 1 --master-port 29533 \
   -m megatron_default_moe.check
 run_step check_bf16 120 "$PY" -m torch.distributed.run --nproc-per-node 1 --master-port 29534 \

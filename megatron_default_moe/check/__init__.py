@@ -6,18 +6,23 @@ the world size (TP+SP, EP, expert TP, CP, PP, DP and their combinations), with b
 renormalised softmax, DeepSeek-V3-like sigmoid). Each trains a two-layer Default MoE stack for
 three optimizer steps of two micro-batches with Megatron's own schedule and compares it, after
 every step, with a one-rank run over the same global batch that the check computes itself
-(``runtime``): default vectors bit-identical on every rank and equal to the reference's, outputs
-and gradients within the dtype's tolerance (``compare``). It prints a table and exits non-zero on
-any failure. Probes (the sigmoid router's default, with the ``shared-1`` fit) are off in these
-runs, since each rank draws its own pairs and no one-rank run can match them; ``--probes`` adds a
-run with them to each, which checks what can be checked: their tables bit-identical on every rank
-of the stage at every step, and the expert rows (outputs, expert gradients) unchanged against the
-one-rank run on the first step.
+(``runtime``); beside it, the stock baseline: a stack of Megatron's own ``MoELayer`` from the same
+weights, batches and schedule against its own one-rank run (``--no-baseline`` skips it). Default
+vectors bit-identical on every rank, always; Default's deviations (outputs, expert and router
+gradients, vectors) within twice stock's plus the dtype's tolerance at every step, and in fp32
+within the tolerance alone too; in bf16 up to the first routing flip, which the check detects and
+reports (``compare`` measures, ``verdict`` judges: the rule and why). It prints a table (stock and
+default columns) and exits non-zero on any failure. Probes (the sigmoid router's default, with the
+``shared-1`` fit) are off in these runs, since each rank draws its own pairs and no one-rank run
+can match them; ``--probes`` adds a run with them to each, which checks what can be checked: their
+tables bit-identical on every rank of the stage at every step, and the expert rows (outputs,
+expert gradients) unchanged against the one-rank run on the first step.
 
 On CUDA it runs NCCL and the package's Triton kernels (TE grouped experts when Transformer Engine
 imports), in fp32 or, with ``--dtype bf16``, bf16; on a CPU machine gloo with
 ``megatron_default_moe.testing.cpu``. Modules:
-``model`` (layouts, config, the layer stack), ``train`` (schedule, data shares, the reference
-run), ``compare`` (the assertions), ``runtime`` (process groups, the reference's child process and
-broadcast), ``cli``.
+``model`` (layouts, config, the layer stack, stock or Default), ``train`` (schedule, data shares,
+the reference run), ``compare`` (deviations and routing flips), ``verdict`` (the rule, the table),
+``runs`` (one layout's runs and baselines), ``runtime`` (process groups, the reference's child
+process and broadcast), ``cli``.
 """

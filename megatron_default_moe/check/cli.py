@@ -7,14 +7,10 @@ import time
 
 import torch
 
-from megatron_default_moe.check import compare, runtime
-from megatron_default_moe.check.model import DISPATCHERS, LAYOUTS, ROUTERS, UPDATES, Setup, build_stage, fits
-from megatron_default_moe.check.train import run_reference, train
-
-
-def log(*args):
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(*args, flush=True)
+from megatron_default_moe.check import runtime, verdict
+from megatron_default_moe.check.model import DISPATCHERS, LAYOUTS, ROUTERS, UPDATES, Setup, fits
+from megatron_default_moe.check.runs import check_layout, log
+from megatron_default_moe.check.train import run_reference
 
 
 def parse_args(argv=None):
@@ -31,8 +27,11 @@ def parse_args(argv=None):
     parser.add_argument("--dispatchers", nargs="+", choices=DISPATCHERS, default=list(DISPATCHERS))
     parser.add_argument("--updates", nargs="+", choices=UPDATES, default=list(UPDATES))
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                        help="params and activations; bf16: every step bit-identical across ranks, "
-                        "the one-rank comparison on the first step only (see docs/check.md)")
+                        help="params and activations; bf16 is judged against the stock baseline at every "
+                        "step (see docs/check.md)")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="skip the stock baseline (Megatron's MoELayer against its own one-rank run); "
+                        "every dtype is then judged by the tolerance alone")
     parser.add_argument("--experts", choices=("auto", "te", "sequential"), default="auto",
                         help="TE grouped GEMM experts (auto: on CUDA when transformer_engine imports) "
                         "or Megatron's SequentialMLP")
@@ -40,8 +39,8 @@ def parse_args(argv=None):
                         help="also run each with probes ('auto', and the router's default fit: shared-1 for "
                         "renormalised and sigmoid routers): their tables bit-identical on every rank, the expert rows (outputs, "
                         "expert gradients) unchanged against the one-rank run on the first step")
-    parser.add_argument("--tolerance", type=float, help="relative tolerance (default: fp32 1e-5 on CPU, 1e-4 "
-                        "on CUDA; bf16 3e-2)")
+    parser.add_argument("--tolerance", type=float, help="relative tolerance, also added to the baseline's "
+                        "bound (default: fp32 1e-5 on CPU, 1e-4 on CUDA; bf16 3e-2)")
     parser.add_argument("--list", action="store_true", help="print the layouts that fit and exit")
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)  # the parent's global batch
     parser.add_argument("--save-reference", metavar="PATH", help=argparse.SUPPRESS)  # the child's job
@@ -80,43 +79,11 @@ def selected(args, world_size, batch) -> list[tuple[str, str]]:
     return pairs
 
 
-def check_layout(setup, ref, name, router, args, tolerance):
-    """Every dispatcher and update mode of one layout and router: table rows, failure messages."""
-    sizes, sp, rows, failures = LAYOUTS[name], LAYOUTS[name].get("sp", False), [], []
-    runtime.init_layout(setup, sizes)
-    try:
-        with_probes = (False, True) if args.probes else (False,)
-        runs = [(d, u, p) for d in args.dispatchers for u in args.updates for p in with_probes]
-        for dispatcher, update, probes in runs:
-            label = update + ("+probes" if probes else "")
-            tag, start = f"{name}:{router}/{dispatcher}/{label}", time.time()
-            stage = build_stage(setup, dispatcher, update, sizes, ref["weights"], router, probes)
-            errors = compare.StepErrors(tolerance)
-
-            def on_step(step, outputs, grads, stage=stage, errors=errors, tag=tag, probes=probes):
-                if step > 0 and (setup.dtype != torch.float32 or probes):  # see compare's docstring
-                    errors.failures += [f"{tag} step {step}: {m}" for m in compare.identical_across_ranks(stage)]
-                    return
-                expected = ref["runs"][router, update][step]
-                compare.check_step(stage, expected, outputs, grads, sp, errors, f"{tag} step {step}", probes)
-
-            train(setup, stage, sp, on_step)
-            ok, worst = compare.summarise(errors, setup.device)
-            rank = torch.distributed.get_rank()
-            failures += [f"rank {rank} {msg}" for msg in errors.failures]
-            seconds = time.time() - start
-            rows.append((name, router, dispatcher, label, ok, worst, seconds))
-            log(f"{'ok  ' if ok else 'FAIL'} {tag} ({seconds:.1f}s)")
-    finally:
-        runtime.destroy_layout()
-    return rows, failures
-
-
 def save_reference(args, setup):
     runtime.init_world(setup)
     runtime.init_layout(setup, {})
     start = time.time()
-    torch.save(run_reference(setup, args.routers, args.updates), args.save_reference)
+    torch.save(run_reference(setup, args.routers, args.updates, args.baseline), args.save_reference)
     runtime.destroy_layout()
     torch.distributed.destroy_process_group()
     print(f"one-rank reference ({', '.join(args.routers)}) in {time.time() - start:.1f}s", flush=True)
@@ -135,19 +102,21 @@ def main(argv=None):
         return print("\n".join(f"{n}:{r} {LAYOUTS[n]}" for n, r in pairs)) if rank == 0 else None
     routers = sorted({r for _, r in pairs}, key=list(ROUTERS).index)
     experts = "te" if setup.te else "sequential"
-    data = runtime.compute_reference(setup, routers, args.updates, experts)  # rank 0, before init
+    data = runtime.compute_reference(setup, routers, args.updates, experts, args.baseline)  # rank 0, before init
     runtime.init_world(setup)
     ref = runtime.broadcast_reference(setup, data)
-    tolerance = args.tolerance or compare.TOLERANCE[setup.device, setup.dtype]
+    tolerance = args.tolerance or verdict.TOLERANCE[setup.device, setup.dtype]
     log(f"Default MoE check: {world_size} ranks, {setup.device}, {str(setup.dtype).split('.')[-1]}, "
-        f"experts {experts}, global batch {setup.batch}, {len(pairs)} layout/router pairs")  # fmt: skip
+        f"experts {experts}, global batch {setup.batch}, {len(pairs)} layout/router pairs, "
+        + (f"against the stock baseline (factor {verdict.FACTOR:g}, tolerance {tolerance:.0e})" if args.baseline
+           else f"no baseline (tolerance {tolerance:.0e})"))  # fmt: skip
     rows, failures = [], []
     for name, router in pairs:
         layout_rows, layout_failures = check_layout(setup, ref, name, router, args, tolerance)
         rows, failures = rows + layout_rows, failures + layout_failures
     for msg in failures[:8]:
         print("FAILED", msg, flush=True)
-    log(compare.table(rows))
+    log(verdict.table(rows))
     ok = all(row[4] for row in rows)
     log(f"{'PASSED' if ok else 'FAILED'}: {len(pairs)} layout/router pairs, {len(rows)} runs, on {world_size} ranks")
     torch.distributed.destroy_process_group()

@@ -1,36 +1,37 @@
-"""What the check asserts after every optimizer step, on every rank, against the one-rank run.
+"""What the check measures after every optimizer step, on every rank, against the one-rank run.
 
 1. ``default_vectors`` bit-identical on every rank holding the layer (world all-gather): always
    exact, whatever the dtype (checkpoints save one replica; the ranks must agree to the bit);
-2. equal to the one-rank run's (within the dtype's tolerance);
-3. each rank's layer outputs equal the one-rank outputs of its tokens;
-4. router gradients summed over the stage, and expert gradients summed over expert-data-parallel
-   ranks, equal the one-rank gradients (of this rank's experts and shard).
+2. their deviation from the one-rank run's (``vectors``);
+3. each rank's layer outputs against the one-rank outputs of its tokens (``outputs``);
+4. router gradients summed over the stage (``router grads``), and expert gradients summed over
+   expert-data-parallel ranks (``expert grads``, this rank's experts and shard), against the
+   one-rank gradients.
+
+5. routing flips: tokens whose routing map (Megatron's, before any probe pairs) differs from the
+   one-rank run's, per step, layer and micro-batch.
+
+2-5 are measured, not judged, here: ``Deviations`` keeps the largest relative error per step,
+kind, layer and micro-batch (and where it was) and the flips, and ``verdict`` decides. The stock
+baseline (Megatron's ``MoELayer`` against its own one-rank run) is measured the same way, 1-2 aside.
 
 With probes (``--probes``) each rank draws its own pairs, so the vectors (and the ``shared-1``
 fit's tables, also checked in 1) follow draws no one-rank run makes. What probes must not change
-is checked on the first step (the router gradient moves the router after it) for a backward-only
+is measured on the first step (the router gradient moves the router after it) for a backward-only
 router: 3, and the expert gradients of the model's last layer (an earlier layer's output gradient
 carries the next layer's default term through its router input). 2 is skipped, and for a
-``forward``-mode router (whose output carries the term) 3-4 too.
-
-In bf16, 2-4 are checked on the first step only: from the second step on, the one-rank run and
-the layout hold parameters that differ by bf16 rounding of differently summed gradients, and a
-near-tied routing decision that flips on that difference moves a token by a whole expert output
-(seen on CPU at 2 ranks); check 1 stays exact every step.
+``forward``-mode router (whose output carries the term) 3-4 too; 1 is checked at every step.
 
 Errors are relative to the tensor's scale: ``max|actual - expected| / (1 + max|expected|)``.
 """
 
 import torch
 
-from megatron_default_moe.check.model import NUM_LAYERS, master_name, my_shard, stage_layer_ids
+from megatron_default_moe.check.model import MICRO_BATCHES, NUM_LAYERS, STEPS, S, master_name, my_shard, stage_layer_ids
 from megatron_default_moe.check.train import my_tokens
 from megatron_default_moe.checkpoint import BUFFER, FIT_BUFFERS
 
-# relative to the tensor's scale; fp32 on CUDA allows for TF32 GEMMs (Transformer Engine's)
-TOLERANCE = {("cpu", torch.float32): 1e-5, ("cuda", torch.float32): 1e-4,
-             ("cpu", torch.bfloat16): 3e-2, ("cuda", torch.bfloat16): 3e-2}  # fmt: skip
+KINDS = ("vectors", "outputs", "expert grads", "router grads")
 
 
 def rel_error(actual, expected) -> float:
@@ -42,19 +43,46 @@ def rel_error(actual, expected) -> float:
     return float(err) if torch.isfinite(err) else float("inf")
 
 
-class StepErrors:
-    """Failures and the largest relative error per kind over a run (this rank)."""
+class Deviations:
+    """One run's measurements (this rank's, then every rank's after ``reduce``).
 
-    KINDS = ("vectors", "outputs", "grads")
+    ``local``/``worst`` ``[step, kind, layer, micro-batch]``: the largest relative error (-1 where
+    nothing was measured; gradients and vectors in micro-batch slot 0), with where this rank's was
+    (``where``). ``flips`` ``[step, layer, micro-batch]``: tokens whose routing (Megatron's map)
+    differs from the one-rank run's, summed over ranks; ``masks`` this rank's flipped tokens. Also
+    the failures of the exact check 1, and after ``reduce`` against a stock run ``same_flips[step]``:
+    whether that step's flips are stock's, token for token.
+    """
 
-    def __init__(self, tolerance):
-        self.tolerance, self.failures = tolerance, []
-        self.max = dict.fromkeys(self.KINDS, 0.0)
+    def __init__(self):
+        self.local = torch.full((STEPS, len(KINDS), NUM_LAYERS, MICRO_BATCHES), -1.0, dtype=torch.float64)
+        self.local_flips = torch.zeros(STEPS, NUM_LAYERS, MICRO_BATCHES, dtype=torch.float64)
+        self.where, self.masks, self.failures = {}, {}, []
 
-    def record(self, kind, err, what):
-        self.max[kind] = max(self.max[kind], err)
-        if not err <= self.tolerance:
-            self.failures.append(f"{what} off by {err:.3g} (relative; tolerance {self.tolerance:.0e})")
+    def record(self, step, kind, layer_id, m, err, what):
+        index = (step, KINDS.index(kind), layer_id, m)
+        if not err <= self.local[index]:  # a larger error, or a NaN
+            self.local[index], self.where[index] = err, what
+
+    def record_route(self, step, layer_id, m, mine_TE, expected_TE):
+        flipped_T = (mine_TE != expected_TE.to(mine_TE.device)).any(-1).cpu()
+        self.masks[step, layer_id, m] = flipped_T
+        self.local_flips[step, layer_id, m] += int(flipped_T.sum())
+
+    def reduce(self, device, stock=None):
+        """Every rank's largest errors, flips and failures (each rank measures only its own share)."""
+        differs = torch.zeros(STEPS, dtype=torch.float64)
+        for (step, layer_id, m), mask in self.masks.items():
+            theirs = stock.masks.get((step, layer_id, m)) if stock is not None else None
+            differs[step] = max(float(differs[step]), float(theirs is None or not torch.equal(mask, theirs)))
+        head = torch.tensor([float(len(self.failures))], dtype=torch.float64)
+        values = torch.cat([head, differs, self.local.flatten()]).to(device)
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        flips = self.local_flips.to(device)
+        torch.distributed.all_reduce(flips)
+        values = values.cpu()
+        self.any_failed, self.same_flips = bool(values[0] > 0), (values[1 : 1 + STEPS] == 0).tolist()
+        self.worst, self.flips = values[1 + STEPS :].view(self.local.shape), flips.cpu()
 
 
 def default_tables(layer) -> torch.Tensor:
@@ -81,42 +109,32 @@ def identical_across_ranks(stage) -> list[str]:
     ]
 
 
-def check_step(stage, expected, outputs, grads, sequence_parallel, errors: StepErrors, tag: str, probes=False):
-    """Checks 1-4 for one optimizer step of this rank (``expected``: the one-rank step; with
-    ``probes``, what of them holds: see the module docstring)."""
-    errors.failures += [f"{tag}: {msg}" for msg in identical_across_ranks(stage)]
+def my_routes(route_TE, sequence_parallel):
+    """This rank's rows of a one-rank routing map (tokens in ``[S, B]`` order, as Megatron's)."""
+    experts = route_TE.shape[-1]
+    return my_tokens(route_TE.view(S, -1, experts), sequence_parallel).view(-1, experts)
+
+
+def measure_step(stage, expected, step_data, sequence_parallel, devs: Deviations, step, probes=False):
+    """2-4 and the routing flips for one optimizer step of this rank (``expected``: the one-rank
+    step; ``step_data``: ``train``'s ``(outputs, grads, routes)``; with ``probes``, what of them
+    holds: see the module docstring). A stock stage has no vectors."""
+    outputs, grads, routes = step_data
     for j, (layer, layer_id) in enumerate(zip(stage.layers, stage_layer_ids())):
-        if not probes:
+        where = f"layer {layer_id}"
+        for m, route in enumerate(routes[j]):
+            devs.record_route(step, layer_id, m, route, my_routes(expected["routes"][layer_id][m], sequence_parallel))
+        if hasattr(layer, BUFFER) and not probes:
             err = rel_error(layer.default_vectors, expected["defaults"][layer_id])
-            errors.record("vectors", err, f"{tag} layer {layer_id}: default_vectors")
+            devs.record(step, "vectors", layer_id, 0, err, f"{where} default_vectors")
         unchanged = not probes or layer.mode != "forward"  # what probes leave as the one-rank run's
         for m, out in enumerate(outputs[j] if unchanged else ()):
             want = my_tokens(expected["outputs"][layer_id][m], sequence_parallel)
-            errors.record("outputs", rel_error(out, want), f"{tag} layer {layer_id} micro-batch {m}: output")
+            devs.record(step, "outputs", layer_id, m, rel_error(out, want), f"{where} micro-batch {m} output")
         for pname, param in layer.named_parameters():
             if probes and (pname.startswith("router.") or not unchanged or layer_id != NUM_LAYERS - 1):
                 continue
             mname = master_name(layer, pname)
             want = my_shard(param, expected["grads"][layer_id][mname])
-            errors.record("grads", rel_error(grads[j][mname], want), f"{tag} layer {layer_id}: grad of {mname}")
-
-
-def summarise(errors: StepErrors, device) -> tuple[bool, dict]:
-    """The verdict and largest errors over all ranks (each rank checks only its own share)."""
-    values = torch.tensor([float(len(errors.failures))] + [errors.max[k] for k in errors.KINDS], device=device)
-    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-    values = values.tolist()
-    return values[0] == 0, dict(zip(errors.KINDS, values[1:]))
-
-
-def table(rows) -> str:
-    """``rows``: ``(layout, router, dispatcher, update, ok, max errors, seconds)`` -> text table."""
-    head = f"{'layout':<16} {'router':<8} {'dispatcher':<10} {'update':<17} {'result':<6} " \
-           f"{'vectors':>9} {'outputs':>9} {'grads':>9} {'s':>6}"  # fmt: skip
-    lines = [head, "-" * len(head)]
-    for layout, router, dispatcher, update, ok, errs, seconds in rows:
-        lines.append(
-            f"{layout:<16} {router:<8} {dispatcher:<10} {update:<17} {'pass' if ok else 'FAIL':<6} "
-            f"{errs['vectors']:>9.2e} {errs['outputs']:>9.2e} {errs['grads']:>9.2e} {seconds:>6.1f}"
-        )
-    return "\n".join(lines)
+            kind = "router grads" if pname.startswith("router.") else "expert grads"
+            devs.record(step, kind, layer_id, 0, rel_error(grads[j][mname], want), f"{where} grad of {mname}")

@@ -4,7 +4,8 @@ Every layout builds the same ``NUM_LAYERS`` layers (Megatron's spec, ``DefaultMo
 copies its weights from the one-rank reference, each rank taking its experts and, with expert
 tensor parallelism, its shard. The router runs in fp32 (as large MoE runs configure it), the rest
 in ``Setup.dtype`` (fp32, or bf16 with ``--dtype bf16``); on CUDA with Transformer Engine's
-grouped experts when TE is importable, elsewhere with Megatron's ``SequentialMLP``.
+grouped experts when TE is importable, elsewhere with Megatron's ``SequentialMLP``. The baseline
+(``stock``) is the same stack of Megatron's own ``MoELayer``s.
 """
 
 import dataclasses
@@ -179,23 +180,25 @@ def my_shard(param, master_tensor):
     return chunks[ps.get_expert_tensor_parallel_rank()]
 
 
-def build_stage(setup: Setup, dispatcher, update, sizes, weights=None, router="paper", probes=False):
-    """This stage's Default MoE layers; with ``weights`` (one-rank state dicts), copied from them.
+def build_stage(setup: Setup, dispatcher, update, sizes, weights=None, router="paper", probes=False, stock=False):
+    """This stage's Default MoE layers; with ``weights`` (one-rank parameters), copied from them.
     Probes off (each rank draws its own, so no one-rank run matches them: ``compare``), or with
     ``probes`` ``auto`` and the router's default fit (``shared-1`` for renormalised and sigmoid
-    routers)."""
+    routers). With ``stock``, Megatron's own ``MoELayer`` from the same submodules, config and
+    weights (the baseline: ``update`` and ``probes`` do not apply)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
     from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer, wrap_finalize_model_grads
 
     config = make_config(setup, dispatcher, sizes, router)
     layers = []
     for layer_id in stage_layer_ids():
         torch.manual_seed(100 + layer_id)
-        layer = DefaultMoELayer(
-            config,
-            moe_submodules(setup),
-            layer_number=layer_id + 1,
-            dm_config=DefaultMoEConfig(beta=BETA, update=update, probes="auto" if probes else 0),
-        )
+        if stock:
+            layer = MoELayer(config, moe_submodules(setup), layer_number=layer_id + 1)
+        else:
+            dm_config = DefaultMoEConfig(beta=BETA, update=update, probes="auto" if probes else 0)
+            layer = DefaultMoELayer(config, moe_submodules(setup), layer_number=layer_id + 1, dm_config=dm_config)
         if setup.device == "cuda":
             layer.cuda()
         if weights is not None:
@@ -205,7 +208,7 @@ def build_stage(setup: Setup, dispatcher, update, sizes, weights=None, router="p
         if layer.router.expert_bias is not None:
             layer.router.expert_bias.copy_(torch.tensor(EXPERT_BIAS))
         layers.append(layer)
-    if update == "step":
+    if update == "step" and not stock:
         config.finalize_model_grads_func = lambda *args, **kwargs: None
         wrap_finalize_model_grads(config)  # update_default_vectors after the last backward
     return Stage(config, layers)

@@ -58,13 +58,17 @@ def init_layout(setup: Setup, sizes: dict, seed: int = 0) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     tp = sizes.get("tp", 1)
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        expert_model_parallel_size=sizes.get("ep", 1),
-        expert_tensor_parallel_size=sizes.get("etp", tp),
-        context_parallel_size=sizes.get("cp", 1),
-        pipeline_model_parallel_size=sizes.get("pp", 1),
-    )
+    _record_new_groups()
+    try:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            expert_model_parallel_size=sizes.get("ep", 1),
+            expert_tensor_parallel_size=sizes.get("etp", tp),
+            context_parallel_size=sizes.get("cp", 1),
+            pipeline_model_parallel_size=sizes.get("pp", 1),
+        )
+    finally:
+        torch.distributed.new_group = _NEW_GROUP[0]
     if setup.device == "cpu":
         model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True, force_reset_rng=True)
     else:
@@ -72,10 +76,35 @@ def init_layout(setup: Setup, sizes: dict, seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
+_NEW_GROUP = [None]  # torch.distributed.new_group while a layout's groups are recorded
+_LAYOUT_GROUPS = []
+
+
+def _record_new_groups() -> None:
+    """Record the groups ``initialize_model_parallel`` creates: Megatron's ``destroy_model_parallel``
+    forgets most of them without destroying them, and each gloo group keeps its threads, so a
+    launch over many layouts would pile up thousands of threads per rank."""
+    new_group = _NEW_GROUP[0] = torch.distributed.new_group
+
+    def recording_new_group(*args, **kwargs):
+        group = new_group(*args, **kwargs)
+        _LAYOUT_GROUPS.append(group)
+        return group
+
+    torch.distributed.new_group = recording_new_group
+
+
 def destroy_layout() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    while _LAYOUT_GROUPS:
+        group = _LAYOUT_GROUPS.pop()
+        if group is not None and group != torch.distributed.GroupMember.NON_GROUP_MEMBER:
+            try:
+                torch.distributed.destroy_process_group(group)
+            except (ValueError, RuntimeError):
+                pass  # already destroyed (Megatron destroys its gloo groups itself)
 
 
 # -- async semantics on gloo ----------------------------------------------------------------------
@@ -110,9 +139,10 @@ def defer_async_all_reduce():
 
 
 # -- the one-rank reference -----------------------------------------------------------------------
-def compute_reference(setup: Setup, routers, updates, te_flag: str) -> bytes | None:
-    """On global rank 0: run the one-rank reference in a child process, return its bytes
-    (``None`` on the other ranks). Call before ``init_world``; progress goes to stderr."""
+def compute_reference(setup: Setup, routers, updates, te_flag: str, baseline=True) -> bytes | None:
+    """On global rank 0: run the one-rank reference (with ``baseline``, stock's too) in a child
+    process, return its bytes (``None`` on the other ranks). Call before ``init_world``; progress
+    goes to stderr."""
     rank, _ = world()
     if rank != 0:
         return None
@@ -125,7 +155,7 @@ def compute_reference(setup: Setup, routers, updates, te_flag: str) -> bytes | N
         path = os.path.join(tmp, "reference.pt")
         cmd = [sys.executable, "-m", "megatron_default_moe.check", "--save-reference", path,
                "--batch", str(setup.batch), "--routers", *routers, "--updates", *updates,
-               "--dtype", "bf16" if setup.dtype == torch.bfloat16 else "fp32", "--experts", te_flag]  # fmt: skip
+               "--dtype", "bf16" if setup.dtype == torch.bfloat16 else "fp32", "--experts", te_flag] + ([] if baseline else ["--no-baseline"])  # fmt: skip
         print(f"computing the one-rank reference ({', '.join(routers)}) in a child process", flush=True)
         subprocess.run(cmd, env=env, check=True, stdout=sys.stderr)
         with open(path, "rb") as f:

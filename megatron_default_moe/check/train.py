@@ -69,15 +69,17 @@ def reduced_grads(stage):
 def train(setup: Setup, stage, sequence_parallel, on_step):
     """``STEPS`` SGD steps of ``MICRO_BATCHES`` micro-batches with Megatron's schedule.
 
-    Calls ``on_step(step, outputs, grads)`` before each optimizer update: ``outputs[j][m]`` is local
-    layer ``j``'s output for micro-batch ``m``; ``grads`` from ``reduced_grads``. The update is
+    Calls ``on_step(step, outputs, grads, routes)`` before each optimizer update: ``outputs[j][m]``
+    is local layer ``j``'s output for micro-batch ``m``, ``routes[j][m]`` its router's routing map
+    (Megatron's ``[T, E]``, before any probe pairs); ``grads`` from ``reduced_grads``. The update is
     applied to fp32 master copies (as Megatron's optimizer does), then cast to the parameters.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    outputs = [[] for _ in stage.layers]
+    outputs, routes = [[] for _ in stage.layers], [[] for _ in stage.layers]
     for j, layer in enumerate(stage.layers):
         layer.register_forward_hook(lambda m, i, out, j=j: outputs[j].append(out[0].detach().clone()))
+        layer.router.register_forward_hook(lambda m, i, out, j=j: routes[j].append(out[1].detach().clone()))
     masters = {param: param.detach().float().clone() for param in stage.parameters()}
 
     def forward_step(data_iterator, model):
@@ -87,7 +89,7 @@ def train(setup: Setup, stage, sequence_parallel, on_step):
         return y, lambda y: ((y.float() * g).sum(), tokens, {})
 
     for step in range(STEPS):
-        for out in outputs:
+        for out in outputs + routes:
             out.clear()
         batches = [global_micro_batch(setup, step, m) for m in range(MICRO_BATCHES)]
         data = iter([(my_tokens(x, sequence_parallel), my_tokens(g, sequence_parallel)) for x, g in batches])
@@ -100,7 +102,7 @@ def train(setup: Setup, stage, sequence_parallel, on_step):
             micro_batch_size=my_tokens(batches[0][0], sequence_parallel).shape[1],
         )
         grads = reduced_grads(stage)
-        on_step(step, outputs, grads)
+        on_step(step, outputs, grads, routes)
         with torch.no_grad():
             for layer, layer_grads in zip(stage.layers, grads):
                 for name, param in layer.named_parameters():
@@ -109,24 +111,31 @@ def train(setup: Setup, stage, sequence_parallel, on_step):
                     param.grad = None
 
 
-def run_reference(setup: Setup, routers, updates) -> dict:
+def run_reference(setup: Setup, routers, updates, stock=True) -> dict:
     """The one-rank run (every parallel size 1, this process alone): initial weights and, per
-    router family, update mode and step, the default vectors, layer outputs and gradients (CPU)."""
+    router family, update mode and step, the default vectors, layer outputs and gradients (CPU);
+    with ``stock``, per router family and step, those of Megatron's ``MoELayer`` from the same
+    weights (``ref["stock"][router]``: the baseline's reference; no update mode)."""
     cpu_copy = lambda t: t.detach().float().cpu().clone()  # noqa: E731  (a copy, never an alias)
     stage = build_stage(setup, DISPATCHERS_REFERENCE, "microbatch", {})
     weights = [{n: p.detach().cpu().clone() for n, p in layer.named_parameters()} for layer in stage.layers]
-    ref = {"weights": weights, "batch": setup.batch, "runs": {}}
-    for router in routers:
-        for update in updates:
-            stage, steps = build_stage(setup, DISPATCHERS_REFERENCE, update, {}, weights, router), []
+    ref = {"weights": weights, "batch": setup.batch, "runs": {}, "stock": {}}
+    runs = [(router, update, False) for router in routers for update in updates]
+    runs += [(router, "microbatch", True) for router in routers] if stock else []
+    for router, update, is_stock in runs:
+        stage, steps = build_stage(setup, DISPATCHERS_REFERENCE, update, {}, weights, router, stock=is_stock), []
 
-            def record(step, outputs, grads, stage=stage, steps=steps):
-                steps.append({
-                    "defaults": [cpu_copy(layer.default_vectors) for layer in stage.layers],
-                    "outputs": [[cpu_copy(o) for o in layer_outputs] for layer_outputs in outputs],
-                    "grads": [{k: cpu_copy(v) for k, v in g.items()} for g in grads],
-                })  # fmt: skip
+        def record(step, outputs, grads, routes, stage=stage, steps=steps, is_stock=is_stock):
+            steps.append({
+                "defaults": [cpu_copy(layer.default_vectors) for layer in stage.layers if not is_stock],
+                "outputs": [[cpu_copy(o) for o in layer_outputs] for layer_outputs in outputs],
+                "grads": [{k: cpu_copy(v) for k, v in g.items()} for g in grads],
+                "routes": [[r.detach().cpu().clone() for r in layer_routes] for layer_routes in routes],
+            })  # fmt: skip
 
-            train(setup, stage, False, record)
+        train(setup, stage, False, record)
+        if is_stock:
+            ref["stock"][router] = steps
+        else:
             ref["runs"][router, update] = steps
     return ref

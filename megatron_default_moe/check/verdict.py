@@ -112,8 +112,9 @@ def table(rows) -> str:
             k = KINDS.index(kind)
             picked = [tuple(i) for i in mask[:, k].nonzero().tolist()]
             worst = max((float(default.worst[s, k, layer, m]) for s, layer, m in picked), default=None)
-            base = max((stock_value(stock, s, kind, layer, m) for s, layer, m in picked), default=None)
-            cells += [_cell(base if stock is not None else None)] * (kind != "vectors") + [_cell(worst)]
+            base = None if stock is None else max((stock_value(stock, s, kind, layer, m) for s, layer, m in picked),
+                                                  default=None)  # fmt: skip
+            cells += [_cell(base)] * (kind != "vectors") + [_cell(worst)]
         lines.append(f"{layout:<16} {router:<8} {dispatcher:<10} {update:<17} {'pass' if ok else 'FAIL':<6} "
                      f"{' '.join(cells)} {flips_text(default, stock):>9} {seconds:>6.1f}")  # fmt: skip
     return "\n".join(lines)

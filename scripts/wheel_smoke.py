@@ -15,21 +15,11 @@ import torch
 
 import megatron_default_moe
 from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer, update_default_vectors
+from megatron_default_moe.check.model import ROUTERS
 from megatron_default_moe.testing import cpu
 
-ROUTERS = {
-    "paper": dict(num_moe_experts=4, moe_router_topk=2, moe_router_pre_softmax=True),
-    "sigmoid": dict(
-        num_moe_experts=8,
-        moe_router_topk=2,
-        moe_router_pre_softmax=False,
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_num_groups=2,
-        moe_router_group_topk=1,
-        moe_router_topk_scaling_factor=2.5,
-    ),
-}
+# the check's router families (megatron_default_moe.check.model), at this script's expert counts
+EXPERTS = {"paper": 4, "sigmoid": 8}
 
 
 def build(router: str) -> DefaultMoELayer:
@@ -40,7 +30,7 @@ def build(router: str) -> DefaultMoELayer:
         num_layers=1, hidden_size=16, num_attention_heads=4, moe_ffn_hidden_size=24, ffn_hidden_size=24,
         moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=0.0, add_bias_linear=False,
         use_cpu_initialization=True, params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
-        **ROUTERS[router],
+        num_moe_experts=EXPERTS[router], moe_router_topk=2, **{"moe_router_pre_softmax": True, **ROUTERS[router]},
     )  # fmt: skip
     spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False)
     torch.manual_seed(0)
@@ -82,7 +72,7 @@ def main():
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     cpu.init_parallel(seed=1234)
     try:
-        for router in ROUTERS:
+        for router in EXPERTS:
             print("layer forward + backward ok:", steps(router), flush=True)
     finally:
         cpu.destroy_parallel()

@@ -16,7 +16,7 @@ A CPU cannot time what a GPU pays: there the expert matmuls dwarf every extra me
    ``index_add_`` only its indexed rows: the source's size; ``index_select`` reads the rows it
    gathers, its output's size, not its whole source; ``probe_exclude`` / ``probe_zero`` the
    candidate rows they read and zero (and, with ``--fit shared-1``, read of the expert input),
-   ``probe_draw`` the rows of the tokens it walks), matmul FLOPs
+   ``probe_draw`` the rows of its strata's tokens), matmul FLOPs
    (``2 M N K`` for mm / addmm / bmm / baddbmm / mv / dot / _grouped_mm), and one kernel per call.
    View and metadata ops (``FREE_OPS`` and every op whose schema says it is a view) cost 0 bytes
    and 0 kernels; allocations (``empty*``) cost no kernel. Elementwise FLOPs are left out (those
@@ -283,10 +283,10 @@ class CostMode(TorchDispatchMode):
             if line_input is not None:
                 reads = [t for t in reads if t is not line_input]
                 rows_in = tensor_bytes(line_input) * named["rows_B"].numel() // max(line_input.shape[0], 1)
-        if name == "probe_draw":  # the walked tokens' rows of the weights (or blocked pairs) and routing map
+        if name == "probe_draw":  # the strata's tokens' rows of the weights (or blocked pairs) and routing map
             big = [named["weights_TE"], named["routing_map_TE"]]
             reads = [t for t in reads if not any(t is b for b in big)]
-            rows = sum(tensor_bytes(t) for t in big) * named["budget"] // max(big[0].shape[0], 1)
+            rows = sum(tensor_bytes(t) for t in big) * named["strata_B4"].shape[0] // max(big[0].shape[0], 1)
         if name in INDEXED_WRITES:  # only the indexed rows of the destination: the source's size
             source = named["source"]
             reads = [t for t in reads if t is not named["self"]] + ([source] if name == "index_add_" else [])
@@ -748,8 +748,10 @@ def probe_budget_of(args, spec, ep, probes):
 
 def set_probe_budget(layer, budget):
     """Probes in proportion to the measured tokens (``B · T / target``): the rows a GPU receives
-    scale like its routed rows, so the ``a + bT`` fit carries them to the target at any EP."""
-    layer.probes.budget = layer.probes.max_rows = budget
+    scale like its routed rows, so the ``a + bT`` fit carries them to the target at any EP (one
+    stratum of ``target / B`` tokens per probe, this GPU's tokens alone)."""
+    layer.probes.budget = layer.probes.stage_budget = layer.probes.max_rows = budget
+    layer.probes.token_sets = 1
 
 
 def probe_traffic(spec, budget, tokens):

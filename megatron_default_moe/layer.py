@@ -97,7 +97,7 @@ class DefaultMoELayer(TableBuffers, MoELayer):
             persistent=False,
         )
         self.experts_updated = None  # bool [E] of the last EMA update, for logging
-        self._phase = None
+        self._phase, self.tokens_shape = None, None
         self._pending = None  # (work handle or None, stats_EH1) between experts and postprocess
         self._recompute_snapshots = collections.deque()
         self._step_stats_EH1 = None
@@ -133,6 +133,7 @@ class DefaultMoELayer(TableBuffers, MoELayer):
         else:
             self._phase = "update"
         probs, routing_map = super().route(hidden_states, padding_mask)
+        self.tokens_shape = tuple(hidden_states.shape[:-1])  # [S, b]: where the probes' strata lie
         takes_stats = self._phase in ("update", "accumulate")
         self.estimator.see_input(self, hidden_states, takes_stats)
         self.token_dispatcher.extra_routed_pairs = 0

@@ -310,8 +310,12 @@ PROBE_DRAW_CHECK = textwrap.dedent("""
 import torch
 from megatron_default_moe.ops import probes as D
 from megatron_default_moe.ops import launch as TL
+from megatron_default_moe.ops.strata import TokenLayout, probe_strata
 checked = 0
-for T, E, budget in ((64, 8, 64), (300, 16, 37), (50, 160, 50), (33, 3, 5)):
+for (S, B), E, m, layout in (((64, 1), 8, 1, TokenLayout()), ((30, 10), 16, 8, TokenLayout(1, 1, 2, 1, 2)),
+                             ((25, 2), 160, 1, TokenLayout(3, 0, 1, 0, 1)), ((12, 3), 3, 4, TokenLayout(0, 1, 3))):
+    strata = torch.tensor(probe_strata(layout, S, B, m)).view(-1, 4)
+    T = S * B
     for weighted in (False, True):
         for wdtype in (torch.float32, torch.bfloat16):
             for seed in (0, 7, 2**63 - 5, 123456789012345):
@@ -321,10 +325,9 @@ for T, E, budget in ((64, 8, 64), (300, 16, 37), (50, 160, 50), (33, 3, 5)):
                 w[routed] = 0
                 w[::7] = 0  # padding tokens: no eligible pair
                 w = w.to(wdtype)
-                a, b = D._token_stride(seed, T)
                 w = w if weighted else w == 0  # uniform draws take the blocked pairs
-                ref = D.probe_draw_reference(w, routed, budget, a, b, seed, weighted)
-                got = TL.probe_draw(w, routed, budget, a, b, seed, weighted)
+                ref = D.probe_draw_reference(w, routed, strata, m, B, seed, weighted)
+                got = TL.probe_draw(w, routed, strata, m, B, seed, weighted)
                 assert torch.equal(got[0], ref[0]), (T, E, seed)
                 same = got[1] == ref[1]
                 if not weighted:
@@ -341,7 +344,8 @@ print("CHECKED", checked)
 def test_probe_draw_kernel_matches_its_reference_in_the_interpreter():
     """The draw's Triton kernel against ``probe_draw_reference``: the same tokens always, the same
     experts and probs bit for bit on uniform draws (weighted: 95% of the picks at least, probs to
-    fp32 rounding), token-major bf16/fp32 weights, padding tokens, seeds up to 2^63."""
+    fp32 rounding), token-major bf16/fp32 weights, padding tokens, seeds up to 2^63, strata cut by
+    sequence- and context-parallel boundaries (fillers)."""
     interpret(PROBE_DRAW_CHECK, checked=64, timeout=900)
 
 
@@ -442,16 +446,17 @@ def test_fit_update_kernel_matches_its_reference_in_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the probes' Triton kernels on a GPU")
 def test_cuda_probe_ops_match_their_references():
     from megatron_default_moe.ops import probes as D
+    from megatron_default_moe.ops.strata import TokenLayout, probe_strata
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     w = torch.rand(16384, 128, device=dev, generator=gen)
     routed = torch.rand(16384, 128, device=dev, generator=gen) < 0.06
     w[routed] = 0
+    strata = torch.tensor(probe_strata(TokenLayout(1, 1, 2, 0, 2), 4096, 4, 64), device=dev).view(-1, 4)
     for seed in (1, 2**62 + 3):
-        a, b = D._token_stride(seed, 16384)
-        got = D.probe_draw(w == 0, routed, 1024, a, b, seed, False)
-        ref = D.probe_draw_reference(w == 0, routed, 1024, a, b, seed, False)
+        got = D.probe_draw(w == 0, routed, strata, 64, 4, seed, False)
+        ref = D.probe_draw_reference(w == 0, routed, strata, 64, 4, seed, False)
         for g, r in zip(got, ref):
             assert torch.equal(g, r)
     out = torch.randn(20000, 2048, device=dev, generator=gen).bfloat16()

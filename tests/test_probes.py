@@ -7,6 +7,8 @@ budget; everything but the default vectors must match. The first update's vector
 ``(1-β)`` times the mean of ``E_i(x_t)`` over the drawn pairs, with ``E_i`` run token by token.
 """
 
+import itertools
+
 import pytest
 import torch
 from helpers import moe_config, moe_submodules
@@ -14,6 +16,8 @@ from test_routers import FAMILIES
 
 from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
 from megatron_default_moe.estimators import probes as P
+from megatron_default_moe.ops import probes as D
+from megatron_default_moe.ops.strata import TokenLayout, probe_strata
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 
@@ -109,7 +113,7 @@ def test_vectors_follow_the_drawn_unchosen_pairs(router, draw):
     x = torch.randn(6, 2, 16)
     step(layer, x, torch.randn(6, 2, 16))
     tokens_B, experts_B, probs_B, _ = layer.probes.last_probes
-    assert len(set(tokens_B.tolist())) == 10 and (probs_B < 0).all()
+    assert len(set(tokens_B.tolist())) == 6 and (probs_B < 0).all()  # budget 10 of 12 tokens: strata of 2
     with torch.no_grad():
         o_TEH = expert_outputs_TEH(layer, x.reshape(-1, 16))
         _, routing_map_TE = layer.router(x)  # same weights: the same selection
@@ -125,29 +129,36 @@ def test_vectors_follow_the_drawn_unchosen_pairs(router, draw):
     torch.testing.assert_close(layer.default_vectors, expected_EH, rtol=1e-5, atol=1e-6)
 
 
+def _draw(w_TE, routed_TE, seed, draw, m=1):
+    """One layout-free draw over ``T`` tokens of one sample (``stride`` 1)."""
+    strata_B4 = torch.tensor(probe_strata(TokenLayout(), w_TE.shape[0], 1, m)).view(-1, 4)
+    return D.draw_probes(w_TE, routed_TE, strata_B4, m, 1, seed, draw)
+
+
 def test_draws_are_reproducible_distinct_unrouted_and_weighted_draws_follow_w():
     w_TE = torch.rand(64, 8)
     routed_TE = torch.zeros(64, 8, dtype=torch.bool)
     routed_TE[:, 0] = True
     w_TE[routed_TE] = 0.0
     w_TE[5] = 0.0  # a padding token: a filler if drawn
-    seed = P.probe_seed(1, 2, 3, 4)
+    seed = D.probe_seed(1, 2, 3, 4)
     blocked_TE = w_TE == 0  # uniform draws read which pairs have weight 0, not w
-    t, e, p = P.draw_probes(blocked_TE, routed_TE, 64, seed, "uniform")
-    assert all(torch.equal(a, b) for a, b in zip((t, e, p), P.draw_probes(blocked_TE, routed_TE, 64, seed, "uniform")))
-    assert not torch.equal(e, P.draw_probes(blocked_TE, routed_TE, 64, seed + 1, "uniform")[1])
-    assert sorted(t.tolist()) == list(range(64))  # budget = tokens: every token once
+    t, e, p = _draw(blocked_TE, routed_TE, seed, "uniform")
+    assert all(torch.equal(a, b) for a, b in zip((t, e, p), _draw(blocked_TE, routed_TE, seed, "uniform")))
+    assert not torch.equal(e, _draw(blocked_TE, routed_TE, seed + 1, "uniform")[1])
+    assert sorted(t.tolist()) == list(range(64))  # strata of one token: every token once
     assert not routed_TE[t, e].any() and (w_TE[t, e] > 0).sum() == 63
     assert p[t == 5].item() == 0.0 and (p[t != 5] == P.PROBE_PROB).all()  # the filler runs uncounted
-    assert P.probe_budget(100, tokens=64) == 64
+    t4 = _draw(blocked_TE, routed_TE, seed, "uniform", m=4)[0]  # strata of 4: one token in each
+    assert torch.equal(t4 // 4, torch.arange(16)) and len(set((t4 % 4).tolist())) > 1
     # uniform: every eligible pair equally likely; weighted: within a token, in proportion to w
-    w_TE = torch.tensor([[1.0, 0.1, 0.0, 1.0, 0.0]] * 4)
-    routed_TE = torch.zeros(4, 5, dtype=torch.bool)
+    w_TE = torch.tensor([[1.0, 0.1, 0.0, 1.0, 0.0]] * 2)
+    routed_TE = torch.zeros(2, 5, dtype=torch.bool)
     routed_TE[:, 4] = True
     hits = {draw: torch.zeros(5) for draw in P.PROBE_DRAWS}
     for k in range(400):
         for draw in P.PROBE_DRAWS:
-            t, e, p = P.draw_probes(w_TE if draw == "weighted" else w_TE == 0, routed_TE, 2, P.probe_seed(k, 0, 0, 0), draw)
+            t, e, p = _draw(w_TE if draw == "weighted" else w_TE == 0, routed_TE, D.probe_seed(k, 0, 0, 0), draw)
             hits[draw] += torch.bincount(e, minlength=5)
             if draw == "weighted":
                 assert torch.allclose(p, torch.full_like(p, -2.1))  # -W_t
@@ -157,15 +168,64 @@ def test_draws_are_reproducible_distinct_unrouted_and_weighted_draws_follow_w():
     assert ((hits["weighted"] - expected).abs() <= 4 * (expected * (1 - expected / 800)).sqrt() + 1e-6).all()
 
 
+def test_a_stratum_takes_each_of_its_tokens_alike():
+    """The token within a stratum of ``m`` is uniform (each token of the batch drawn with
+    probability ``1 / m``), and the two keys are independent of each other."""
+    routed_TE = torch.zeros(12, 4, dtype=torch.bool)
+    routed_TE[:, 0] = True
+    hits, pairs = torch.zeros(12), torch.zeros(3, 3)
+    for k in range(600):
+        t, e, _ = _draw(routed_TE, routed_TE, D.probe_seed(k, 1, 2, 0), "uniform", m=3)
+        hits += torch.bincount(t, minlength=12)
+        pairs[t[0], e[0] - 1] += 1
+    assert ((hits - 200).abs() < 4 * (200 * 2 / 3) ** 0.5).all(), hits
+    assert ((pairs - 600 / 9).abs() < 4 * (600 / 9 * 8 / 9) ** 0.5).all(), pairs
+
+
+@pytest.mark.parametrize("m", [1, 3, 5, 7])
+def test_every_layout_of_the_global_batch_draws_the_same_pairs(m):
+    """Megatron's cut (data parallel by sample, context parallel in 2·CP load-balanced chunks,
+    sequence parallel within): the ranks' probes together are the one-rank draw, pair for pair,
+    with no pair twice; strata cut by a rank boundary run a filler on the rank without the token."""
+    S, B, E = 24, 4, 8
+    gen = torch.Generator().manual_seed(m)
+    routed_SBE = torch.rand(S, B, E, generator=gen).argsort(-1) < 2  # top-2 of 8
+    blocked_SBE = routed_SBE.clone()
+    blocked_SBE[3, 1] = True  # a padding token: no probe under any layout
+    seed = D.probe_seed(1, 2, 3, 0)
+
+    def probes_of(layout, dp, seq_local):
+        b = B // dp
+        positions = torch.empty(seq_local, dtype=torch.long)
+        for local, glob, n in layout.segments(seq_local):
+            positions[local : local + n] = torch.arange(glob, glob + n)
+        samples = slice(layout.dp_rank * b, (layout.dp_rank + 1) * b)
+        strata_B4 = torch.tensor(probe_strata(layout, seq_local, b, m)).view(-1, 4)
+        mine = lambda t_SBE: t_SBE[positions][:, samples].reshape(-1, E)  # noqa: E731
+        t, e, p = D.draw_probes(mine(blocked_SBE), mine(routed_SBE), strata_B4, m, b, seed, "uniform")
+        return {(int(positions[i // b]), layout.dp_rank * b + int(i % b), int(x)) for i, x in zip(t[p < 0], e[p < 0])}
+
+    one_rank = probes_of(TokenLayout(), 1, S)
+    assert (S // m) * B - 1 <= len(one_rank) <= -(-S // m) * B  # a padding token; short last strata may miss
+    for dp, cp, sp in [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2), (1, 3, 2), (4, 1, 1), (1, 2, 3)]:
+        drawn = []
+        for d, c, q in itertools.product(range(dp), range(cp), range(sp)):
+            drawn += probes_of(TokenLayout(d, c, cp, q, sp), dp, S // (cp * sp))
+        assert len(drawn) == len(set(drawn)) and set(drawn) == one_rank, (dp, cp, sp)
+
+
 def test_uniform_keys_are_uniform_and_a_pure_function_of_the_seed():
-    u = P.uniform_keys(1 << 16, P.probe_seed(5, 6, 7, 8), "cpu")
-    assert torch.equal(u, P.uniform_keys(1 << 16, P.probe_seed(5, 6, 7, 8), "cpu"))
+    u = D.uniform_keys(1 << 16, D.probe_seed(5, 6, 7, 8), "cpu")
+    assert torch.equal(u, D.uniform_keys(1 << 16, D.probe_seed(5, 6, 7, 8), "cpu"))
     assert 0.0 < float(u.min()) and float(u.max()) < 1.0
     counts = torch.histc(u, bins=16, min=0.0, max=1.0)  # 4096 expected per bin
     assert float((counts - 4096).abs().max()) < 300
     assert abs(float(u[1:].mul(u[:-1]).mean()) - 0.25) < 0.005  # neighbours uncorrelated
-    v = P.uniform_keys(1 << 16, P.probe_seed(5, 6, 7, 9), "cpu")
+    v = D.uniform_keys(1 << 16, D.probe_seed(5, 6, 7, 9), "cpu")
     assert float((u - v).abs().mean()) > 0.3  # another token set: other keys
+    h = D.hashed_keys(torch.arange(1 << 16) * 2, D.probe_seed(5, 6, 7, 8))  # the strata's keys
+    counts = torch.histc(h.double() / 2**32, bins=16, min=0.0, max=1.0)
+    assert float((counts - 4096).abs().max()) < 300 and 0 <= int(h.min()) and int(h.max()) < 2**32
 
 
 def test_counter_is_checkpointed_and_resumes_the_same_draws():

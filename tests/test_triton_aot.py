@@ -68,7 +68,9 @@ def _probe_draw(weights_dtype, weighted, turn):
     tokens, experts = ((64, 8), (300, 128), (40, 160))[turn % 3]
     weights = torch.zeros(tokens, experts, dtype=weights_dtype if weighted else torch.bool)  # uniform: blocked pairs
     seed = (3, 2**63 - 1, 2**40 + 17)[turn % 3]  # one compiled kernel whatever the seed's size
-    return (weights, torch.zeros(tokens, experts, dtype=torch.bool), min(tokens, 37), 5, 1, seed, weighted)
+    strata = torch.zeros(min(tokens, 37), 4, dtype=torch.int64)  # (id, base, lo, hi)
+    m, stride = ((1, 1), (8, 4), (2, 1))[turn % 3]  # one compiled kernel whatever the stratum's size
+    return (weights, torch.zeros(tokens, experts, dtype=torch.bool), strata, m, stride, seed, weighted)
 
 
 def _probe_exclude(out_dtype, count_rows, line, turn):

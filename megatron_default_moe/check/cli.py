@@ -35,10 +35,10 @@ def parse_args(argv=None):
     parser.add_argument("--experts", choices=("auto", "te", "sequential"), default="auto",
                         help="TE grouped GEMM experts (auto: on CUDA when transformer_engine imports) "
                         "or Megatron's SequentialMLP")
-    parser.add_argument("--probes", action="store_true",
-                        help="also run each with probes ('auto', and the router's default fit: shared-1 for "
-                        "renormalised and sigmoid routers): their tables bit-identical on every rank, the expert rows (outputs, "
-                        "expert gradients) unchanged against the one-rank run on the first step")
+    parser.add_argument("--routed-rows", action="store_true",
+                        help="also run each with the routed-row EMA (--moe-default-probes 0) where the router "
+                        "family's default is probes and shared-1 (renormalised and sigmoid routers)")
+    parser.add_argument("--probes", action="store_true", help=argparse.SUPPRESS)  # 0.3.0's: now the default
     parser.add_argument("--tolerance", type=float, help="relative tolerance, also added to the baseline's "
                         "bound (default: fp32 1e-5 on CPU, 1e-4 on CUDA; bf16 3e-2)")
     parser.add_argument("--list", action="store_true", help="print the layouts that fit and exit")
@@ -83,7 +83,7 @@ def save_reference(args, setup):
     runtime.init_world(setup)
     runtime.init_layout(setup, {})
     start = time.time()
-    torch.save(run_reference(setup, args.routers, args.updates, args.baseline), args.save_reference)
+    torch.save(run_reference(setup, args.routers, args.updates, args.baseline, args.routed_rows), args.save_reference)
     runtime.destroy_layout()
     torch.distributed.destroy_process_group()
     print(f"one-rank reference ({', '.join(args.routers)}) in {time.time() - start:.1f}s", flush=True)
@@ -91,6 +91,9 @@ def save_reference(args, setup):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.probes and not args.save_reference:
+        print("note: --probes is the default now (each router family runs the package's defaults: probes and "
+              "shared-1 for renormalised and sigmoid routers); --routed-rows adds the routed-row EMA", flush=True)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # ranks share the CPU cores
     rank, world_size = runtime.world()
@@ -102,7 +105,7 @@ def main(argv=None):
         return print("\n".join(f"{n}:{r} {LAYOUTS[n]}" for n, r in pairs)) if rank == 0 else None
     routers = sorted({r for _, r in pairs}, key=list(ROUTERS).index)
     experts = "te" if setup.te else "sequential"
-    data = runtime.compute_reference(setup, routers, args.updates, experts, args.baseline)  # rank 0, before init
+    data = runtime.compute_reference(setup, routers, args.updates, experts, args.baseline, args.routed_rows)  # rank 0
     runtime.init_world(setup)
     ref = runtime.broadcast_reference(setup, data)
     tolerance = args.tolerance or verdict.TOLERANCE[setup.device, setup.dtype]

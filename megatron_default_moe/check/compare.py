@@ -15,12 +15,9 @@
 kind, layer and micro-batch (and where it was) and the flips, and ``verdict`` decides. The stock
 baseline (Megatron's ``MoELayer`` against its own one-rank run) is measured the same way, 1-2 aside.
 
-With probes (``--probes``) each rank draws its own pairs, so the vectors (and the ``shared-1``
-fit's tables, also checked in 1) follow draws no one-rank run makes. What probes must not change
-is measured on the first step (the router gradient moves the router after it) for a backward-only
-router: 3, and the expert gradients of the model's last layer (an earlier layer's output gradient
-carries the next layer's default term through its router input). 2 is skipped, and for a
-``forward``-mode router (whose output carries the term) 3-4 too; 1 is checked at every step.
+Probes (the default of renormalised and sigmoid routers) draw by global token position
+(``ops/strata.py``), so every layout draws the one-rank run's pairs and all of 1-5 hold at every
+step, as for the routed-row EMA.
 
 Errors are relative to the tensor's scale: ``max|actual - expected| / (1 + max|expected|)``.
 """
@@ -115,25 +112,21 @@ def my_routes(route_TE, sequence_parallel):
     return my_tokens(route_TE.view(S, -1, experts), sequence_parallel).view(-1, experts)
 
 
-def measure_step(stage, expected, step_data, sequence_parallel, devs: Deviations, step, probes=False):
+def measure_step(stage, expected, step_data, sequence_parallel, devs: Deviations, step):
     """2-4 and the routing flips for one optimizer step of this rank (``expected``: the one-rank
-    step; ``step_data``: ``train``'s ``(outputs, grads, routes)``; with ``probes``, what of them
-    holds: see the module docstring). A stock stage has no vectors."""
+    step; ``step_data``: ``train``'s ``(outputs, grads, routes)``). A stock stage has no vectors."""
     outputs, grads, routes = step_data
     for j, (layer, layer_id) in enumerate(zip(stage.layers, stage_layer_ids())):
         where = f"layer {layer_id}"
         for m, route in enumerate(routes[j]):
             devs.record_route(step, layer_id, m, route, my_routes(expected["routes"][layer_id][m], sequence_parallel))
-        if hasattr(layer, BUFFER) and not probes:
+        if hasattr(layer, BUFFER):
             err = rel_error(layer.default_vectors, expected["defaults"][layer_id])
             devs.record(step, "vectors", layer_id, 0, err, f"{where} default_vectors")
-        unchanged = not probes or layer.mode != "forward"  # what probes leave as the one-rank run's
-        for m, out in enumerate(outputs[j] if unchanged else ()):
+        for m, out in enumerate(outputs[j]):
             want = my_tokens(expected["outputs"][layer_id][m], sequence_parallel)
             devs.record(step, "outputs", layer_id, m, rel_error(out, want), f"{where} micro-batch {m} output")
         for pname, param in layer.named_parameters():
-            if probes and (pname.startswith("router.") or not unchanged or layer_id != NUM_LAYERS - 1):
-                continue
             mname = master_name(layer, pname)
             want = my_shard(param, expected["grads"][layer_id][mname])
             kind = "router grads" if pname.startswith("router.") else "expert grads"

@@ -74,7 +74,7 @@ def fits(sizes: dict, world: int, batch: int) -> bool:
     if world % (tp * cp * pp) or (world // pp) % (ep * etp) or E % ep or NUM_LAYERS % pp:
         return False
     dp = world // (tp * cp * pp)
-    return batch % dp == 0 and S % (cp * (tp if sizes.get("sp") else 1)) == 0
+    return batch % dp == 0 and S % ((2 * cp if cp > 1 else 1) * (tp if sizes.get("sp") else 1)) == 0
 
 
 def make_config(setup: Setup, dispatcher: str, sizes: dict, router: str = "paper"):
@@ -180,12 +180,24 @@ def my_shard(param, master_tensor):
     return chunks[ps.get_expert_tensor_parallel_rank()]
 
 
-def build_stage(setup: Setup, dispatcher, update, sizes, weights=None, router="paper", probes=False, stock=False):
+ESTIMATORS = ("default", "routed-rows")  # the family's package default; the routed-row EMA (--routed-rows)
+
+
+def has_probes_by_default(router: str) -> bool:
+    """Whether the package's default for this family is probes (+ ``shared-1``): all but ``paper``."""
+    from megatron_default_moe.config import probed_by_default
+
+    family = {"moe_router_score_function": "softmax", "moe_router_pre_softmax": True, **ROUTERS[router]}
+    return probed_by_default(type("Family", (), family))
+
+
+def build_stage(setup: Setup, dispatcher, update, sizes, weights=None, router="paper", estimator="default",
+                stock=False):  # fmt: skip
     """This stage's Default MoE layers; with ``weights`` (one-rank parameters), copied from them.
-    Probes off (each rank draws its own, so no one-rank run matches them: ``compare``), or with
-    ``probes`` ``auto`` and the router's default fit (``shared-1`` for renormalised and sigmoid
-    routers). With ``stock``, Megatron's own ``MoELayer`` from the same submodules, config and
-    weights (the baseline: ``update`` and ``probes`` do not apply)."""
+    ``estimator``: ``default``, the package's defaults for the router family (probes ``auto`` and
+    ``shared-1`` for renormalised and sigmoid routers, the routed-row EMA for ``paper``), or
+    ``routed-rows`` (``--moe-default-probes 0``). With ``stock``, Megatron's own ``MoELayer`` from
+    the same submodules, config and weights (the baseline: ``update`` and ``estimator`` do not apply)."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer, wrap_finalize_model_grads
@@ -197,7 +209,7 @@ def build_stage(setup: Setup, dispatcher, update, sizes, weights=None, router="p
         if stock:
             layer = MoELayer(config, moe_submodules(setup), layer_number=layer_id + 1)
         else:
-            dm_config = DefaultMoEConfig(beta=BETA, update=update, probes="auto" if probes else 0)
+            dm_config = DefaultMoEConfig(beta=BETA, update=update, probes=None if estimator == "default" else 0)
             layer = DefaultMoELayer(config, moe_submodules(setup), layer_number=layer_id + 1, dm_config=dm_config)
         if setup.device == "cuda":
             layer.cuda()

@@ -1,4 +1,4 @@
-"""The runs of one layout and router family: Default MoE per dispatcher, update mode (and probes),
+"""The runs of one layout and router family: Default MoE per dispatcher, update mode (and estimator),
 and the stock baseline per dispatcher (Megatron's ``MoELayer``: it has no update mode), each
 trained with ``train`` and measured with ``compare`` against its own one-rank run, judged by
 ``verdict``."""
@@ -9,7 +9,7 @@ import torch
 
 from megatron_default_moe.check import compare, runtime, verdict
 from megatron_default_moe.check.model import LAYOUTS, build_stage
-from megatron_default_moe.check.train import train
+from megatron_default_moe.check.train import estimators_of, train
 
 
 def log(*args):
@@ -17,21 +17,19 @@ def log(*args):
         print(*args, flush=True)
 
 
-def measure(setup, ref, sizes, router, dispatcher, update, probes=False, baseline=None) -> compare.Deviations:
-    """Train one run of this layout and measure it at every step (with probes: the first step, and
-    bit-identity at every step; see ``compare``), reduced over every rank. ``baseline``: this
-    dispatcher's stock run (``update`` "stock" runs it)."""
+def measure(setup, ref, sizes, router, dispatcher, update, estimator="default", baseline=None) -> compare.Deviations:
+    """Train one run of this layout and measure it at every step, reduced over every rank.
+    ``baseline``: this dispatcher's stock run (``update`` "stock" runs it)."""
     sp, stock = sizes.get("sp", False), update == "stock"
     stage = build_stage(setup, dispatcher, "microbatch" if stock else update, sizes, ref["weights"], router,
-                        probes, stock)  # fmt: skip
-    expected = ref["stock"][router] if stock else ref["runs"][router, update]
+                        estimator, stock)  # fmt: skip
+    expected = ref["stock"][router] if stock else ref["runs"][router, update, estimator]
     devs = compare.Deviations()
 
     def on_step(step, *step_data):
         if not stock:
             devs.failures += [f"step {step}: {msg}" for msg in compare.identical_across_ranks(stage)]
-        if not (probes and step > 0):
-            compare.measure_step(stage, expected[step], step_data, sp, devs, step, probes)
+        compare.measure_step(stage, expected[step], step_data, sp, devs, step)
 
     train(setup, stage, sp, on_step)
     devs.reduce(setup.device, baseline)
@@ -56,16 +54,16 @@ def check_layout(setup, ref, name, router, args, tolerance):
     rank = torch.distributed.get_rank()
     runtime.init_layout(setup, sizes)
     try:
-        with_probes = (False, True) if args.probes else (False,)
-        runs = [(d, u, p) for d in args.dispatchers for u in args.updates for p in with_probes]
-        for dispatcher, update, probes in runs:
+        estimators = estimators_of(router, args.routed_rows)
+        runs = [(d, u, e) for d in args.dispatchers for u in args.updates for e in estimators]
+        for dispatcher, update, estimator in runs:
             if args.baseline and dispatcher not in baselines:
                 start = time.time()
                 baselines[dispatcher] = measure(setup, ref, sizes, router, dispatcher, "stock")
                 log(f"stock {name}:{router}/{dispatcher} ({time.time() - start:.1f}s)")
-            label, stock = update + ("+probes" if probes else ""), baselines.get(dispatcher)
+            label, stock = update + ("+rows" if estimator == "routed-rows" else ""), baselines.get(dispatcher)
             tag, start = f"{name}:{router}/{dispatcher}/{label}", time.time()
-            devs = measure(setup, ref, sizes, router, dispatcher, update, probes, stock)
+            devs = measure(setup, ref, sizes, router, dispatcher, update, estimator, stock)
             ok, messages, compared = verdict.judge(devs, stock, setup.dtype, tolerance)
             failures += [f"rank {rank} {tag} {msg}" for msg in messages]
             seconds = time.time() - start

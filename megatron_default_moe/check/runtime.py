@@ -139,7 +139,7 @@ def defer_async_all_reduce():
 
 
 # -- the one-rank reference -----------------------------------------------------------------------
-def compute_reference(setup: Setup, routers, updates, te_flag: str, baseline=True) -> bytes | None:
+def compute_reference(setup: Setup, routers, updates, te_flag: str, baseline=True, routed_rows=False) -> bytes | None:
     """On global rank 0: run the one-rank reference (with ``baseline``, stock's too) in a child
     process, return its bytes (``None`` on the other ranks). Call before ``init_world``; progress
     goes to stderr."""
@@ -155,7 +155,7 @@ def compute_reference(setup: Setup, routers, updates, te_flag: str, baseline=Tru
         path = os.path.join(tmp, "reference.pt")
         cmd = [sys.executable, "-m", "megatron_default_moe.check", "--save-reference", path,
                "--batch", str(setup.batch), "--routers", *routers, "--updates", *updates,
-               "--dtype", "bf16" if setup.dtype == torch.bfloat16 else "fp32", "--experts", te_flag] + ([] if baseline else ["--no-baseline"])  # fmt: skip
+               "--dtype", "bf16" if setup.dtype == torch.bfloat16 else "fp32", "--experts", te_flag] + ([] if baseline else ["--no-baseline"]) + (["--routed-rows"] if routed_rows else [])  # fmt: skip
         print(f"computing the one-rank reference ({', '.join(routers)}) in a child process", flush=True)
         subprocess.run(cmd, env=env, check=True, stdout=sys.stderr)
         with open(path, "rb") as f:

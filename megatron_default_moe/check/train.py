@@ -1,10 +1,11 @@
 """The check's training loop (Megatron's own schedule, SGD on fp32 master weights) and its data.
 
-Token shares: the global micro-batch ``[S, B, H]`` is cut by data-parallel rank along ``B``, then
-by context-parallel rank and (sequence parallel) tensor-parallel rank along ``S``. Expert-parallel
-ranks are carved out of these, so they hold distinct tokens too. (Megatron's CP splits the
-sequence into 2·CP load-balanced chunks; the MoE layer is token-wise, so a contiguous split checks
-the same thing.)
+Token shares, Megatron's cut (``ops/strata.py``): the global micro-batch ``[S, B, H]`` is cut by
+data-parallel rank along ``B``; context parallelism splits ``S`` into 2·CP chunks, rank ``r``
+holding chunks ``r`` and ``2·CP-1-r`` (load balancing, as ``pretrain_gpt.py``); sequence
+parallelism cuts that local sequence by tensor-parallel rank. Expert-parallel ranks are carved out
+of these, so they hold distinct tokens too. The probes' draw is keyed by global token position
+over the same cut, so every layout draws the one-rank run's pairs.
 """
 
 import torch
@@ -18,6 +19,7 @@ from megatron_default_moe.check.model import (
     STEPS,
     Setup,
     build_stage,
+    has_probes_by_default,
     master_name,
 )
 
@@ -32,15 +34,18 @@ def global_micro_batch(setup: Setup, step, micro_batch):
 
 
 def my_tokens(t_SBH, sequence_parallel):
-    """This rank's share of a global ``[S, B, H]`` tensor (see the module docstring)."""
+    """This rank's share of a global ``[S, B, ...]`` tensor (see the module docstring)."""
     from megatron.core import parallel_state as ps
+
+    from megatron_default_moe.ops.strata import TokenLayout
 
     dp, cp = ps.get_data_parallel_world_size(), ps.get_context_parallel_world_size()
     tp = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
-    b, s = t_SBH.shape[1] // dp, S // (cp * tp)
-    seq_index = ps.get_context_parallel_rank() * tp + (ps.get_tensor_model_parallel_rank() if tp > 1 else 0)
-    batch_index = ps.get_data_parallel_rank()
-    return t_SBH[seq_index * s : (seq_index + 1) * s, batch_index * b : (batch_index + 1) * b].contiguous()
+    layout = TokenLayout(ps.get_data_parallel_rank(), ps.get_context_parallel_rank(), cp,
+                         ps.get_tensor_model_parallel_rank() if tp > 1 else 0, tp)  # fmt: skip
+    b, seq = t_SBH.shape[1] // dp, S // (cp * tp)
+    rows = [t_SBH[glob : glob + n, layout.dp_rank * b : (layout.dp_rank + 1) * b] for _, glob, n in layout.segments(seq)]
+    return torch.cat(rows).contiguous()
 
 
 def reduced_grads(stage):
@@ -111,19 +116,22 @@ def train(setup: Setup, stage, sequence_parallel, on_step):
                     param.grad = None
 
 
-def run_reference(setup: Setup, routers, updates, stock=True) -> dict:
+def run_reference(setup: Setup, routers, updates, stock=True, routed_rows=False) -> dict:
     """The one-rank run (every parallel size 1, this process alone): initial weights and, per
-    router family, update mode and step, the default vectors, layer outputs and gradients (CPU);
-    with ``stock``, per router family and step, those of Megatron's ``MoELayer`` from the same
-    weights (``ref["stock"][router]``: the baseline's reference; no update mode)."""
+    router family, update mode, estimator and step, the default vectors, layer outputs and
+    gradients (CPU); with ``stock``, per router family and step, those of Megatron's ``MoELayer``
+    from the same weights (``ref["stock"][router]``: the baseline's reference; no update mode).
+    ``routed_rows``: also the routed-row EMA where the family's default is probes."""
     cpu_copy = lambda t: t.detach().float().cpu().clone()  # noqa: E731  (a copy, never an alias)
     stage = build_stage(setup, DISPATCHERS_REFERENCE, "microbatch", {})
     weights = [{n: p.detach().cpu().clone() for n, p in layer.named_parameters()} for layer in stage.layers]
     ref = {"weights": weights, "batch": setup.batch, "runs": {}, "stock": {}}
-    runs = [(router, update, False) for router in routers for update in updates]
-    runs += [(router, "microbatch", True) for router in routers] if stock else []
-    for router, update, is_stock in runs:
-        stage, steps = build_stage(setup, DISPATCHERS_REFERENCE, update, {}, weights, router, stock=is_stock), []
+    runs = [(router, update, estimator, False) for router in routers for update in updates
+            for estimator in estimators_of(router, routed_rows)]  # fmt: skip
+    runs += [(router, "microbatch", "default", True) for router in routers] if stock else []
+    for router, update, estimator, is_stock in runs:
+        stage = build_stage(setup, DISPATCHERS_REFERENCE, update, {}, weights, router, estimator, is_stock)
+        steps = []
 
         def record(step, outputs, grads, routes, stage=stage, steps=steps, is_stock=is_stock):
             steps.append({
@@ -137,5 +145,11 @@ def run_reference(setup: Setup, routers, updates, stock=True) -> dict:
         if is_stock:
             ref["stock"][router] = steps
         else:
-            ref["runs"][router, update] = steps
+            ref["runs"][router, update, estimator] = steps
     return ref
+
+
+def estimators_of(router, routed_rows: bool) -> list[str]:
+    """The runs' estimators for a family: its default, and the routed-row EMA when asked and not
+    already the default."""
+    return ["default"] + (["routed-rows"] if routed_rows and has_probes_by_default(router) else [])

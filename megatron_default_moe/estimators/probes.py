@@ -16,10 +16,13 @@ dispatcher like any routed pair. Their rows are excluded from everything but the
 - the router's own outputs (aux, z and global aux losses, the expert-bias token counts, router
   replay) are computed before the probes are added (``add_probes`` runs after the router).
 
-The draw is reproducible: keys from a counter-based hash of ``(seed, counter, layer, token set)``
-and the pair's index (integer tensor ops: no generator state, the same bits on any device), the
-counter carried by the checkpoint; ranks that hold the same tokens (tensor-parallel peers without
-sequence parallelism) draw the same pairs. No host sync: the budget fixes every size.
+The draw is reproducible and layout-invariant: one pair per stratum of the global micro-batch
+(``ops/strata.py``: ``m`` consecutive positions of one sample), keyed by a counter-based hash of
+``(seed, counter, layer)`` and the stratum's global id (integer tensor ops: no generator state, the
+same bits on any device), the counter carried by the checkpoint. So every layout of the same
+global batch (a one-rank run, another world size after a resume) draws the same pairs, and
+ranks that hold the same tokens (tensor-parallel peers without sequence parallelism) draw alike.
+No host sync: the shapes fix every size.
 """
 
 import logging
@@ -33,8 +36,8 @@ from megatron_default_moe.ops.probes import (  # noqa: F401
     probe_exclude,
     probe_seed,
     probe_zero,
-    uniform_keys,
 )
+from megatron_default_moe.ops.strata import TokenLayout, max_strata, probe_strata, stratum_size
 from megatron_default_moe.estimators.base import Estimator
 from megatron_default_moe.estimators.routed_rows import counts_on
 
@@ -46,11 +49,6 @@ def auto_probe_budget(num_experts: int, token_sets: int) -> int:
     """The budget per rank of ``--moe-default-probes auto``: ``ceil(16 E / token sets)``, about 16
     probes per expert and micro-batch once the stage's ranks are summed (at least 1)."""
     return max(1, -(-PROBE_SAMPLES_PER_EXPERT * int(num_experts) // max(int(token_sets), 1)))
-
-
-def probe_budget(budget: int, tokens: int) -> int:
-    """Pairs drawn per micro-batch: the budget, at most one per token (host-known shapes)."""
-    return min(int(budget), tokens)
 
 
 class _WithProbeProbs(torch.autograd.Function):
@@ -113,31 +111,49 @@ class ExcludeProbeRows(torch.autograd.Function):
 class ProbeSampler:
     """A layer's probes: ``add`` after its router, ``exclude`` on the expert rank before the combine.
 
-    ``budget`` pairs per rank and micro-batch; ``sources`` bounds how many ranks' probes can reach
-    this rank's experts (the dispatcher's expert-TP × EP group); ``token_set`` names the tokens
-    this rank routes (equal on ranks that route the same tokens).
+    ``budget`` pairs per rank and micro-batch (nominal: one per stratum, ``stage_budget`` strata
+    over the stage's ``token_sets`` ranks with distinct tokens); ``sources`` bounds how many
+    ranks' probes can reach this rank's experts (the dispatcher's expert-TP × EP group);
+    ``layout`` places this rank's tokens in the global batch (None: unknown, the rank draws alone,
+    its seed keyed by ``token_set``, which names the tokens it routes).
     """
 
-    def __init__(self, budget: int, draw: str, seed: int, sources: int, token_set: int, token_sets: int = 1):
+    def __init__(self, budget: int, draw: str, seed: int, sources: int, token_set: int = 0, token_sets: int = 1,
+                 layout: TokenLayout | None = None, stage_budget: int | None = None):  # fmt: skip
         self.budget, self.draw, self.seed = int(budget), draw, int(seed)
         self.token_sets = int(token_sets)  # ranks with distinct tokens in the stage: their probes add up
-        self.max_rows = self.budget * max(int(sources), 1)
-        self.token_set = int(token_set)
+        self.stage_budget = int(stage_budget or self.budget * self.token_sets)
+        self.sources = max(int(sources), 1)
+        self.layout, self.token_set = layout or TokenLayout(), 0 if layout is not None else int(token_set)
+        self.max_rows = self.budget * self.sources  # set per shape by ``add``
         self.last_probes = None  # the last draw: (tokens_B, experts_B, probs_B) and [T, E]
-        self._true_B = None
+        self._strata, self._true_B = {}, None
 
-    def add(self, probs_TE, routing_map_TE, term_inputs, counter: int, layer_number: int):
+    def strata(self, tokens_shape, device):
+        """``(strata_B4, m, batch)`` for a micro-batch of ``[S, b]`` tokens (host-side, once per shape)."""
+        seq, batch = tokens_shape if len(tokens_shape) == 2 else (tokens_shape[0], 1)
+        m = stratum_size(seq * batch * self.token_sets, self.stage_budget)
+        key = (seq, batch, m, str(device))
+        if key not in self._strata:
+            rows = probe_strata(self.layout, seq, batch, m)
+            self._strata[key] = torch.tensor(rows, dtype=torch.int64, device=device).view(-1, 4)
+        self.max_rows = self.sources * max_strata(self.layout, seq, batch, m)
+        return self._strata[key], m, batch
+
+    def add(self, probs_TE, routing_map_TE, term_inputs, counter: int, layer_number: int, tokens_shape=None):
         """``(probs, routing_map`` with this micro-batch's probes added (``add_probes``), the number
         of pairs added``)``. ``term_inputs``: the router's ``DefaultTermInputs`` (uniform draws read
-        only which pairs have weight 0, its ``chosen_TE``; weighted ones the weights)."""
+        only which pairs have weight 0, its ``chosen_TE``; weighted ones the weights);
+        ``tokens_shape``: ``[S, b]`` of the layer's input (default ``[T, 1]``)."""
         seed = probe_seed(self.seed, counter, layer_number, self.token_set)
-        budget = probe_budget(self.budget, routing_map_TE.shape[0])
+        strata_B4, m, stride = self.strata(tokens_shape or (routing_map_TE.shape[0], 1), routing_map_TE.device)
         weights_TE = term_inputs.weights() if self.draw == "weighted" else term_inputs.chosen_TE
-        tokens_B, experts_B, probs_B = draw_probes(weights_TE, routing_map_TE, budget, seed, self.draw)
+        tokens_B, experts_B, probs_B = draw_probes(weights_TE, routing_map_TE, strata_B4, m, stride, seed, self.draw)
         self.last_probes = (tokens_B, experts_B, probs_B, tuple(routing_map_TE.shape))
         if self._true_B is None or self._true_B.shape != probs_B.shape or self._true_B.device != probs_B.device:
-            self._true_B = torch.ones_like(probs_B, dtype=torch.bool)  # once, not per micro-batch
-        return (*add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B, self._true_B), budget)
+            self._true_B = torch.ones_like(probs_B, dtype=torch.bool)  # once per shape, not per micro-batch
+        added = add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B, self._true_B)
+        return (*added, strata_B4.shape[0])
 
     @property
     def last_probes_TE(self):
@@ -162,6 +178,26 @@ def _family(score_function: str) -> str:
     return "sigmoid" if score_function == "sigmoid" else f"renormalised {score_function}"
 
 
+def token_layout_of(layer) -> TokenLayout | None:
+    """Where this rank's tokens sit in Megatron's cut of the global batch (``ops/strata.py``);
+    None where Megatron's parallel state is not initialised (a layer built on bare groups)."""
+    from megatron.core import parallel_state as ps
+
+    if not torch.distributed.is_initialized():
+        return TokenLayout()
+    if not ps.model_parallel_is_initialized():
+        return None
+    sp = layer.config.sequence_parallel
+    tp_group = layer.router.tp_group
+    return TokenLayout(
+        dp_rank=ps.get_data_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(),
+        cp=ps.get_context_parallel_world_size(),
+        sp_rank=torch.distributed.get_rank(tp_group) if sp else 0,
+        sp=torch.distributed.get_world_size(tp_group) if sp else 1,
+    )
+
+
 def probe_sampler_of(layer) -> ProbeSampler:
     """The probes of a ``DefaultMoELayer`` (None if its budget resolves to 0): ranks routing the same
     tokens (TP peers without sequence parallelism) draw alike, and count once among the stage's
@@ -177,12 +213,17 @@ def probe_sampler_of(layer) -> ProbeSampler:
         sources = dist.get_world_size(ep_group) if ep_group is not None else 1
     dm = layer.dm_config
     budget, why = dm.resolved_probes(layer.config, token_sets)
-    if dm.requested_probes(layer.config) == "auto":
+    auto = dm.requested_probes(layer.config) == "auto"
+    if auto:
         score = layer.config.moe_router_score_function
         origin = "auto" if dm.probes == "auto" else f"unset, auto for {_family(score)} routers"
         logging.getLogger(__name__).info("Default MoE layer %s: --moe-default-probes %s -> %d (%s)",
                                          layer.layer_number, origin, budget, why)  # fmt: skip
-    return ProbeSampler(budget, dm.probe_draw, dm.probe_seed, sources, token_set, token_sets) if budget else None
+    if not budget:
+        return None
+    stage_budget = PROBE_SAMPLES_PER_EXPERT * layer.config.num_moe_experts if auto else budget * token_sets
+    return ProbeSampler(budget, dm.probe_draw, dm.probe_seed, sources, token_set, token_sets,
+                        token_layout_of(layer), stage_budget)  # fmt: skip
 
 
 class ProbeMean(Estimator):
@@ -193,7 +234,8 @@ class ProbeMean(Estimator):
         self.probes = probes
 
     def route(self, layer, probs_TE, routing_map_TE, counter: int):
-        return self.probes.add(probs_TE, routing_map_TE, layer.router.default_term[0], counter, layer.layer_number)
+        return self.probes.add(probs_TE, routing_map_TE, layer.router.default_term[0], counter, layer.layer_number,
+                               layer.tokens_shape)  # fmt: skip
 
     def take_stats(self, layer, out_RH, probs_R, tokens_per_expert, in_RH, counter: int):
         return self._exclude(layer, out_RH, probs_R, tokens_per_expert)

@@ -118,9 +118,9 @@ def default_weights_backward_launches(grad_TE, logits_TE, probs_TE, selected_TE,
 PROBE_BLOCK_B = 16  # probes per program of probe_draw
 
 
-def probe_draw_launches(weights_TE, routing_map_TE, budget, a, b, seed, weighted):
+def probe_draw_launches(weights_TE, routing_map_TE, strata_B4, m, stride, seed, weighted):
     T, E = weights_TE.shape
-    dev = weights_TE.device
+    dev, budget = weights_TE.device, strata_B4.shape[0]
     tokens = torch.empty(budget, dtype=torch.int64, device=dev)
     experts = torch.empty(budget, dtype=torch.int64, device=dev)
     probs = torch.empty(budget, dtype=torch.float32, device=dev)
@@ -128,7 +128,7 @@ def probe_draw_launches(weights_TE, routing_map_TE, budget, a, b, seed, weighted
     w = weights_TE.contiguous()
     w = w.view(torch.uint8) if w.dtype == torch.bool else w  # uniform draws: the blocked pairs
     pieces = tuple((seed >> s) & 0xFFFF for s in (0, 16, 32, 48))  # always int32: one compiled kernel
-    args = (w, routed, tokens, experts, probs, T, E, budget, a, b, *pieces)
+    args = (w, routed, strata_B4.contiguous(), tokens, experts, probs, E, budget, m, stride, *pieces)
     flags = dict(WEIGHTED=weighted, BLOCK_B=PROBE_BLOCK_B, BLOCK_E=max(2, triton.next_power_of_2(E)))
     grid = (triton.cdiv(budget, PROBE_BLOCK_B),)
     return (tokens, experts, probs), [Launch(KP._probe_draw_kernel, grid, args, flags)] if budget else []

@@ -13,11 +13,10 @@ CUDA (``ops/kernels/probes.py``) and the reference below elsewhere (pure torch, 
 - ``probe_zero``: the same rows of the gradient zeroed in place, in the backward.
 
 The draw is a pure function of its inputs: a counter-based integer hash of ``(seed, index)`` for
-the keys (no generator state: the same bits on any device and under fake tensors), and the token
-walk ``j -> (a·j + b) mod T`` from host-side integers.
+the keys (no generator state: the same bits on any device and under fake tensors), keyed by the
+strata's global ids (``ops/strata.py``), so any layout of the global batch draws the same pairs.
 """
 
-import math
 from typing import Optional
 
 import torch
@@ -63,22 +62,24 @@ def uniform_keys(numel: int, seed: int, device) -> torch.Tensor:
     return (h.to(torch.float64) + 0.5).mul_(2.0**-32).to(torch.float32)
 
 
-def _token_stride(seed: int, tokens: int):
-    """``(a, b)`` with ``gcd(a, tokens) = 1``: ``j -> (a·j + b) mod tokens`` visits distinct tokens."""
-    a = 1 + probe_seed(seed, 1, 0, 0) % max(tokens - 1, 1)
-    while math.gcd(a, tokens) != 1:
-        a += 1
-    return a, probe_seed(seed, 2, 0, 0) % tokens
+def hashed_keys(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """A uint32 hash (in int64) of each non-negative int64 of ``x`` and the 63-bit ``seed``."""
+    h = _fmix32((x & _M32) ^ (seed & _M32))
+    return _fmix32(h ^ ((x >> 32) & _M32) ^ ((seed >> 32) & _M32))
 
 
-def probe_draw_reference(weights_TE: torch.Tensor, routing_map_TE: torch.Tensor, budget: int, a: int, b: int,
-                         seed: int, weighted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(tokens_B, experts_B, probs_B)`` (int64, int64, fp32) of ``draw_probes``; ``(a, b)`` the
-    token walk, ``seed`` the keys'. ``weights_TE``: weighted, the default weights ``w``; uniform,
-    the pairs blocked besides the routed ones (bool: padding tokens' rows), so ``w`` is not needed."""
-    tokens, experts = weights_TE.shape
-    j_B = torch.arange(budget, device=weights_TE.device, dtype=torch.int64)
-    tokens_B = (j_B * a + b) % tokens
+def probe_draw_reference(weights_TE: torch.Tensor, routing_map_TE: torch.Tensor, strata_B4: torch.Tensor, m: int,
+                         stride: int, seed: int, weighted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(tokens_B, experts_B, probs_B)`` (int64, int64, fp32) of ``draw_probes``: one pair per
+    stratum of ``strata_B4`` (``ops/strata.py``'s ``(id, base, lo, hi)``, int64), strata of ``m``
+    positions ``stride`` tokens apart. ``weights_TE``: weighted, the default weights ``w``;
+    uniform, the pairs blocked besides the routed ones (bool: padding tokens' rows), so ``w`` is
+    not needed."""
+    experts = weights_TE.shape[1]
+    id_B, base_B, lo_B, hi_B = strata_B4.unbind(1)
+    off_B = (hashed_keys(2 * id_B, seed) * m) >> 32  # the stratum's position, uniform over its m
+    mine_B = (off_B >= lo_B) & (off_B < hi_B)  # else on another rank: a filler here
+    tokens_B = base_B + torch.minimum(torch.maximum(off_B, lo_B), hi_B - 1) * stride
     routed_BE = routing_map_TE.index_select(0, tokens_B)
     if weighted:
         w_BE = weights_TE.index_select(0, tokens_B).float().masked_fill_(routed_BE, 0.0)
@@ -87,12 +88,13 @@ def probe_draw_reference(weights_TE: torch.Tensor, routing_map_TE: torch.Tensor,
         mass_BE = (~(routed_BE | (weights_TE.index_select(0, tokens_B) != 0))).float()
     cdf_BE = mass_BE.cumsum(-1)
     total_B1 = cdf_BE[:, -1:]
-    target_B1 = uniform_keys(budget, seed, weights_TE.device)[:, None] * total_B1
+    key_B = ((hashed_keys(2 * id_B + 1, seed).to(torch.float64) + 0.5) * 2.0**-32).to(torch.float32)
+    target_B1 = key_B[:, None] * total_B1
     last_B = experts - 1 - (mass_BE > 0).flip(-1).int().argmax(-1)  # the last eligible expert
     picked_B = torch.minimum((cdf_BE <= target_B1).sum(-1), last_B)
-    eligible_B = total_B1.squeeze(-1) > 0
+    eligible_B = (total_B1.squeeze(-1) > 0) & mine_B
     experts_B = torch.where(eligible_B, picked_B, (~routed_BE).int().argmax(-1).long())
-    weight_B = mass_BE.sum(-1) if weighted else torch.ones_like(total_B1.squeeze(-1))
+    weight_B = mass_BE.sum(-1) if weighted else torch.ones_like(key_B)
     return tokens_B, experts_B, torch.where(eligible_B, -weight_B, 0.0)
 
 
@@ -100,29 +102,32 @@ probe_draw = torch.library.custom_op("default_moe::probe_draw", mutates_args=())
 
 
 @probe_draw.register_fake
-def _(weights_TE, routing_map_TE, budget, a, b, seed, weighted):
-    new = weights_TE.new_empty
+def _(weights_TE, routing_map_TE, strata_B4, m, stride, seed, weighted):
+    new, budget = weights_TE.new_empty, strata_B4.shape[0]
     return new(budget, dtype=torch.int64), new(budget, dtype=torch.int64), new(budget, dtype=torch.float32)
 
 
-def draw_probes(weights_TE, routing_map_TE, budget: int, seed: int, draw: str):
-    """``(tokens_B, experts_B, probs_B)``: ``probe_budget`` distinct unrouted pairs, one per token.
+def draw_probes(weights_TE, routing_map_TE, strata_B4, m: int, stride: int, seed: int, draw: str):
+    """``(tokens_B, experts_B, probs_B)``: one unrouted pair per stratum (``ops/strata.py``).
 
-    The tokens are a random affine walk over the micro-batch (distinct, each token equally
-    likely); each takes one of its unrouted experts with ``w > 0``: ``uniform``: alike (every
-    eligible pair then equally likely; prob ``PROBE_PROB``); ``weighted``: in proportion to ``w``,
-    with prob ``-W_t`` (``W_t = Σ w`` of the token's unrouted experts) so that the statistics,
-    weighting each row by ``|p|``, estimate the ``w``-weighted unchosen mean. A token with no
-    eligible pair (padding) gets a filler: an unrouted pair with prob 0 (one exists: probes need
-    top-k below the expert count, ``unsupported.probe_conflict``), run like Megatron's own padding
-    rows and never counted. Work: ``O(budget · E)`` in one op, no host sync. ``weights_TE``:
-    ``w`` for weighted draws; for uniform ones a bool of the pairs with weight 0 (the router's
-    chosen pairs and padding tokens), so that ``w`` itself is not computed.
+    Each stratum takes one of its ``m`` positions (each equally likely) and that token one of its
+    unrouted experts with ``w > 0``: ``uniform``: alike (every eligible pair then equally likely;
+    prob ``PROBE_PROB``); ``weighted``: in proportion to ``w``, with prob ``-W_t`` (``W_t = Σ w``
+    of the token's unrouted experts) so that the statistics, weighting each row by ``|p|``,
+    estimate the ``w``-weighted unchosen mean. Both keys hash the stratum's global id with
+    ``seed``: the same pairs under any layout of the global batch. A stratum whose token is on
+    another rank, or has no eligible pair (padding), gets a filler: an unrouted pair of one of its
+    tokens here, prob 0 (one exists: probes need top-k below the expert count,
+    ``unsupported.probe_conflict``), run like Megatron's own padding rows and never counted.
+    Distinct strata hold distinct tokens, so the pairs are distinct. Work: ``O(B · E)`` in one
+    op, no host sync. ``weights_TE``: ``w`` for weighted draws; for uniform ones a bool of the
+    pairs with weight 0 (the router's chosen pairs and padding tokens), so that ``w`` itself is
+    not computed.
     """
     if draw not in PROBE_DRAWS:
         raise ValueError(f"--moe-default-probe-draw must be one of {PROBE_DRAWS}, got {draw!r}")
-    a, b = _token_stride(seed, weights_TE.shape[0])
-    return probe_draw(weights_TE.detach(), routing_map_TE, int(budget), a, b, int(seed), draw == "weighted")
+    return probe_draw(weights_TE.detach(), routing_map_TE, strata_B4, int(m), int(stride), int(seed),
+                      draw == "weighted")  # fmt: skip
 
 
 def probe_exclude_reference(out_RH: torch.Tensor, rows_B: torch.Tensor, p_B: torch.Tensor, counts_L: torch.Tensor,

@@ -116,29 +116,56 @@ probes.probe_zero = lambda grad_RH, rows_B, p_B: None  # the probe rows' gradien
 main(sys.argv[1:])
 """
 
+RANK_KEYED_DRAW = """
+import sys
+import torch
+from megatron_default_moe.estimators import probes
+from megatron_default_moe.check.cli import main
+token_layout_of = probes.token_layout_of
+probes.token_layout_of = lambda layer: None  # each rank draws alone (0.3.0's draw, keyed by rank)
+main(sys.argv[1:])
+"""
 
-@pytest.mark.distributed
-def test_check_with_probes_on_the_families_default():
-    """``--probes``: each run again with probes (``auto``, and the ``shared-1`` fit: the default of
-    renormalised and sigmoid routers): their tables bit-identical on every rank, outputs and the last layer's expert gradients
-    as the one-rank run's on the first step, over EP with data parallelism, TP+SP with expert TP,
-    and pipeline stages; a package whose probe rows' gradient reaches the experts fails it."""
+
+def _check_process(script, args, world_size=1, tmp_path=None):
     import os
     import subprocess
 
-    layouts = ["dp2xep2:sigmoid", "tp2sp-ep2-etp2:sigmoid", "pp2-ep2:renorm"]
-    # the stock baseline is covered by the tests above; here it would only add runs
-    out = run_isolated(check_command(4, layouts) + ["--probes", "--no-baseline"], 480)
-    passed = re.findall(r"^ok +(\S+) ", out, flags=re.MULTILINE)
-    assert len(passed) == 2 * len(layouts) * CHECKS_PER_LAYOUT, out[-6000:]
-    assert sum(p.endswith("+probes") for p in passed) == len(layouts) * CHECKS_PER_LAYOUT
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-c", BROKEN_PROBE_GRADIENT, "--layouts", "dp:sigmoid", "--dispatchers", "alltoall", "--probes",
-           "--no-baseline"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    if world_size == 1:
+        cmd = [sys.executable, "-c", script, *args]
+    else:
+        path = tmp_path / "planted.py"
+        path.write_text(script)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world_size), "--master-port",
+               str(free_port()), str(path), *args]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.distributed
+def test_check_runs_the_families_defaults_at_every_step(tmp_path):
+    """Renormalised and sigmoid routers run the package's defaults (probes ``auto`` and
+    ``shared-1``; ``--routed-rows`` adds the routed-row EMA): every run against the one-rank run at
+    every step, the probes' draw keyed by global token position (the one-rank run draws the same
+    pairs), over expert TP with EP, pipeline stages with TP+SP and with EP, context parallelism.
+    It fails a package whose probe rows' gradient reaches the experts, and one whose ranks draw
+    alone (keyed by rank: the vectors leave the one-rank run's)."""
+    layouts = ["etp2-ep2:sigmoid", "pp2-tp2sp:sigmoid", "pp2-ep2:renorm", "cp2-ep2:renorm"]
+    # the stock baseline is covered by the tests above; here it would only add runs
+    out = run_isolated(check_command(4, layouts) + ["--no-baseline"], 480)
+    passed = re.findall(r"^ok +(\S+) ", out, flags=re.MULTILINE)
+    assert len(passed) == len(layouts) * CHECKS_PER_LAYOUT, out[-6000:]
+    assert re.search(r"^PASSED: 4 layout/router pairs", out, flags=re.MULTILINE), out[-3000:]
+    args = ["--layouts", "dp:sigmoid", "--dispatchers", "alltoall", "--routed-rows", "--no-baseline"]
+    proc = _check_process(BROKEN_PROBE_GRADIENT, args)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     for update in ("microbatch", "step"):
-        assert re.search(rf"^dp +sigmoid +alltoall +{update} +pass ", proc.stdout, flags=re.MULTILINE), proc.stdout
-        assert re.search(rf"^dp +sigmoid +alltoall +{update}\+probes +FAIL ", proc.stdout, flags=re.MULTILINE)
+        assert re.search(rf"^dp +sigmoid +alltoall +{update} +FAIL ", proc.stdout, flags=re.MULTILINE), proc.stdout
+        assert re.search(rf"^dp +sigmoid +alltoall +{update}\+rows +pass ", proc.stdout, flags=re.MULTILINE)
     assert re.search(r"grad of experts\.local_experts\.\d+\.linear_fc\d\.weight off by", proc.stdout), proc.stdout
+    args = ["--layouts", "ep2:renorm", "--dispatchers", "alltoall", "--updates", "microbatch", "--no-baseline"]
+    proc = _check_process(RANK_KEYED_DRAW, args, world_size=2, tmp_path=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^ep2 +renorm +alltoall +microbatch +FAIL ", proc.stdout, flags=re.MULTILINE), proc.stdout
+    assert "default_vectors off by" in proc.stdout, proc.stdout

@@ -18,38 +18,50 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
-@triton.jit(do_not_specialize=["a", "b", "k0", "k1", "k2", "k3"])
-def _probe_draw_kernel(w_ptr, routed_ptr, tokens_ptr, experts_ptr, probs_ptr, T, E, B, a, b, k0, k1, k2, k3,
-                       WEIGHTED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
-    """``BLOCK_B`` probes per program, one token row of ``E`` each: the walk's token, its key, the
-    eligible experts' cumulative shares, the pick; see ``ops.probes.probe_draw_reference``. The
-    seed comes as four 16-bit pieces ``k0..k3`` (low first) and the per-call integers are not
-    specialised: every seed runs the same compiled kernel."""
+@triton.jit
+def _hashed_keys(x, seed_lo, seed_hi):
+    """``ops.probes.hashed_keys`` of non-negative int64 lanes: uint32."""
+    h = _fmix32((x & 0xFFFFFFFF).to(tl.uint32) ^ seed_lo)
+    return _fmix32(h ^ (x >> 32).to(tl.uint32) ^ seed_hi)
+
+
+@triton.jit(do_not_specialize=["m", "stride", "k0", "k1", "k2", "k3"])
+def _probe_draw_kernel(w_ptr, routed_ptr, strata_ptr, tokens_ptr, experts_ptr, probs_ptr, E, B, m, stride, k0, k1,
+                       k2, k3, WEIGHTED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+    """``BLOCK_B`` strata per program, one token row of ``E`` each: the stratum's token, its key,
+    the eligible experts' cumulative shares, the pick; see ``ops.probes.probe_draw_reference``.
+    The seed comes as four 16-bit pieces ``k0..k3`` (low first) and the per-call integers are not
+    specialised: every seed and stratum size runs the same compiled kernel."""
     j = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mj = j < B
-    t = (j.to(tl.int64) * a + b) % T
-    e = tl.arange(0, BLOCK_E)
-    me = e < E
-    m = mj[:, None] & me[None, :]
-    idx = t[:, None] * E + e[None, :]
-    routed = tl.load(routed_ptr + idx, mask=m, other=1) != 0
-    if WEIGHTED:
-        w = tl.where(routed, 0.0, tl.load(w_ptr + idx, mask=m, other=0.0).to(tl.float32))
-        mass = w
-    else:  # w_ptr: the blocked pairs (bool)
-        mass = tl.where(routed | (tl.load(w_ptr + idx, mask=m, other=1) != 0), 0.0, 1.0)
-    cdf = tl.cumsum(mass, axis=1)
-    total = tl.max(cdf, axis=1)  # the last column: shares are >= 0
+    sid = tl.load(strata_ptr + 4 * j, mask=mj, other=0)
+    base = tl.load(strata_ptr + 4 * j + 1, mask=mj, other=0)
+    lo = tl.load(strata_ptr + 4 * j + 2, mask=mj, other=0)
+    hi = tl.load(strata_ptr + 4 * j + 3, mask=mj, other=1)
     seed_lo = (k1.to(tl.uint32) << 16) | k0.to(tl.uint32)
     seed_hi = (k3.to(tl.uint32) << 16) | k2.to(tl.uint32)
-    h = _fmix32(j.to(tl.uint32) ^ seed_lo)
-    h = _fmix32(h ^ seed_hi)
+    off = (_hashed_keys(2 * sid, seed_lo, seed_hi).to(tl.int64) * m) >> 32
+    mine = (off >= lo) & (off < hi)
+    t = base + tl.minimum(tl.maximum(off, lo), hi - 1) * stride
+    e = tl.arange(0, BLOCK_E)
+    me = e < E
+    msk = mj[:, None] & me[None, :]
+    idx = t[:, None] * E + e[None, :]
+    routed = tl.load(routed_ptr + idx, mask=msk, other=1) != 0
+    if WEIGHTED:
+        w = tl.where(routed, 0.0, tl.load(w_ptr + idx, mask=msk, other=0.0).to(tl.float32))
+        mass = w
+    else:  # w_ptr: the blocked pairs (bool)
+        mass = tl.where(routed | (tl.load(w_ptr + idx, mask=msk, other=1) != 0), 0.0, 1.0)
+    cdf = tl.cumsum(mass, axis=1)
+    total = tl.max(cdf, axis=1)  # the last column: shares are >= 0
+    h = _hashed_keys(2 * sid + 1, seed_lo, seed_hi)
     key = ((h.to(tl.float64) + 0.5) * (2.0**-32)).to(tl.float32)
     target = key * total
     picked = tl.sum(tl.where(me[None, :] & (cdf <= target[:, None]), 1, 0), axis=1).to(tl.int64)
     last = tl.max(tl.where(mass > 0.0, e[None, :], -1), axis=1).to(tl.int64)
-    eligible = total > 0.0
-    first_free = tl.min(tl.where(m & ~routed, e[None, :], BLOCK_E), axis=1)
+    eligible = (total > 0.0) & mine
+    first_free = tl.min(tl.where(msk & ~routed, e[None, :], BLOCK_E), axis=1)
     fallback = tl.where(first_free < BLOCK_E, first_free, 0).to(tl.int64)
     expert = tl.where(eligible, tl.minimum(picked, last), fallback)
     if WEIGHTED:

@@ -1,4 +1,6 @@
-"""Reliability: a Default MoE checkpoint saved at EP=2 loads at EP=4, under a TP change and at EP=1.
+"""Reliability: a Default MoE checkpoint saved at EP=2 loads at EP=4, under a TP change and at EP=1:
+a renormalised router at the package's defaults (probes + ``shared-1``), every table bit-exact,
+and the resumed layer draws the probe pairs the saving layout would have drawn.
 
 ``reliability/ckpt_worker.py`` does the work under ``torchrun`` (4 ranks, gloo, CPU) in one launch.
 """

@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--routed-rows", action="store_true",
                         help="also run each with the routed-row EMA (--moe-default-probes 0) where the router "
                         "family's default is probes and shared-1 (renormalised and sigmoid routers)")
-    parser.add_argument("--probes", action="store_true", help=argparse.SUPPRESS)  # 0.3.0's: now the default
+    parser.add_argument("--probes", action="store_true", help=argparse.SUPPRESS)  # the earlier opt-in: now the default
     parser.add_argument("--tolerance", type=float, help="relative tolerance, also added to the baseline's "
                         "bound (default: fp32 1e-5 on CPU, 1e-4 on CUDA; bf16 3e-2)")
     parser.add_argument("--list", action="store_true", help="print the layouts that fit and exit")

@@ -69,6 +69,8 @@ def parse_args(argv=None):
                    "tagged probes=N); --fidelity: compare probes at these budgets (comma-separated) with today's "
                    "EMA. Per rank and micro-batch; a 'w' suffix draws weighted, an 's' fits --moe-default-fit "
                    "shared-1, '@B' sets its --moe-default-fit-beta (e.g. 64, 64w, 64s, 64s@0.99)")
+    p.add_argument("--lr-scales", default="1,4", help="sweep: learning rates as multiples of the demo's 3e-3 "
+                   "(comma-separated; e.g. 8,16,32 to look for the rate where each method spikes or diverges)")
     p.add_argument("--stats-stride", type=int, default=1,
                    help="Default MoE's --moe-default-stats-stride for every cell (names tagged stride=N)")
     p.add_argument("--nproc", type=int, default=2)
@@ -99,7 +101,7 @@ def probe_flags(spec: str) -> dict:
                 moe_default_fit_beta=float(m[3]) if m[3] else None)
 
 
-def grid(quick=False, stats_stride=1, probes=""):
+def grid(quick=False, stats_stride=1, probes="", lr_scales="1,4"):
     """The cells: dicts of router, lr, ema weighting, beta, probe settings and a readable name
     (tagged ``stride=N`` when Default MoE runs with ``--moe-default-stats-stride N``, ``probes=S``
     with ``--probes S``)."""
@@ -107,7 +109,7 @@ def grid(quick=False, stats_stride=1, probes=""):
         raise SystemExit("--stats-stride does not apply with --probes: the vectors then average the probe rows only")
     cells = []
     for router in ("paper", "mixtral", "deepseek-v3"):
-        for lr in (BASE_LR, 4 * BASE_LR):
+        for lr in [float(scale) * BASE_LR for scale in lr_scales.split(",")]:
             weightings = ("uniform",) if probes else ("uniform", "router")  # probes: rows weigh |p|
             ema = [(w, b) for w in weightings for b in (0.9, 0.99)] if router == "paper" else [("uniform", 0.9)]
             for weighting, beta in ema:
@@ -135,13 +137,14 @@ def fingerprint(flags) -> str:
 
 def count_spikes(losses, warmup, factor=SPIKE_FACTOR):
     """(spikes, worst ratio): steps after ``warmup`` whose loss exceeds ``factor`` x the running
-    minimum of all steps before it (steps are 1-based; ``losses[0]`` is step 1)."""
+    minimum of all steps before it, or is not finite (divergence: worst ratio inf; steps are
+    1-based; ``losses[0]`` is step 1)."""
     spikes, worst, running_min = 0, 0.0, math.inf
     for step, loss in enumerate(losses, 1):
         if step > warmup and running_min < math.inf:
-            ratio = loss / running_min
+            ratio = loss / running_min if math.isfinite(loss) else math.inf
             worst = max(worst, ratio)
-            spikes += ratio > factor
+            spikes += not ratio <= factor
         running_min = min(running_min, loss)
     return spikes, worst
 
@@ -284,7 +287,7 @@ def sweep(args):
     path = os.path.join(args.out, "runs.jsonl")
     if "," in args.probes:
         raise SystemExit("--probes: the sweep takes one setting (several are for --fidelity)")
-    cells = [c for c in grid(args.quick, args.stats_stride, args.probes) if re.search(args.cells, c["name"])]
+    cells = [c for c in grid(args.quick, args.stats_stride, args.probes, args.lr_scales) if re.search(args.cells, c["name"])]
     seeds = list(range(1, args.seeds + 1))
     done = {(r["cell"], r["seed"]) for r in load_runs(path) if r.get("fingerprint") == fp}
     todo = [(c, [s for s in seeds if (c["name"], s) not in done]) for c in cells]

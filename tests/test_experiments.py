@@ -31,6 +31,7 @@ def test_count_spikes(exp):
     # warm-up 2: steps 1-2 ignored; step 4 (3.1 > 1.5 * 2.0) is a spike, step 5 (2.9 < 3.0) is not
     assert exp.count_spikes([9.0, 5.0, 2.0, 3.1, 2.9], warmup=2) == (1, pytest.approx(3.1 / 2.0))
     assert exp.count_spikes([9.0, 8.0, 7.0], warmup=1)[0] == 0
+    assert exp.count_spikes([3.0, 2.0, float("nan"), float("inf")], warmup=1) == (2, math.inf)  # diverged
 
 
 def test_summary_and_torn_results_file(exp, tmp_path):

@@ -328,6 +328,11 @@ def sweep(args):
 
 
 # -- workers (under torchrun) ------------------------------------------------------------------------
+def unless_default(flag, value):
+    """``[flag, value]``, or nothing where ``value`` is None (``--probes default``: the family's default)."""
+    return [] if value is None else [flag, str(value)]
+
+
 def demo_args(flags, cell, seed, out):
     import cpu_demo
 
@@ -335,9 +340,9 @@ def demo_args(flags, cell, seed, out):
         "--router", cell["router"], "--topk", str(TOPK[cell["router"]]), "--lr", str(cell["lr"]),
         "--moe-default-ema-weighting", cell["weighting"], "--moe-default-ema-beta", str(cell["beta"]),
         "--moe-default-stats-stride", str(cell.get("stride", 1)),
-        "--moe-default-probes", str(cell.get("moe_default_probes", 0)),
+        *unless_default("--moe-default-probes", cell.get("moe_default_probes", 0)),
         "--moe-default-probe-draw", cell.get("moe_default_probe_draw", "uniform"),
-        "--moe-default-fit", cell.get("moe_default_fit", "constant"),
+        *unless_default("--moe-default-fit", cell.get("moe_default_fit", "constant")),
         *(["--moe-default-fit-beta", str(cell["moe_default_fit_beta"])] if cell.get("moe_default_fit_beta") is not None
           else []),
         "--seed", str(seed), "--out", out,

@@ -74,7 +74,7 @@ def add_fit_weight(layer, state_dict: dict, key: str) -> None:
 
 def restore_sample_counter(layer, key: str, missing_keys: list) -> int:
     """The loaded ``sample_counter`` as a host int (the one read, at load time); a checkpoint from
-    before the counter (0.2, or TopK) starts it at 0, like the vectors."""
+    before the counter (0.1, or TopK) starts it at 0, like the vectors."""
     if key in missing_keys:
         missing_keys.remove(key)
         layer.sample_counter.zero_()

@@ -75,6 +75,9 @@ def test_probe_settings_reach_the_demo(exp):
     assert (d.moe_default_probes, d.moe_default_probe_draw, d.moe_default_fit) == (64, "uniform", "shared-1")
     assert d.moe_default_fit_beta is None and exp.demo_args([], exp.grid()[0], 1, "out").moe_default_fit == "constant"
     assert exp.demo_args([], exp.grid(probes="64s@0")[0], 1, "out").moe_default_fit_beta == 0.0  # a beta of 0 too
+    mixtral = next(c for c in exp.grid(probes="default", lr_scales="8,16") if c["router"] == "mixtral")
+    d = exp.demo_args([], mixtral, 1, "out")  # the sweep at the family's defaults: the flags left unset
+    assert mixtral["lr"] == 8 * exp.BASE_LR and (d.moe_default_probes, d.moe_default_fit) == (None, None)
 
 
 @pytest.mark.distributed

@@ -241,7 +241,7 @@ def test_counter_is_checkpointed_and_resumes_the_same_draws():
     step(twin, x, g)
     assert torch.equal(layer.probes.last_probes_TE, twin.probes.last_probes_TE)
     assert torch.equal(layer.default_vectors, twin.default_vectors)
-    old = {k: v for k, v in state.items() if k != "sample_counter"}  # a 0.2 checkpoint
+    old = {k: v for k, v in state.items() if k != "sample_counter"}  # a 0.1 checkpoint (the counter came in 0.2)
     twin.load_state_dict(old)
     assert twin._stats_updates == 0
 

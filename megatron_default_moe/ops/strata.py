@@ -11,7 +11,9 @@ a one-rank run included, draws the same pairs (``ops/probes.py``). Pure integers
 Megatron's cut, as ``pretrain_gpt.py`` feeds a layer: data-parallel rank ``d`` holds samples
 ``[d·b, (d+1)·b)`` (``MegatronPretrainingSampler``); context parallelism splits the sequence into
 ``2·CP`` chunks, rank ``r`` holding chunks ``r`` and ``2·CP-1-r`` (``get_batch_on_this_cp_rank``);
-sequence parallelism then cuts that local sequence into ``TP`` contiguous pieces.
+sequence parallelism then cuts that local sequence into ``TP`` contiguous pieces. Under another
+cut (packed sequences under CP, a cyclic sampler) the strata ids stay distinct across ranks and
+each draw stays uniform within its stratum; only the layout invariance is lost.
 """
 
 import dataclasses

@@ -118,9 +118,12 @@ def test_inf_statistics_are_skipped_like_nan():
     from megatron_default_moe import report_nonfinite_skips
 
     layer = _layer("microbatch")
+    expert = layer.experts.local_experts[POISONED]
     with torch.no_grad():
-        layer.experts.local_experts[POISONED].linear_fc2.weight.fill_(float("inf"))
+        expert.linear_fc2.weight.normal_()  # finite again: an Inf weight gives inf - inf = NaN
+    expert.register_forward_hook(lambda module, args, out: (out[0] + float("inf"), *out[1:]))  # +Inf rows
     before = layer.default_vectors.clone()
-    _forward_backward(layer)
+    out = _forward_backward(layer)
+    assert torch.isinf(out).any() and not torch.isnan(out).any()  # the statistics really are Inf
     assert torch.equal(layer.default_vectors[POISONED], before[POISONED])
     assert report_nonfinite_skips(layer) == {LAYER_NUMBER: [POISONED]}

@@ -750,7 +750,7 @@ def set_probe_budget(layer, budget):
     """Probes in proportion to the measured tokens (``B · T / target``): the rows a GPU receives
     scale like its routed rows, so the ``a + bT`` fit carries them to the target at any EP (one
     stratum of ``target / B`` tokens per probe, this GPU's tokens alone)."""
-    layer.probes.budget = layer.probes.stage_budget = layer.probes.max_rows = budget
+    layer.probes.budget = layer.probes.stage_budget = budget  # max_rows follows per shape (``strata``)
     layer.probes.token_sets = 1
 
 

@@ -96,6 +96,27 @@ def run_isolated(cmd, timeout_s: int, env=None, cwd=None, stderr_to_stdout=True)
     return out
 
 
+def report_case(name: str, failures: list) -> bool:
+    """torchrun workers: one case's verdict over every rank (any rank's failure fails it), printed
+    by rank 0 and by each failing rank as ``ok NAME`` / ``FAIL NAME reasons``; True if it failed."""
+    flag = torch.tensor([float(bool(failures))])
+    torch.distributed.all_reduce(flag)
+    failed = bool(flag.item())
+    if torch.distributed.get_rank() == 0 or failures:
+        print(f"{'FAIL' if failed else 'ok'} {name} {'; '.join(failures)}", flush=True)
+    return failed
+
+
+def finish_worker(failed: bool, summary: str):
+    """torchrun workers: ``PASSED: summary`` or ``FAILED: summary`` on rank 0, then exit 0 or 1."""
+    import sys
+
+    if torch.distributed.get_rank() == 0:
+        print(f"{'FAILED' if failed else 'PASSED'}: {summary}", flush=True)
+    torch.distributed.destroy_process_group()
+    sys.exit(1 if failed else 0)
+
+
 def load_script(path: str, name: str):
     """Import an example script (not a package module) by path."""
     import importlib.util

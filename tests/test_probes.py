@@ -214,6 +214,26 @@ def test_every_layout_of_the_global_batch_draws_the_same_pairs(m):
         assert len(drawn) == len(set(drawn)) and set(drawn) == one_rank, (dp, cp, sp)
 
 
+@pytest.mark.parametrize("cp, sp", [(2, 1), (3, 1), (2, 2), (2, 3)])
+def test_token_layout_is_megatrons_cut(monkeypatch, cp, sp):
+    """``TokenLayout.segments`` against Megatron's own context-parallel split
+    (``megatron.core.utils.get_batch_on_this_cp_rank``, load-balanced 2·CP chunks), then sequence
+    parallelism's contiguous pieces: each rank's sequence positions, in its local order."""
+    from megatron.core import utils
+
+    S = 24
+    positions = torch.arange(S)[None, :]  # [micro-batch, sequence]: the global positions
+    for cp_rank in range(cp):
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: cp)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, r=cp_rank: r)
+        batch = utils.get_batch_on_this_cp_rank({"tokens": positions.clone(), "cu_seqlens": None}, False)
+        for sp_rank, want in enumerate(batch["tokens"][0].chunk(sp)):
+            runs = TokenLayout(cp_rank=cp_rank, cp=cp, sp_rank=sp_rank, sp=sp).segments(S // (cp * sp))
+            got = torch.cat([torch.arange(glob, glob + n) for _, glob, n in runs])
+            assert [local for local, _, _ in runs] == [sum(n for _, _, n in runs[:i]) for i in range(len(runs))]
+            assert torch.equal(got, want), (cp_rank, sp_rank, runs)
+
+
 def test_uniform_keys_are_uniform_and_a_pure_function_of_the_seed():
     u = D.uniform_keys(1 << 16, D.probe_seed(5, 6, 7, 8), "cpu")
     assert torch.equal(u, D.uniform_keys(1 << 16, D.probe_seed(5, 6, 7, 8), "cpu"))

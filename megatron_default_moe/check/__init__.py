@@ -12,11 +12,10 @@ vectors bit-identical on every rank, always; Default's deviations (outputs, expe
 gradients, vectors) within twice stock's plus the dtype's tolerance at every step, and in fp32
 within the tolerance alone too; in bf16 up to the first routing flip, which the check detects and
 reports (``compare`` measures, ``verdict`` judges: the rule and why). It prints a table (stock and
-default columns) and exits non-zero on any failure. Probes (the sigmoid router's default, with the
-``shared-1`` fit) are off in these runs, since each rank draws its own pairs and no one-rank run
-can match them; ``--probes`` adds a run with them to each, which checks what can be checked: their
-tables bit-identical on every rank of the stage at every step, and the expert rows (outputs,
-expert gradients) unchanged against the one-rank run on the first step.
+default columns) and exits non-zero on any failure. Each router family runs the package's
+defaults (probes and the ``shared-1`` fit for renormalised and sigmoid routers, whose draw is keyed
+by global token position, so the one-rank run draws the same pairs); ``--routed-rows`` adds the
+routed-row EMA.
 
 On CUDA it runs NCCL and the package's Triton kernels (TE grouped experts when Transformer Engine
 imports), in fp32 or, with ``--dtype bf16``, bf16; on a CPU machine gloo with

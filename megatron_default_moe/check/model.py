@@ -10,6 +10,7 @@ grouped experts when TE is importable, elsewhere with Megatron's ``SequentialMLP
 
 import dataclasses
 import re
+import types
 
 import torch
 
@@ -188,7 +189,7 @@ def has_probes_by_default(router: str) -> bool:
     from megatron_default_moe.config import probed_by_default
 
     family = {"moe_router_score_function": "softmax", "moe_router_pre_softmax": True, **ROUTERS[router]}
-    return probed_by_default(type("Family", (), family))
+    return probed_by_default(types.SimpleNamespace(**family))
 
 
 def build_stage(setup: Setup, dispatcher, update, sizes, weights=None, router="paper", estimator="default",

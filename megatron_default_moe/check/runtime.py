@@ -155,7 +155,8 @@ def compute_reference(setup: Setup, routers, updates, te_flag: str, baseline=Tru
         path = os.path.join(tmp, "reference.pt")
         cmd = [sys.executable, "-m", "megatron_default_moe.check", "--save-reference", path,
                "--batch", str(setup.batch), "--routers", *routers, "--updates", *updates,
-               "--dtype", "bf16" if setup.dtype == torch.bfloat16 else "fp32", "--experts", te_flag] + ([] if baseline else ["--no-baseline"]) + (["--routed-rows"] if routed_rows else [])  # fmt: skip
+               "--dtype", "bf16" if setup.dtype == torch.bfloat16 else "fp32", "--experts", te_flag]  # fmt: skip
+        cmd += ([] if baseline else ["--no-baseline"]) + (["--routed-rows"] if routed_rows else [])
         print(f"computing the one-rank reference ({', '.join(routers)}) in a child process", flush=True)
         subprocess.run(cmd, env=env, check=True, stdout=sys.stderr)
         with open(path, "rb") as f:

@@ -127,18 +127,20 @@ class ProbeSampler:
         self.layout, self.token_set = layout or TokenLayout(), 0 if layout is not None else int(token_set)
         self.max_rows = self.budget * self.sources  # set per shape by ``add``
         self.last_probes = None  # the last draw: (tokens_B, experts_B, probs_B) and [T, E]
-        self._strata, self._true_B = {}, None
+        self._strata, self._true_B = {}, None  # per shape: (strata_B4, max_rows)
 
     def strata(self, tokens_shape, device):
-        """``(strata_B4, m, batch)`` for a micro-batch of ``[S, b]`` tokens (host-side, once per shape)."""
+        """``(strata_B4, m, batch)`` for a micro-batch of ``[S, b]`` tokens, and ``max_rows`` for
+        that shape (host-side, once per shape)."""
         seq, batch = tokens_shape if len(tokens_shape) == 2 else (tokens_shape[0], 1)
         m = stratum_size(seq * batch * self.token_sets, self.stage_budget)
         key = (seq, batch, m, str(device))
         if key not in self._strata:
             rows = probe_strata(self.layout, seq, batch, m)
-            self._strata[key] = torch.tensor(rows, dtype=torch.int64, device=device).view(-1, 4)
-        self.max_rows = self.sources * max_strata(self.layout, seq, batch, m)
-        return self._strata[key], m, batch
+            strata_B4 = torch.tensor(rows, dtype=torch.int64, device=device).view(-1, 4)
+            self._strata[key] = strata_B4, self.sources * max_strata(self.layout, seq, batch, m)
+        strata_B4, self.max_rows = self._strata[key]
+        return strata_B4, m, batch
 
     def add(self, probs_TE, routing_map_TE, term_inputs, counter: int, layer_number: int, tokens_shape=None):
         """``(probs, routing_map`` with this micro-batch's probes added (``add_probes``), the number

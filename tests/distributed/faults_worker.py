@@ -125,27 +125,21 @@ def check(layout, family, update, poison):
 
 
 def main():
+    from helpers import finish_worker, report_case
+
     from megatron_default_moe.testing import cpu
 
-    cases, bad = 0, torch.zeros(1)
+    cases, failed = 0, False
     for layout in LAYOUTS:
         cpu.init_parallel(seed=1234, **LAYOUTS[layout])
         for family in FAMILIES:
             for update in ("microbatch", "step"):
                 for poison in ("nan", "inf"):
-                    name = f"{layout}/{family}/{update}/{poison}"
                     failures = check(layout, family, update, poison)
-                    flag = torch.tensor([float(bool(failures))])
-                    torch.distributed.all_reduce(flag)
-                    bad += flag
+                    failed |= report_case(f"{layout}/{family}/{update}/{poison}", failures)
                     cases += 1
-                    if torch.distributed.get_rank() == 0 or failures:
-                        print(f"{'FAIL' if flag.item() else 'ok'} {name} {'; '.join(failures)}", flush=True)
         cpu.destroy_parallel()
-    if torch.distributed.get_rank() == 0:
-        print(f"{'FAILED' if bad.item() else 'PASSED'}: {cases} cases", flush=True)
-    torch.distributed.destroy_process_group()
-    sys.exit(1 if bad.item() else 0)
+    finish_worker(failed, f"{cases} cases")
 
 
 if __name__ == "__main__":

@@ -148,24 +148,17 @@ def auto_budget_failures(plain):
 
 
 def main():
+    from helpers import finish_worker, report_case
+
     from megatron_default_moe.testing import cpu
 
-    names = sys.argv[1:]
-    bad = torch.zeros(1)
+    names, failed = sys.argv[1:], False
     for name in names:
         cpu.init_parallel(seed=1234, **LAYOUTS[name])
         for dispatcher in ("allgather", "alltoall"):
-            failures = check(name, dispatcher)
-            flag = torch.tensor([float(bool(failures))])
-            torch.distributed.all_reduce(flag)
-            bad += flag
-            if torch.distributed.get_rank() == 0 or failures:
-                print(f"{'FAIL' if flag.item() else 'ok'} {name}/{dispatcher} {'; '.join(failures)}", flush=True)
+            failed |= report_case(f"{name}/{dispatcher}", check(name, dispatcher))
         cpu.destroy_parallel()
-    if torch.distributed.get_rank() == 0:
-        print(f"{'FAILED' if bad.item() else 'PASSED'}: {len(names)} layouts", flush=True)
-    torch.distributed.destroy_process_group()
-    sys.exit(1 if bad.item() else 0)
+    finish_worker(failed, f"{len(names)} layouts")
 
 
 if __name__ == "__main__":

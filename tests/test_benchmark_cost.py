@@ -205,7 +205,7 @@ def test_probes_rows_and_traffic(tmp_path):
     out = tmp_path / "cost.json"
     cmd = [sys.executable, SCRIPT, "--shapes", "custom", "--hidden", "32", "--experts", "4", "--ffn", "64",
            "--topk", "2", "--tokens", "16", "--target-tokens", "1024", "--probes", "64", "--ep", "2",
-           "--json", str(out)]  # fmt: skip
+           "--fit", "shared-1", "--json", str(out)]  # fmt: skip
     text = helpers.run_isolated(cmd, timeout_s=240, cwd=ROOT)
     assert "--moe-default-probes 64" in text and "probes: 64 per GPU" in text
     (r,) = json.loads(out.read_text())["shapes"]
@@ -215,6 +215,12 @@ def test_probes_rows_and_traffic(tmp_path):
     # measured with 1 and 2 probes at 16 and 32 tokens: 64 at 1024, per GPU at EP = 2 as well
     assert r["extra_expert_flops_fraction"] == pytest.approx(64 / 2048, rel=1e-6)
     assert r["unmatched_keys"] == {"topk": 0, "default": 0}
+    # the shared-1 fit: g_A + s g_B formed inside the weights' backward (no addcmul of its own),
+    # and the direction in the activations' dtype from the last update's table (no cast)
+    assert "--moe-default-fit shared-1" in text
+    ours = [o for o in r["extra_ops"] if o["ours"]]
+    assert {(o["phase"], o["op"]) for o in ours} >= {("bwd", "default_weights_backward"), ("fwd", "fit_update")}
+    assert not [o for o in ours if o["op"] == "addcmul" or (o["op"] == "_to_copy" and "shared_fit" in o["where"])]
 
 
 def test_probe_budget_rule(bench):

@@ -292,6 +292,11 @@ TRITON_CHECK = textwrap.dedent(
                 got = K.default_weights_backward(g, z, probs, sel, *opts, base)
                 ref = fused.default_weights_backward(g, z, probs, sel, *opts, base)
                 torch.testing.assert_close(got.float(), ref.float(), **tol)
+                g2, s_T1 = torch.randn(37, 24), torch.randn(37, 1)  # shared-1: [g_A | g_B] and s
+                got = K.default_weights_backward(g2, z, probs, sel, *opts, base, s_T1)
+                ref = fused.default_weights_backward(g2[:, :12] + s_T1 * g2[:, 12:], z, probs, sel, *opts, base)
+                torch.testing.assert_close(got.float(), ref.float(), **tol)
+                torch.testing.assert_close(fused.default_weights_backward(g2, z, probs, sel, *opts, base, s_T1), ref)
                 got = K.default_weights(z, probs, sel, *opts, torch.bfloat16)  # written in the reader's dtype
                 assert got.dtype == torch.bfloat16
                 torch.testing.assert_close(got.float(), fused.default_weights(z, probs, sel, *opts).float(),
@@ -550,6 +555,10 @@ def test_cuda_ops_match_their_references():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
         got = fused.default_weights_backward(g, z, probs, sel, *opts, 2 * g)  # plus Megatron's gradient
         ref = fused.default_weights_backward_reference(g, z, probs, sel, *opts, 2 * g)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+        g2, s_T1 = torch.randn(4096, 256, device=dev), torch.randn(4096, 1, device=dev)  # shared-1's [g_A | g_B], s
+        got = fused.default_weights_backward(g2, z, probs, sel, *opts, 2 * g, s_T1)
+        ref = fused.default_weights_backward_reference(g2, z, probs, sel, *opts, 2 * g, s_T1)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
         got = fused.default_weights(z, probs, sel, *opts, torch.bfloat16)
         ref = fused.default_weights_reference(z, probs, sel, *opts, torch.bfloat16)

@@ -238,3 +238,30 @@ def test_fit_rejects_what_it_cannot_run():
     config = moe_config(**ROUTERS["mixtral"], moe_expert_capacity_factor=1.5)
     with pytest.raises(ValueError, match="--moe-default-fit shared-1 needs probes.*auto"):
         DefaultMoELayer(config, moe_submodules(8), dm_config=DefaultMoEConfig(probes="auto", fit="shared-1"))
+
+
+def test_the_next_pass_reads_the_direction_the_update_wrote():
+    """``fit_update`` writes the new ``d`` as its table's last row (the term gets ``[A; B]`` only);
+    the next pass's coordinates take that row, the cast of the buffer bit for bit, and a buffer
+    changed since (a load, a user's write) is cast afresh."""
+    _, _, layer = fit_twins()
+    seen = {}
+    add = F.add_default_term
+    torch.manual_seed(7)
+    x = torch.randn(6, 2, 16)
+    step(layer, x, torch.randn(6, 2, 16))
+    d_H = layer.default_direction_unit
+    cached = layer.fit.direction_as(layer, x.dtype)
+    assert torch.equal(cached, d_H.to(x.dtype)) and cached.data_ptr() != d_H.data_ptr()  # the table's row
+    assert torch.equal(layer.fit.direction_as(layer, torch.bfloat16), d_H.to(torch.bfloat16))  # another dtype
+    with torch.no_grad():
+        d_H.copy_(FO.unit(torch.randn(16)))
+    assert torch.equal(layer.fit.direction_as(layer, x.dtype), d_H)
+    d_set = d_H.clone()  # the update of the next step moves the buffer
+    F.add_default_term = lambda *a, **k: seen.update(k, table=a[2]) or add(*a, **k)
+    try:
+        step(layer, x, torch.randn(6, 2, 16))
+    finally:
+        F.add_default_term = add
+    assert seen["table"].shape == (2 * 8, 16)
+    torch.testing.assert_close(seen["s_T1"], x.reshape(-1, 16) @ d_set[:, None])

@@ -8,12 +8,13 @@ attributes come from Triton's own binder, the code ``kernel[grid](...)`` runs be
 what is compiled here is what the launchers launch.
 
 Cases, for each of sm_80, sm_90 and sm_100: the full cross product of every constexpr combination
-(``UNIFORM``, ``COUNT_ROWS``, ``SCORE`` 0/1/2, ``RENORM``, ``ALL``, ``HAS_BASE``) with every dtype
+(``UNIFORM``, ``COUNT_ROWS``, ``SCORE`` 0/1/2, ``RENORM``, ``ALL``, ``HAS_BASE``, ``HAS_S``) with every dtype
 (bf16, fp16, fp32) of the expert output / the probs / the router logits / the written weights / the
 snapshot; the other inputs' dtypes (probs or routing map beside the logits, ``BLOCK_L``) and the
 integer specialisations (1, multiples of 16, others) take turns over the cases. Identical
-specialisations compile once: 666 (222 per architecture), in two worker processes: 62 s wall,
-70 s of CPU in the workers, on an otherwise idle 2-core machine.
+specialisations compile once: 954 (318 per architecture), in two worker processes (before
+``HAS_S``, 666 of them took 62 s wall, 70 s of CPU in the workers, on an otherwise idle 2-core
+machine).
 """
 
 import concurrent.futures
@@ -57,11 +58,12 @@ def _weights(logits_dtype, out_dtype, score, renorm_all, turn):
     return (logits, _chosen(logits, turn), sel, score, *renorm_all, 2.5, 1e-20, out)
 
 
-def _weights_backward(logits_dtype, score, renorm_all, has_base, turn):
+def _weights_backward(logits_dtype, score, renorm_all, has_base, has_s, turn):
     logits = torch.zeros(16, (8, 128, 160)[turn % 3], dtype=logits_dtype)
     sel = torch.zeros(logits.shape, dtype=torch.bool)
     base = torch.zeros_like(logits) if has_base else None
-    return (torch.zeros(logits.shape), logits, _chosen(logits, turn), sel, score, *renorm_all, 1.0, 0.0, base)
+    grad, s = (torch.zeros(16, 2 * logits.shape[1]), torch.zeros(16, 1)) if has_s else (torch.zeros(logits.shape), None)
+    return (grad, logits, _chosen(logits, turn), sel, score, *renorm_all, 1.0, 0.0, base, s)
 
 
 def _probe_draw(weights_dtype, weighted, turn):
@@ -101,8 +103,9 @@ def full_cases():
     cases += [("ema_update", _ema(d, turn)) for turn, d in enumerate(DTYPES)]
     for turn, (z, w, s, n) in enumerate(itertools.product(DTYPES, DTYPES, SCORE_FUNCTIONS, NORMALISERS)):
         cases.append(("default_weights", _weights(z, w, s, n, turn)))
-    for turn, (z, s, n, b) in enumerate(itertools.product(DTYPES, SCORE_FUNCTIONS, NORMALISERS, (True, False))):
-        cases.append(("default_weights_backward", _weights_backward(z, s, n, b, turn)))
+    flags = (True, False)
+    for turn, (z, s, n, b, c) in enumerate(itertools.product(DTYPES, SCORE_FUNCTIONS, NORMALISERS, flags, flags)):
+        cases.append(("default_weights_backward", _weights_backward(z, s, n, b, c, turn)))
     for turn, (w, weighted) in enumerate(itertools.product(DTYPES, (True, False))):
         cases.append(("probe_draw", _probe_draw(w, weighted, turn)))
     for turn, (o, c, line) in enumerate(itertools.product(DTYPES, (True, False), (False, True))):

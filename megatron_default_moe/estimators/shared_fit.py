@@ -70,15 +70,27 @@ class SharedLineFit(ProbeMean):
         layer.register_buffer("default_fit", torch.zeros(experts, 2 * hidden + 3, dtype=torch.float32, device=device))
         layer.register_buffer("default_direction", self.initial_direction.clone())
         layer.register_buffer("default_direction_unit", self.initial_direction.clone(), persistent=False)
-        self._x = self._s = self._d_x = None
+        self._x = self._s = self._d_x = self._next_d = None
 
     def see_input(self, layer, x_TH, takes_stats: bool) -> None:
         """``route``: remember ``x``; a pass that takes statistics also takes the tokens'
         coordinates on the current direction (the term of the same pass uses them)."""
         self._x, self._s = x_TH, None
-        if takes_stats:  # d in the activations' dtype, cast once for both sides
-            self._d_x = layer.default_direction_unit.to(x_TH.dtype)
+        if takes_stats:
+            self._d_x = self.direction_as(layer, x_TH.dtype)
             self._s = coordinates_T1(x_TH, self._d_x)
+
+    def direction_as(self, layer, dtype):
+        """``d`` in the activations' dtype, for both sides of a pass: the last update's table row
+        ``2E`` (written by ``fit_update``, no cast of its own) while the buffer is as it left it,
+        else a cast (the first pass, after a load)."""
+        d_H = layer.default_direction_unit
+        if self._next_d is not None and self._next_d[0] == (d_H._version, dtype):
+            return self._next_d[1]
+        return d_H.to(dtype)
+
+    def _remember_direction(self, layer, table_KH):
+        self._next_d = (layer.default_direction_unit._version, table_KH.dtype), table_KH[-1]
 
     def coordinates(self, in_RH):
         """``rows_B -> s_B``: the expert-input rows' coordinates on this pass's direction (set by
@@ -96,11 +108,14 @@ class SharedLineFit(ProbeMean):
             layer.default_vectors, layer.default_fit, layer.default_direction, layer.default_direction_unit, stats,
             beta, self.beta, layer.nonfinite_skips, dtype,
         )  # fmt: skip
-        return (table_KH, d_used), updated_E
+        self._remember_direction(layer, table_KH)
+        return (table_KH[:-1], d_used), updated_E
 
     def frozen(self, layer, dtype):
         """``([A; B], d)`` of the current state (evaluation, step mode between updates)."""
-        return fit_tables(layer.default_vectors, layer.default_fit, dtype), layer.default_direction_unit.clone()
+        table_KH = fit_tables(layer.default_vectors, layer.default_fit, layer.default_direction_unit, dtype)
+        self._remember_direction(layer, table_KH)
+        return table_KH[:-1], layer.default_direction_unit.clone()
 
     def term_args(self, snapshot):
         """``([A; B], {s_T1})`` of ``functional.add_default_term`` for this pass (a recomputed

@@ -172,10 +172,16 @@ def default_weights_backward_reference(
     scale: float,
     eps: float,
     base_TE: Optional[torch.Tensor] = None,
+    s_T1: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``dL/dlogits`` of ``default_weights`` (in the logits' dtype): ``dL/df = g · c/sg(N)`` where
     the prob is 0, then the score function's backward (scores recomputed, nothing extra saved),
-    plus ``base_TE`` (the logits' other gradient: Megatron's routing) in the same pass."""
+    plus ``base_TE`` (the logits' other gradient: Megatron's routing) in the same pass. With the
+    ``shared-1`` coordinates ``s_T1`` (fp32 ``[T, 1]``), ``grad_TE`` is the term's ``[T, 2E]``
+    ``[g_A | g_B]`` and ``g = g_A + s ⊙ g_B`` is formed here, not in a pass of its own."""
+    if s_T1 is not None:
+        experts = logits_TE.shape[1]
+        grad_TE = torch.addcmul(grad_TE[:, :experts], s_T1, grad_TE[:, experts:])
     f_TE = F.router_scores_TE(logits_TE, score_function)
     normaliser = "all" if all_experts else "selected"
     c_over_n = F.default_scale_T1(f_TE, selected_TE, scale, renormalise, eps, normaliser)
@@ -197,7 +203,8 @@ default_weights_backward = torch.library.custom_op(
 
 
 @default_weights_backward.register_fake
-def _(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps, base_TE=None):
+def _(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps, base_TE=None,
+      s_T1=None):  # fmt: skip
     return torch.empty_like(logits_TE)
 
 

@@ -18,7 +18,8 @@ of them (docs/evidence.md, "The fit's warm-up").
 and does in one op (one Triton kernel on CUDA, ``triton_fit_kernels._fit_update_kernel``): both EMAs
 (``functional.ema_update_``'s rule: experts without probes or with a NaN/Inf anywhere in their row
 keep theirs), the lines, written as the term's table ``[A; B]`` ``[2E, H]`` in the activations'
-dtype, and one power step of ``q``.
+dtype, and one power step of ``q``. The table's last row ``2E`` is the new ``d`` in that dtype:
+the next pass's coordinates read it without a cast of their own (``[A; B; d]``, ``[2E + 1, H]``).
 """
 
 import torch
@@ -69,8 +70,8 @@ def fit_update_reference(vectors_EH: torch.Tensor, fit_EC: torch.Tensor, q_H: to
                          stats: torch.Tensor, beta: float, beta_fit: float, skips_E: torch.Tensor,
                          table_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The update in place (``vectors``, ``fit``, ``q``, ``d``, ``skips``); returns ``(table``
-    ``[A; B]`` in ``table_dtype``, the direction the statistics were taken with (``d`` before the
-    step), ``updated_E)``."""
+    ``[A; B; d]`` in ``table_dtype`` (``d`` after the step), the direction the statistics were
+    taken with (``d`` before the step), ``updated_E)``."""
     experts, hidden = vectors_EH.shape
     stats_EW = stats[:experts]
     updated_E1, nonfinite_E1 = F.ema_masks_E1(stats_EW)
@@ -81,7 +82,7 @@ def fit_update_reference(vectors_EH: torch.Tensor, fit_EC: torch.Tensor, q_H: to
     a_EH, b_EH = line_tables(vectors_EH, fit_EC)
     d_used = d_H.clone()
     direction_step_(q_H, d_H, stats[experts], beta_fit)
-    return torch.cat([a_EH, b_EH]).to(table_dtype), d_used, updated_E1.squeeze(-1)
+    return torch.cat([a_EH, b_EH, d_H[None]]).to(table_dtype), d_used, updated_E1.squeeze(-1)
 
 
 fit_update = torch.library.custom_op("default_moe::fit_update", mutates_args=("vectors_EH", "fit_EC", "q_H", "d_H",
@@ -91,10 +92,10 @@ fit_update = torch.library.custom_op("default_moe::fit_update", mutates_args=("v
 @fit_update.register_fake
 def _(vectors_EH, fit_EC, q_H, d_H, stats, beta, beta_fit, skips_E, table_dtype):
     experts, hidden = vectors_EH.shape
-    return (vectors_EH.new_empty(2 * experts, hidden, dtype=table_dtype), d_H.new_empty(hidden),
+    return (vectors_EH.new_empty(2 * experts + 1, hidden, dtype=table_dtype), d_H.new_empty(hidden),
             skips_E.new_empty(experts, dtype=torch.bool))  # fmt: skip
 
 
-def fit_tables(vectors_EH, fit_EC, dtype) -> torch.Tensor:
-    """``[A; B]`` of the current state (evaluation, step mode between updates; several kernels)."""
-    return torch.cat(line_tables(vectors_EH, fit_EC)).to(dtype)
+def fit_tables(vectors_EH, fit_EC, d_H, dtype) -> torch.Tensor:
+    """``[A; B; d]`` of the current state (evaluation, step mode between updates; several kernels)."""
+    return torch.cat([*line_tables(vectors_EH, fit_EC), d_H[None]]).to(dtype)

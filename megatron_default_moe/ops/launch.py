@@ -104,14 +104,15 @@ def default_weights_launches(logits_TE, probs_TE, selected_TE, score_function, r
 
 
 def default_weights_backward_launches(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise,
-                                      all_experts, scale, eps, base_TE=None):  # fmt: skip
+                                      all_experts, scale, eps, base_TE=None, s_T1=None):  # fmt: skip
     T, E = logits_TE.shape
     dz = torch.empty(T, E, dtype=logits_TE.dtype, device=logits_TE.device)
     base = dz if base_TE is None else base_TE.contiguous()
-    args = (grad_TE.contiguous(), logits_TE.contiguous(), probs_TE.contiguous(), selected_TE.contiguous(), base, dz,
-            E, scale, eps)  # fmt: skip
+    s = dz if s_T1 is None else s_T1.float().contiguous()  # unread without HAS_S
+    args = (grad_TE.contiguous(), s, logits_TE.contiguous(), probs_TE.contiguous(), selected_TE.contiguous(), base,
+            dz, E, scale, eps)  # fmt: skip
     flags = dict(SCORE=SCORES[score_function], RENORM=renormalise, ALL=all_experts, HAS_BASE=base_TE is not None,
-                 BLOCK_E=triton.next_power_of_2(E))  # fmt: skip
+                 HAS_S=s_T1 is not None, BLOCK_E=triton.next_power_of_2(E))  # fmt: skip
     return dz, [Launch(K._weights_bwd_kernel, (T,), args, flags)] if T else []
 
 
@@ -174,7 +175,7 @@ def fit_update_launches(vectors_EH, fit_EC, q_H, d_H, stats, beta, beta_fit, ski
     E, H = vectors_EH.shape
     for name, t in (("vectors_EH", vectors_EH), ("fit_EC", fit_EC), ("q_H", q_H), ("d_H", d_H), ("skips_E", skips_E)):
         _in_place(name, t)
-    table = torch.empty(2 * E, H, dtype=table_dtype, device=vectors_EH.device)
+    table = torch.empty(2 * E + 1, H, dtype=table_dtype, device=vectors_EH.device)
     d_used = torch.empty(H, dtype=torch.float32, device=vectors_EH.device)
     updated = torch.empty(E, dtype=torch.bool, device=vectors_EH.device)
     args = (vectors_EH, fit_EC, q_H, d_H, stats.contiguous(), table, d_used, updated, skips_E, H, E, 1.0 - beta,

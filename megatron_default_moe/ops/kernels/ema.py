@@ -159,15 +159,21 @@ def _weights_fwd_kernel(z_ptr, p_ptr, sel_ptr, w_ptr, E, scale, eps, SCORE: tl.c
 
 
 @triton.jit
-def _weights_bwd_kernel(g_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E, scale, eps, SCORE: tl.constexpr,
-                        RENORM: tl.constexpr, ALL: tl.constexpr, HAS_BASE: tl.constexpr,
+def _weights_bwd_kernel(g_ptr, s_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E, scale, eps, SCORE: tl.constexpr,
+                        RENORM: tl.constexpr, ALL: tl.constexpr, HAS_BASE: tl.constexpr, HAS_S: tl.constexpr,
                         BLOCK_E: tl.constexpr):  # fmt: skip
     offs = tl.arange(0, BLOCK_E)
     m = offs < E
-    idx = tl.program_id(0).to(tl.int64) * E + offs
+    t = tl.program_id(0).to(tl.int64)
+    idx = t * E + offs
     z = tl.load(z_ptr + idx, mask=m, other=0.0).to(tl.float32)
     f = _scores(z, m, SCORE)
-    df = tl.load(g_ptr + idx, mask=m, other=0.0) * _coefficient(f, m, p_ptr, sel_ptr, idx, scale, eps, RENORM, ALL)
+    if HAS_S:  # the shared-1 term's [T, 2E] gradient: g = g_A + s * g_B
+        g_row = g_ptr + t * 2 * E
+        g = tl.load(g_row + offs, mask=m, other=0.0) + tl.load(s_ptr + t) * tl.load(g_row + E + offs, mask=m, other=0.0)
+    else:
+        g = tl.load(g_ptr + idx, mask=m, other=0.0)
+    df = g * _coefficient(f, m, p_ptr, sel_ptr, idx, scale, eps, RENORM, ALL)
     if SCORE == 0:
         dz = f * (df - tl.sum(tl.where(m, f * df, 0.0), axis=0))
     elif SCORE == 1:

@@ -16,7 +16,7 @@ def _fit_update_kernel(vec_ptr, fit_ptr, q_ptr, d_ptr, stats_ptr, table_ptr, dus
     """Program ``e < E``: expert ``e``'s two EMAs (``ema_update``'s rule over its ``2H + 3``
     statistics; the fit's row the same width, its last value the moments' weight) and its line
     ``A_e``, ``B_e`` into the table; program ``E``: the power step of
-    ``q`` and the new ``d``; see ``ops.fit.fit_update_reference``."""
+    ``q`` and the new ``d`` (also the table's row ``2E``); see ``ops.fit.fit_update_reference``."""
     e = tl.program_id(0)
     W = 2 * H + 3
     if e < E:
@@ -96,4 +96,6 @@ def _fit_update_kernel(vec_ptr, fit_ptr, q_ptr, d_ptr, stats_ptr, table_ptr, dus
         for h0 in range(0, H, BLOCK_H):
             h = h0 + tl.arange(0, BLOCK_H)
             m = h < H
-            tl.store(d_ptr + h, tl.load(q_ptr + h, mask=m, other=0.0) / norm, mask=m)
+            d = tl.load(q_ptr + h, mask=m, other=0.0) / norm
+            tl.store(d_ptr + h, d, mask=m)
+            tl.store(table_ptr + 2 * E * H + h, d.to(table_ptr.dtype.element_ty), mask=m)  # the table's row 2E

@@ -297,6 +297,10 @@ TRITON_CHECK = textwrap.dedent(
                 ref = fused.default_weights_backward(g2[:, :12] + s_T1 * g2[:, 12:], z, probs, sel, *opts, base)
                 torch.testing.assert_close(got.float(), ref.float(), **tol)
                 torch.testing.assert_close(fused.default_weights_backward(g2, z, probs, sel, *opts, base, s_T1), ref)
+                g2 = g2.bfloat16()  # the term hands [g_A | g_B] over in the activations' dtype
+                got = K.default_weights_backward(g2, z, probs, sel, *opts, base, s_T1)
+                ref = fused.default_weights_backward(g2.float(), z, probs, sel, *opts, base, s_T1)
+                torch.testing.assert_close(got.float(), ref.float(), **tol)
                 got = K.default_weights(z, probs, sel, *opts, torch.bfloat16)  # written in the reader's dtype
                 assert got.dtype == torch.bfloat16
                 torch.testing.assert_close(got.float(), fused.default_weights(z, probs, sel, *opts).float(),

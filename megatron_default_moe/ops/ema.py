@@ -178,10 +178,11 @@ def default_weights_backward_reference(
     the prob is 0, then the score function's backward (scores recomputed, nothing extra saved),
     plus ``base_TE`` (the logits' other gradient: Megatron's routing) in the same pass. With the
     ``shared-1`` coordinates ``s_T1`` (fp32 ``[T, 1]``), ``grad_TE`` is the term's ``[T, 2E]``
-    ``[g_A | g_B]`` and ``g = g_A + s ⊙ g_B`` is formed here, not in a pass of its own."""
+    ``[g_A | g_B]`` (in any float dtype) and ``g = g_A + s ⊙ g_B`` is formed here in fp32, not in
+    a pass of its own."""
     if s_T1 is not None:
         experts = logits_TE.shape[1]
-        grad_TE = torch.addcmul(grad_TE[:, :experts], s_T1, grad_TE[:, experts:])
+        grad_TE = torch.addcmul(grad_TE[:, :experts].float(), s_T1.float(), grad_TE[:, experts:].float())
     f_TE = F.router_scores_TE(logits_TE, score_function)
     normaliser = "all" if all_experts else "selected"
     c_over_n = F.default_scale_T1(f_TE, selected_TE, scale, renormalise, eps, normaliser)

@@ -170,9 +170,10 @@ def _weights_bwd_kernel(g_ptr, s_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E
     f = _scores(z, m, SCORE)
     if HAS_S:  # the shared-1 term's [T, 2E] gradient: g = g_A + s * g_B
         g_row = g_ptr + t * 2 * E
-        g = tl.load(g_row + offs, mask=m, other=0.0) + tl.load(s_ptr + t) * tl.load(g_row + E + offs, mask=m, other=0.0)
+        g_a = tl.load(g_row + offs, mask=m, other=0.0).to(tl.float32)
+        g = g_a + tl.load(s_ptr + t) * tl.load(g_row + E + offs, mask=m, other=0.0).to(tl.float32)
     else:
-        g = tl.load(g_ptr + idx, mask=m, other=0.0)
+        g = tl.load(g_ptr + idx, mask=m, other=0.0).to(tl.float32)
     df = g * _coefficient(f, m, p_ptr, sel_ptr, idx, scale, eps, RENORM, ALL)
     if SCORE == 0:
         dz = f * (df - tl.sum(tl.where(m, f * df, 0.0), axis=0))

@@ -153,8 +153,8 @@ class _DefaultTerm(torch.autograd.Function):
     backward passes ``dL/dy`` through and forms ``dL/dw = dL/dy @ Êᵀ`` (fp32), nothing to ``Ê``.
     With slopes ``B`` and coordinates ``s`` (``shared_fit``) the vectors are ``Ê + s_t B``, and the
     table is ``[Ê; B]`` (``2E`` rows): forward ``[w | s·w] @ [Ê; B]``, backward ``dL/dw = g_Ê +
-    s·g_B`` from one ``dL/dy @ [Ê; B]ᵀ`` (``dL/dy`` read once; a ``grad_sink`` gets ``[g_Ê | g_B]``, in
-    ``dL/dy``'s dtype, and ``s``, and forms the sum in fp32 in the pass it makes anyway).
+    s·g_B`` from one ``dL/dy @ [Ê; B]ᵀ`` (``dL/dy`` read once; a ``grad_sink`` gets ``[g_Ê | g_B]``,
+    bf16 when ``dL/dy`` is, and ``s``, and forms the sum in fp32 in the pass it makes anyway).
     ``dL/dw`` is ``w``'s gradient, or is handed to ``grad_sink`` (the layer: it then reaches the
     logits in the router's own backward pass, ``router.DefaultLogitGradient``); ``after`` is an
     input only so that pass runs after this one."""
@@ -176,10 +176,12 @@ class _DefaultTerm(torch.autograd.Function):
         table_KH, s_T1 = ctx.saved_tensors
         grad_w_TE = None
         if ctx.grad_sink is not None and s_T1 is not None:
-            # [g_A | g_B] in dL/dy's dtype (bf16 in bf16 training, as Megatron's own probs gradient;
-            # an fp32 [T, 2E] would outlive the experts' backward at twice [T, E]'s memory); the
-            # sink forms g_A + s g_B in fp32 in the pass it makes anyway
-            ctx.grad_sink(grad_TH @ table_KH.t(), s_T1)
+            # [g_A | g_B] in bf16 in bf16 training (as Megatron's own probs gradient; an fp32
+            # [T, 2E] would outlive the experts' backward at twice [T, E]'s memory), else fp32 (fp16
+            # would overflow under loss scaling before fp32 does); the sink forms g_A + s g_B in
+            # fp32 in the pass it makes anyway
+            bf16 = grad_TH.dtype == torch.bfloat16
+            ctx.grad_sink(grad_TH @ table_KH.t() if bf16 else mm_fp32(grad_TH, table_KH.t()), s_T1)
             return grad_TH, None, None, None, None, None, None
         if ctx.grad_sink is not None or ctx.needs_input_grad[1]:
             grad_w_TE = mm_fp32(grad_TH, table_KH.t())

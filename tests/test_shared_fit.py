@@ -240,7 +240,7 @@ def test_fit_rejects_what_it_cannot_run():
         DefaultMoELayer(config, moe_submodules(8), dm_config=DefaultMoEConfig(probes="auto", fit="shared-1"))
 
 
-def test_the_next_pass_reads_the_direction_the_update_wrote():
+def test_the_next_pass_reads_the_direction_the_update_wrote(monkeypatch):
     """``fit_update`` writes the new ``d`` as its table's last row (the term gets ``[A; B]`` only);
     the next pass's coordinates take that row, the cast of the buffer bit for bit, and a buffer
     changed since (a load, a user's write) is cast afresh."""
@@ -258,10 +258,7 @@ def test_the_next_pass_reads_the_direction_the_update_wrote():
         d_H.copy_(FO.unit(torch.randn(16)))
     assert torch.equal(layer.fit.direction_as(layer, x.dtype), d_H)
     d_set = d_H.clone()  # the update of the next step moves the buffer
-    F.add_default_term = lambda *a, **k: seen.update(k, table=a[2]) or add(*a, **k)
-    try:
-        step(layer, x, torch.randn(6, 2, 16))
-    finally:
-        F.add_default_term = add
+    monkeypatch.setattr(F, "add_default_term", lambda *a, **k: seen.update(k, table=a[2]) or add(*a, **k))
+    step(layer, x, torch.randn(6, 2, 16))
     assert seen["table"].shape == (2 * 8, 16)
     torch.testing.assert_close(seen["s_T1"], x.reshape(-1, 16) @ d_set[:, None])

@@ -15,8 +15,9 @@ A CPU cannot time what a GPU pays: there the expert matmuls dwarf every extra me
    read counts once) and written (outputs; in-place ops write their mutated argument, ``index_copy_`` /
    ``index_add_`` only its indexed rows: the source's size; ``index_select`` reads the rows it
    gathers, its output's size, not its whole source; ``probe_exclude`` / ``probe_zero`` the
-   candidate rows they read and zero (and, with ``--fit shared-1``, read of the expert input),
-   ``probe_draw`` the rows of its strata's tokens), matmul FLOPs
+   candidate rows they read and zero (and, with ``--fit shared-1``, read of the expert input, as
+   ``probe_coordinates``),
+   ``probe_draw`` the rows of its strata's tokens, ``probe_add`` those of the weights), matmul FLOPs
    (``2 M N K`` for mm / addmm / bmm / baddbmm / mv / dot / _grouped_mm), and one kernel per call.
    View and metadata ops (``FREE_OPS`` and every op whose schema says it is a view) cost 0 bytes
    and 0 kernels; allocations (``empty*``) cost no kernel. Elementwise FLOPs are left out (those
@@ -283,8 +284,13 @@ class CostMode(TorchDispatchMode):
             if line_input is not None:
                 reads = [t for t in reads if t is not line_input]
                 rows_in = tensor_bytes(line_input) * named["rows_B"].numel() // max(line_input.shape[0], 1)
-        if name == "probe_draw":  # the strata's tokens' rows of the weights (or blocked pairs) and routing map
-            big = [named["weights_TE"], named["routing_map_TE"]]
+        if name == "probe_coordinates":  # the candidate rows of the expert input, read only
+            line_input = named["in_RH"]
+            reads = [t for t in reads if t is not line_input]
+            rows_in = tensor_bytes(line_input) * named["rows_B"].numel() // max(line_input.shape[0], 1)
+        if name in ("probe_draw", "probe_add"):  # the strata's tokens' rows of the weights (or blocked pairs)
+            # and, for the draw alone, of the routing map (probe_add reads and copies all of it)
+            big = [named["weights_TE"]] + ([named["routing_map_TE"]] if name == "probe_draw" else [])
             reads = [t for t in reads if not any(t is b for b in big)]
             rows = sum(tensor_bytes(t) for t in big) * named["strata_B4"].shape[0] // max(big[0].shape[0], 1)
         if name in INDEXED_WRITES:  # only the indexed rows of the destination: the source's size
@@ -294,7 +300,7 @@ class CostMode(TorchDispatchMode):
         self.ops.append(dict(
             op=name, phase=phase, region=region, ours=ours, where=where,
             bytes_read=sum(tensor_bytes(t) for t in reads) + rows + rows_in,
-            bytes_written=sum(tensor_bytes(t) for t in written) + (rows if name != "probe_draw" else 0),
+            bytes_written=sum(tensor_bytes(t) for t in written) + (0 if name in ("probe_draw", "probe_add") else rows),
             flops=matmul_flops(name, args, outs[0]) if outs else 0,
             kernels=1, sync=is_sync(func, args, kwargs),
         ))  # fmt: skip

@@ -21,6 +21,8 @@ pre-drop top-K, and ``c`` the top-k scaling factor. Forward of one layer, as the
    reaches the logits in the same pass as Megatron's own logits gradient (``router``).
 """
 
+from typing import NamedTuple, Optional
+
 import torch
 
 EMA_WEIGHTINGS = ("uniform", "router")
@@ -50,6 +52,23 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (NotImplementedError, RuntimeError):
             pass
     return a.float() @ b.float()
+
+
+class Coordinates(NamedTuple):
+    """The ``shared-1`` term's ``s = x · d`` kept as its factors (``d`` in ``x``'s dtype), formed
+    where it is read: in backward-only mode with a grad sink, inside the router's one backward op,
+    from the ``x`` Megatron's router GEMM keeps for its own backward anyway (no pass over ``x`` in
+    the forward, no ``[T, 1]`` kept); ``s_T1`` once formed here (forward mode, metrics)."""
+
+    x_TH: torch.Tensor
+    d_H: torch.Tensor
+    s_T1: Optional[torch.Tensor] = None
+
+    def formed(self) -> "Coordinates":
+        """With ``s_T1`` (fp32 ``[T, 1]``, one GEMV)."""
+        if self.s_T1 is not None:
+            return self
+        return self._replace(s_T1=mm_fp32(self.x_TH.reshape(-1, self.x_TH.shape[-1]), self.d_H[:, None]))
 
 
 def renormalises(score_function: str, pre_softmax: bool, topk: int) -> bool:
@@ -137,75 +156,82 @@ def ema_masks_E1(stats_EW1: torch.Tensor):
     return has_tokens_E1 & finite_E1, has_tokens_E1 > finite_E1  # > : tokens, not finite
 
 
-def default_term_TH(weights_TE, defaults_snapshot_EH, s_T1=None) -> torch.Tensor:
-    """``Σ_{i∈D_t} w_{t,i} sg(V_{t,i})``, ``V = Ê``, or with coordinates ``s_T1`` (``shared_fit``)
+def default_term_TH(weights_TE, defaults_snapshot_EH, coordinates: Optional[Coordinates] = None) -> torch.Tensor:
+    """``Σ_{i∈D_t} w_{t,i} sg(V_{t,i})``, ``V = Ê``, or with ``coordinates`` (``shared_fit``)
     ``A + s_t B`` from the stacked table ``[A; B]``, on its own (metrics and references; the layer
     fuses it)."""
     table_KH = defaults_snapshot_EH.detach().to(weights_TE.dtype)
-    if s_T1 is None:
+    if coordinates is None:
         return weights_TE @ table_KH
-    experts = weights_TE.shape[1]
+    experts, s_T1 = weights_TE.shape[1], coordinates.formed().s_T1
     return weights_TE @ table_KH[:experts] + s_T1.to(weights_TE.dtype) * (weights_TE @ table_KH[experts:])
 
 
 class _DefaultTerm(torch.autograd.Function):
     """``y + w @ Ê`` in one ``addmm`` (forward mode) or ``y`` itself (backward-only); either way the
     backward passes ``dL/dy`` through and forms ``dL/dw = dL/dy @ Êᵀ`` (fp32), nothing to ``Ê``.
-    With slopes ``B`` and coordinates ``s`` (``shared_fit``) the vectors are ``Ê + s_t B``, and the
-    table is ``[Ê; B]`` (``2E`` rows): forward ``[w | s·w] @ [Ê; B]``, backward ``dL/dw = g_Ê +
-    s·g_B`` from one ``dL/dy @ [Ê; B]ᵀ`` (``dL/dy`` read once; a ``grad_sink`` gets ``[g_Ê | g_B]``,
-    bf16 when ``dL/dy`` is, and ``s``, and forms the sum in fp32 in the pass it makes anyway).
-    ``dL/dw`` is ``w``'s gradient, or is handed to ``grad_sink`` (the layer: it then reaches the
-    logits in the router's own backward pass, ``router.DefaultLogitGradient``); ``after`` is an
-    input only so that pass runs after this one."""
+    With slopes ``B`` and coordinates ``s = x · d`` (``shared_fit``) the vectors are ``Ê + s_t B``,
+    and the table is ``[Ê; B]`` (``2E`` rows): forward ``[w | s·w] @ [Ê; B]``, backward ``dL/dw =
+    g_Ê + s·g_B`` from one ``dL/dy @ [Ê; B]ᵀ`` (``dL/dy`` read once; a ``grad_sink`` gets ``[g_Ê |
+    g_B]``, bf16 when ``dL/dy`` is, and the coordinates, and forms ``s`` and the sum in fp32 in the
+    pass it makes anyway). ``dL/dw`` is ``w``'s gradient, or is handed to ``grad_sink`` (the layer:
+    it then reaches the logits in the router's own backward pass, ``router.DefaultLogitGradient``);
+    ``after`` is an input only so that pass runs after this one."""
 
     @staticmethod
-    def forward(ctx, y_TH, weights_TE, table_KH, add_to_forward, grad_sink, after, s_T1):
-        ctx.save_for_backward(table_KH, s_T1)
+    def forward(ctx, y_TH, weights_TE, table_KH, add_to_forward, grad_sink, after, coordinates):
+        ctx.save_for_backward(table_KH, *(coordinates or ()))  # x is Megatron's router's saved input
+        ctx.line = coordinates is not None
         ctx.grad_sink = grad_sink
         ctx.weights_dtype = None if weights_TE is None else weights_TE.dtype
         if add_to_forward:
             w_TK = weights_TE.to(y_TH.dtype)
-            if s_T1 is not None:
-                w_TK = torch.cat([w_TK, w_TK * s_T1.to(y_TH.dtype)], dim=1)
+            if coordinates is not None:
+                w_TK = torch.cat([w_TK, w_TK * coordinates.s_T1.to(y_TH.dtype)], dim=1)
             return torch.addmm(y_TH, w_TK, table_KH)
         return y_TH  # returned as is, like Megatron's MoEAuxLossAutoScaler: no kernel
 
     @staticmethod
     def backward(ctx, grad_TH):
-        table_KH, s_T1 = ctx.saved_tensors
-        grad_w_TE = None
-        if ctx.grad_sink is not None and s_T1 is not None:
+        table_KH, *line = ctx.saved_tensors
+        coordinates = Coordinates(*line) if ctx.line else None
+        grad_w_TE, none = None, (None,) * 6
+        if ctx.grad_sink is not None and coordinates is not None:
             # [g_A | g_B] in bf16 in bf16 training (as Megatron's own probs gradient; an fp32
             # [T, 2E] would outlive the experts' backward at twice [T, E]'s memory), else fp32 (fp16
             # would overflow under loss scaling before fp32 does); the sink forms g_A + s g_B in
             # fp32 in the pass it makes anyway
             bf16 = grad_TH.dtype == torch.bfloat16
-            ctx.grad_sink(grad_TH @ table_KH.t() if bf16 else mm_fp32(grad_TH, table_KH.t()), s_T1)
-            return grad_TH, None, None, None, None, None, None
+            ctx.grad_sink(grad_TH @ table_KH.t() if bf16 else mm_fp32(grad_TH, table_KH.t()), coordinates)
+            return grad_TH, *none
         if ctx.grad_sink is not None or ctx.needs_input_grad[1]:
             grad_w_TE = mm_fp32(grad_TH, table_KH.t())
         if ctx.grad_sink is not None:
             ctx.grad_sink(grad_w_TE)
-            return grad_TH, None, None, None, None, None, None
+            return grad_TH, *none
         if grad_w_TE is not None:
-            if s_T1 is not None:
-                experts = grad_w_TE.shape[1] // 2
+            if coordinates is not None:
+                experts, s_T1 = grad_w_TE.shape[1] // 2, coordinates.formed().s_T1
                 grad_w_TE = torch.addcmul(grad_w_TE[:, :experts], s_T1, grad_w_TE[:, experts:])
             grad_w_TE = grad_w_TE.to(ctx.weights_dtype)
         return grad_TH, grad_w_TE, None, None, None, None, None
 
 
-def add_default_term(y_TH, weights_TE, defaults_EH, mode: str, grad_sink=None, after=None, s_T1=None):
+def add_default_term(y_TH, weights_TE, defaults_EH, mode: str, grad_sink=None, after=None,
+                     coordinates: Optional[Coordinates] = None):  # fmt: skip
     """``y`` plus the default term ``w @ sg(Ê)`` (``forward``), or plus only its gradient
     (``backward-only``; the forward value is ``y`` bit for bit, and ``w`` may be None with a
     ``grad_sink``). ``defaults_EH`` should already be in ``y``'s dtype (the layer casts its fp32
-    snapshot once per pass), ``w`` too (then no cast). With coordinates ``s_T1`` (fp32 ``[T, 1]``,
-    ``shared_fit``) ``defaults`` is the stacked ``[A; B]`` ``[2E, H]`` of the vectors ``A + s_t B``."""
+    snapshot once per pass), ``w`` too (then no cast). With ``coordinates`` (``shared_fit``)
+    ``defaults`` is the stacked ``[A; B]`` ``[2E, H]`` of the vectors ``A + s_t B``; ``s`` is formed
+    here only in forward mode (backward-only: by the sink, or in the backward without one)."""
     if mode not in ("forward", "backward-only"):
         raise ValueError(f"mode must be 'forward' or 'backward-only' here, got {mode!r}")
     if weights_TE is None and (mode == "forward" or grad_sink is None):
         raise ValueError("the default term needs its weights in forward mode or without a grad_sink")
     table_KH = defaults_EH.detach().to(y_TH.dtype)
-    s_T1 = None if s_T1 is None else s_T1.detach().float()
-    return _DefaultTerm.apply(y_TH, weights_TE, table_KH, mode == "forward", grad_sink, after, s_T1)
+    if coordinates is not None:
+        x_TH, d_H, s_T1 = coordinates
+        coordinates = Coordinates(x_TH.detach(), d_H.detach(), None if s_T1 is None else s_T1.detach().float())
+        coordinates = coordinates.formed() if mode == "forward" else coordinates
+    return _DefaultTerm.apply(y_TH, weights_TE, table_KH, mode == "forward", grad_sink, after, coordinates)

@@ -67,7 +67,7 @@ class DefaultTermInputs:
     def __init__(self, logits_TE: torch.Tensor):
         self.logits_TE = logits_TE.detach()
         self.chosen_TE = self.selected_TE = self.options = None
-        self.grad_w_TE = self.s_T1 = None  # dL/dw (or [g_A | g_B] and s), from the default term's backward
+        self.grad_w_TE = self.coordinates = None  # dL/dw (or [g_A | g_B] and s's factors), from the term's backward
         self.track = False  # also measure the extra gradient's size (logged steps)
         self.extra_grad_ratio = None
 
@@ -77,21 +77,25 @@ class DefaultTermInputs:
         with torch.no_grad():
             return fused.default_weights(self.logits_TE, self.chosen_TE, self.selected_TE, *self.options, dtype)
 
-    def receive_grad(self, grad_w_TE: torch.Tensor, s_T1: torch.Tensor = None):
-        """``dL/dw``; with the ``shared-1`` coordinates ``s``, the term's ``[g_A | g_B]`` (``dL/dw =
-        g_A + s ⊙ g_B``, formed in ``logits_grad``'s one op)."""
-        self.grad_w_TE, self.s_T1 = grad_w_TE, s_T1
+    def receive_grad(self, grad_w_TE: torch.Tensor, coordinates: F.Coordinates = None):
+        """``dL/dw``; with the ``shared-1`` coordinates, the term's ``[g_A | g_B]`` (``dL/dw = g_A +
+        s ⊙ g_B``, ``s = x · d`` if not formed yet: both formed in ``logits_grad``'s one op)."""
+        self.grad_w_TE, self.coordinates = grad_w_TE, coordinates
 
     def logits_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """Megatron's logits gradient ``grad`` plus the default term's (one op)."""
-        (grad_w_TE, s_T1), self.grad_w_TE, self.s_T1 = (self.grad_w_TE, self.s_T1), None, None
+        (grad_w_TE, coordinates), self.grad_w_TE, self.coordinates = (self.grad_w_TE, self.coordinates), None, None
         if grad_w_TE is None:
             return grad
         grad_TE = grad.reshape(self.logits_TE.shape)
         args = (grad_w_TE, self.logits_TE, self.chosen_TE, self.selected_TE, *self.options)
+        line = ()
+        if coordinates is not None:
+            x_TH, d_H, s_T1 = coordinates
+            line = (s_T1,) if s_T1 is not None else (None, x_TH, d_H)
         if not self.track:
-            return fused.default_weights_backward(*args, grad_TE, s_T1).view(grad.shape)
-        extra_TE = fused.default_weights_backward(*args, None, s_T1)
+            return fused.default_weights_backward(*args, grad_TE, *line).view(grad.shape)
+        extra_TE = fused.default_weights_backward(*args, None, *line)
         # a device scalar: no host sync in the backward; analysis/metrics.py reads it at log time
         self.extra_grad_ratio = extra_TE.float().norm() / grad_TE.float().norm().clamp_min(1e-30)
         return (grad_TE + extra_TE).view(grad.shape)

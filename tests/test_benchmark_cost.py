@@ -219,8 +219,17 @@ def test_probes_rows_and_traffic(tmp_path):
     # and the direction in the activations' dtype from the last update's table (no cast)
     assert "--moe-default-fit shared-1" in text
     ours = [o for o in r["extra_ops"] if o["ours"]]
-    assert {(o["phase"], o["op"]) for o in ours} >= {("bwd", "default_weights_backward"), ("fwd", "fit_update")}
+    assert {(o["phase"], o["op"]) for o in ours} >= {("bwd", "default_weights_backward"), ("fwd", "fit_update"),
+                                                     ("fwd", "probe_add")}  # fmt: skip
     assert not [o for o in ours if o["op"] == "addcmul" or (o["op"] == "_to_copy" and "shared_fit" in o["where"])]
+    # the draw and both copies are one op (one kernel): no draw or index_put of their own
+    assert not [o for o in ours if o["op"] in ("probe_draw", "index_put", "index_put_")]
+    # the probe rows' coordinates in one op (no gather, no GEMV of their own); in this forward-mode
+    # layer the term's s = x·d is the one GEMV of the forward (backward-only: tests/test_functional.py)
+    assert ("fwd", "probe_coordinates") in {(o["phase"], o["op"]) for o in ours}
+    assert not [o for o in ours if o["op"] == "index_select"]
+    assert len([o for o in ours if o["phase"] == "fwd" and o["op"] == "mm"]) == 1
+    assert not [o for o in ours if o["phase"] == "bwd" and o["op"] == "zeros"]  # no gradient materialised
 
 
 def test_probe_budget_rule(bench):

@@ -301,6 +301,12 @@ TRITON_CHECK = textwrap.dedent(
                 got = K.default_weights_backward(g2, z, probs, sel, *opts, base, s_T1)
                 ref = fused.default_weights_backward(g2.float(), z, probs, sel, *opts, base, s_T1)
                 torch.testing.assert_close(got.float(), ref.float(), **tol)
+                x, d = torch.randn(37, 600).to(dtype), torch.randn(600).to(dtype)  # s = x·d formed in the op
+                got = K.default_weights_backward(g2, z, probs, sel, *opts, base, None, x, d)
+                ref = fused.default_weights_backward(g2, z, probs, sel, *opts, base, x.float() @ d.float()[:, None])
+                torch.testing.assert_close(got.float(), ref.float(), **tol)
+                torch.testing.assert_close(fused.default_weights_backward(g2, z, probs, sel, *opts, base, None, x, d),
+                                           ref)  # fmt: skip
                 got = K.default_weights(z, probs, sel, *opts, torch.bfloat16)  # written in the reader's dtype
                 assert got.dtype == torch.bfloat16
                 torch.testing.assert_close(got.float(), fused.default_weights(z, probs, sel, *opts).float(),
@@ -317,7 +323,7 @@ def test_triton_kernels_match_references_in_the_interpreter():
 
 PROBE_DRAW_CHECK = textwrap.dedent("""
 import torch
-from megatron_default_moe.ops import probes as D
+from megatron_default_moe.ops import probe_draw as D
 from megatron_default_moe.ops import launch as TL
 from megatron_default_moe.ops.strata import TokenLayout, probe_strata
 checked = 0
@@ -348,6 +354,55 @@ for (S, B), E, m, layout in (((64, 1), 8, 1, TokenLayout()), ((30, 10), 16, 8, T
                 checked += 1
 print("CHECKED", checked)
 """)
+
+
+PROBE_ADD_CHECK = textwrap.dedent("""
+import torch
+from megatron_default_moe.ops import probe_draw as D
+from megatron_default_moe.ops import launch as TL
+from megatron_default_moe.ops.strata import TokenLayout, probe_strata
+checked = 0
+for (S, B), E, m, layout in (((64, 1), 8, 1, TokenLayout()), ((30, 10), 16, 8, TokenLayout(1, 1, 2, 1, 2)),
+                             ((25, 2), 160, 1, TokenLayout(3, 0, 1, 0, 1)), ((12, 3), 3, 20, TokenLayout(0, 1, 3))):
+    strata = torch.tensor(probe_strata(layout, S, B, m)).view(-1, 4)
+    T = S * B
+    for weighted, pdtype, seed in ((False, torch.float32, 7), (True, torch.bfloat16, 2**63 - 5)):
+        gen = torch.Generator().manual_seed(seed % 1000 + T)
+        w = torch.rand(T, E, generator=gen)
+        routed = torch.rand(T, E, generator=gen) < 0.3
+        w[routed] = 0
+        w[::7] = 0  # padding tokens: fillers
+        w = w if weighted else w == 0
+        probs = torch.where(routed, torch.rand(T, E, generator=gen), 0.0).to(pdtype)
+        got = TL.probe_add(probs, routed, w, strata, m, B, seed, weighted)
+        draw = TL.probe_draw(w, routed, strata, m, B, seed, weighted)
+        for a, b in zip(got[2:], draw):  # the same draw as the draw's own kernel
+            assert torch.equal(a, b), (T, E, seed)
+        pair = (got[2], got[3])  # the copies: every row, each drawn pair set
+        want = probs.index_put(pair, got[4].to(pdtype))
+        if pdtype == torch.float32:
+            assert torch.equal(got[0], want), (T, E, m)
+        else:  # the interpreter casts to bf16 by truncation, CUDA to nearest: the pairs' probs within 1 ulp
+            set_ = torch.zeros_like(routed).index_put(pair, torch.ones_like(got[2], dtype=torch.bool))
+            assert torch.equal(got[0][~set_], want[~set_]), (T, E, m)
+            torch.testing.assert_close(got[0].float(), want.float(), rtol=2**-7, atol=0)
+        assert torch.equal(got[1], routed.index_put(pair, torch.ones_like(got[2], dtype=torch.bool))), (T, E, m)
+        ref = D.probe_add_reference(probs, routed, w, strata, m, B, seed, weighted)
+        assert torch.equal(got[2], ref[2])
+        if not weighted:
+            for a, b in zip(got, ref):
+                assert torch.equal(a, b)
+        checked += 1
+print("CHECKED", checked)
+""")
+
+
+def test_probe_add_kernel_matches_its_reference_in_the_interpreter():
+    """``probe_add``'s one kernel: the draw its own kernel makes, and whole copies of the probs
+    (fp32, bf16) and routing map with each pair set, over strata cut by sequence- and
+    context-parallel boundaries, strata longer than a program's block of positions, and fillers;
+    bit for bit against ``probe_add_reference`` on uniform draws."""
+    interpret(PROBE_ADD_CHECK, checked=8, timeout=600)
 
 
 def test_probe_draw_kernel_matches_its_reference_in_the_interpreter():
@@ -382,6 +437,13 @@ for counts, hidden, max_rows, first, E in (([7, 0, 13, 21], 24, 16, 2, 8), ([40]
                 in_RH = torch.randn(rows, hidden, generator=gen).to(dtype)
             counts_L = torch.tensor(counts)
             ref_out, got_out = out.clone(), out.clone()
+            if line:  # the probe rows' coordinates in one op: 0 at the other candidates
+                d_H = torch.randn(hidden, generator=gen).to(dtype)
+                want = torch.where(p_B < 0, (in_RH[rows_B].float() @ d_H.float()), 0.0)
+                for coords in (D.probe_coordinates_reference, TL.probe_coordinates):
+                    got_s = coords(in_RH, rows_B, p_B, d_H)
+                    assert got_s.dtype == torch.float32 and torch.equal(got_s == 0, want == 0)
+                    torch.testing.assert_close(got_s, want, rtol=1e-5, atol=1e-4)
             ref = D.probe_exclude_reference(ref_out, rows_B, p_B, counts_L, first, E, count_rows, s_B, in_RH)
             got = TL.probe_exclude(got_out, rows_B, p_B, counts_L, first, E, count_rows, s_B, in_RH)
             assert got.shape == ref.shape == ((E + 1, 2 * hidden + 3) if line else (E, hidden + 1))
@@ -454,6 +516,7 @@ def test_fit_update_kernel_matches_its_reference_in_the_interpreter():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the probes' Triton kernels on a GPU")
 def test_cuda_probe_ops_match_their_references():
+    from megatron_default_moe.ops import probe_draw as DD
     from megatron_default_moe.ops import probes as D
     from megatron_default_moe.ops.strata import TokenLayout, probe_strata
 
@@ -464,8 +527,13 @@ def test_cuda_probe_ops_match_their_references():
     w[routed] = 0
     strata = torch.tensor(probe_strata(TokenLayout(1, 1, 2, 0, 2), 4096, 4, 64), device=dev).view(-1, 4)
     for seed in (1, 2**62 + 3):
-        got = D.probe_draw(w == 0, routed, strata, 64, 4, seed, False)
-        ref = D.probe_draw_reference(w == 0, routed, strata, 64, 4, seed, False)
+        got = DD.probe_draw(w == 0, routed, strata, 64, 4, seed, False)
+        ref = DD.probe_draw_reference(w == 0, routed, strata, 64, 4, seed, False)
+        for g, r in zip(got, ref):
+            assert torch.equal(g, r)
+        probs = torch.where(routed, torch.rand(w.shape, device=dev, generator=gen), 0.0)  # the draw and both copies
+        got = DD.probe_add(probs, routed, w == 0, strata, 64, 4, seed, False)
+        ref = DD.probe_add_reference(probs, routed, w == 0, strata, 64, 4, seed, False)
         for g, r in zip(got, ref):
             assert torch.equal(g, r)
     out = torch.randn(20000, 2048, device=dev, generator=gen).bfloat16()
@@ -487,6 +555,10 @@ def test_cuda_probe_ops_match_their_references():
     got = D.probe_exclude(got_out, rows, p_B, counts, 16, 128, True, s_B, in_RH)
     ref = D.probe_exclude_reference(ref_out, rows, p_B, counts, 16, 128, True, s_B, in_RH)
     assert torch.equal(got_out, ref_out) and got.shape == ref.shape == (129, 2 * 2048 + 3)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
+    d_H = torch.randn(2048, device=dev, generator=gen).bfloat16()  # the probe rows' coordinates
+    got = D.probe_coordinates(in_RH.bfloat16(), rows, p_B, d_H)
+    ref = D.probe_coordinates_reference(in_RH.bfloat16(), rows, p_B, d_H)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
 
 
@@ -564,6 +636,10 @@ def test_cuda_ops_match_their_references():
         got = fused.default_weights_backward(g2, z, probs, sel, *opts, 2 * g, s_T1)
         ref = fused.default_weights_backward_reference(g2, z, probs, sel, *opts, 2 * g, s_T1)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+        x, d = torch.randn(4096, 2048, device=dev).bfloat16(), torch.randn(2048, device=dev).bfloat16()  # s = x·d
+        got = fused.default_weights_backward(g2.bfloat16(), z, probs, sel, *opts, 2 * g, None, x, d)
+        ref = fused.default_weights_backward_reference(g2.bfloat16(), z, probs, sel, *opts, 2 * g, None, x, d)
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-5)
         got = fused.default_weights(z, probs, sel, *opts, torch.bfloat16)
         ref = fused.default_weights_reference(z, probs, sel, *opts, torch.bfloat16)
         assert got.dtype == torch.bfloat16

@@ -16,7 +16,7 @@ from test_routers import FAMILIES
 
 from megatron_default_moe import DefaultMoEConfig, DefaultMoELayer
 from megatron_default_moe.estimators import probes as P
-from megatron_default_moe.ops import probes as D
+from megatron_default_moe.ops import probe_draw as D
 from megatron_default_moe.ops.strata import TokenLayout, probe_strata
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")

@@ -106,14 +106,14 @@ def input_row(x_NH, d_H):
 def test_term_and_its_gradient_follow_the_line(mode):
     torch.manual_seed(2)
     y, w = torch.randn(7, 4), torch.rand(7, 3)
-    a, b, s = torch.randn(3, 4), torch.randn(3, 4), torch.randn(7, 1)
-    g = torch.randn(7, 4)
+    a, b, x, d = torch.randn(3, 4), torch.randn(3, 4), torch.randn(7, 5), torch.randn(5)
+    s, g = x @ d[:, None], torch.randn(7, 4)
     w_ref = w.clone().requires_grad_()
     (y + w_ref @ a + s * (w_ref @ b)).backward(g)
     w_got = w.clone().requires_grad_()
-    out = F.add_default_term(y, w_got, torch.cat([a, b]), mode, s_T1=s)
+    out = F.add_default_term(y, w_got, torch.cat([a, b]), mode, coordinates=F.Coordinates(x, d))
     out.backward(g)
-    expected = y + F.default_term_TH(w, torch.cat([a, b]), s) if mode == "forward" else y
+    expected = y + F.default_term_TH(w, torch.cat([a, b]), F.Coordinates(x, d)) if mode == "forward" else y
     torch.testing.assert_close(out.detach(), expected)
     torch.testing.assert_close(w_got.grad, w_ref.grad)
 
@@ -151,7 +151,7 @@ def test_tables_follow_the_drawn_unchosen_pairs_and_the_term_uses_them(monkeypat
     torch.testing.assert_close(layer.default_direction_unit, FO.unit(layer.default_direction))
     a_EH, b_EH = FO.line_tables(layer.default_vectors, layer.default_fit)
     torch.testing.assert_close(seen["table"], torch.cat([a_EH, b_EH]))
-    torch.testing.assert_close(seen["s_T1"], (x_TH @ d0)[:, None])
+    torch.testing.assert_close(seen["coordinates"].formed().s_T1, (x_TH @ d0)[:, None])
     assert b_EH.abs().sum() > 0
 
 
@@ -261,4 +261,4 @@ def test_the_next_pass_reads_the_direction_the_update_wrote(monkeypatch):
     monkeypatch.setattr(F, "add_default_term", lambda *a, **k: seen.update(k, table=a[2]) or add(*a, **k))
     step(layer, x, torch.randn(6, 2, 16))
     assert seen["table"].shape == (2 * 8, 16)
-    torch.testing.assert_close(seen["s_T1"], x.reshape(-1, 16) @ d_set[:, None])
+    torch.testing.assert_close(seen["coordinates"].formed().s_T1, x.reshape(-1, 16) @ d_set[:, None])

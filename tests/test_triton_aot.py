@@ -8,11 +8,11 @@ attributes come from Triton's own binder, the code ``kernel[grid](...)`` runs be
 what is compiled here is what the launchers launch.
 
 Cases, for each of sm_80, sm_90 and sm_100: the full cross product of every constexpr combination
-(``UNIFORM``, ``COUNT_ROWS``, ``SCORE`` 0/1/2, ``RENORM``, ``ALL``, ``HAS_BASE``, ``HAS_S``) with every dtype
+(``UNIFORM``, ``COUNT_ROWS``, ``SCORE`` 0/1/2, ``RENORM``, ``ALL``, ``HAS_BASE``, ``HAS_S``, ``X_DOT``) with every dtype
 (bf16, fp16, fp32) of the expert output / the probs / the router logits / the written weights / the
 snapshot; the other inputs' dtypes (probs or routing map beside the logits, ``BLOCK_L``) and the
 integer specialisations (1, multiples of 16, others) take turns over the cases. Identical
-specialisations compile once: 954 (318 per architecture), in two worker processes (before
+specialisations compile once: 1197 (399 per architecture), in two worker processes (before
 ``HAS_S``, 666 of them took 62 s wall, 70 s of CPU in the workers, on an otherwise idle 2-core
 machine).
 """
@@ -58,12 +58,16 @@ def _weights(logits_dtype, out_dtype, score, renorm_all, turn):
     return (logits, _chosen(logits, turn), sel, score, *renorm_all, 2.5, 1e-20, out)
 
 
-def _weights_backward(logits_dtype, score, renorm_all, has_base, has_s, turn):
+def _weights_backward(logits_dtype, score, renorm_all, has_base, line, turn):
+    """``line``: None, ``s`` (``HAS_S``: s given) or ``x`` (``X_DOT``: s = x·d formed in the kernel)."""
     logits = torch.zeros(16, (8, 128, 160)[turn % 3], dtype=logits_dtype)
     sel = torch.zeros(logits.shape, dtype=torch.bool)
     base = torch.zeros_like(logits) if has_base else None
-    grad, s = (torch.zeros(16, 2 * logits.shape[1]), torch.zeros(16, 1)) if has_s else (torch.zeros(logits.shape), None)
-    return (grad, logits, _chosen(logits, turn), sel, score, *renorm_all, 1.0, 0.0, base, s)
+    grad = torch.zeros(16, 2 * logits.shape[1]) if line else torch.zeros(logits.shape)
+    s = torch.zeros(16, 1) if line == "s" else None
+    xd = (torch.zeros(16, (2048, 1000)[turn % 2], dtype=DTYPES[turn % 3]),) if line == "x" else ()
+    xd += (torch.zeros(xd[0].shape[1], dtype=xd[0].dtype),) if xd else ()
+    return (grad, logits, _chosen(logits, turn), sel, score, *renorm_all, 1.0, 0.0, base, s, *xd)
 
 
 def _probe_draw(weights_dtype, weighted, turn):
@@ -75,12 +79,24 @@ def _probe_draw(weights_dtype, weighted, turn):
     return (weights, torch.zeros(tokens, experts, dtype=torch.bool), strata, m, stride, seed, weighted)
 
 
+def _probe_add(probs_dtype, weighted, turn):
+    draw = _probe_draw(probs_dtype, weighted, turn)
+    tokens, experts = draw[0].shape
+    return (torch.zeros(tokens, experts, dtype=probs_dtype), draw[1], *draw[:1], *draw[2:])
+
+
 def _probe_exclude(out_dtype, count_rows, line, turn):
     local, hidden = ((1, 1024), (16, 1000), (128, 2048))[turn % 3]
     out = torch.zeros(64, hidden, dtype=out_dtype)
     rows = torch.zeros(24, dtype=torch.long)
     extra = (torch.zeros(24), torch.zeros(64, hidden, dtype=out_dtype)) if line else ()  # shared-1: s_B, in_RH
     return (out, rows, torch.zeros(24), torch.ones(local, dtype=torch.long), 0, local + 8, count_rows, *extra)
+
+
+def _probe_coordinates(in_dtype, turn):
+    hidden = (1024, 1000, 2048)[turn % 3]
+    x = torch.zeros(64, hidden, dtype=in_dtype)
+    return (x, torch.zeros(24, dtype=torch.long), torch.zeros(24), torch.zeros(hidden, dtype=in_dtype))
 
 
 def _fit_update(table_dtype, turn):
@@ -104,14 +120,17 @@ def full_cases():
     for turn, (z, w, s, n) in enumerate(itertools.product(DTYPES, DTYPES, SCORE_FUNCTIONS, NORMALISERS)):
         cases.append(("default_weights", _weights(z, w, s, n, turn)))
     flags = (True, False)
-    for turn, (z, s, n, b, c) in enumerate(itertools.product(DTYPES, SCORE_FUNCTIONS, NORMALISERS, flags, flags)):
+    lines = (None, "s", "x")
+    for turn, (z, s, n, b, c) in enumerate(itertools.product(DTYPES, SCORE_FUNCTIONS, NORMALISERS, flags, lines)):
         cases.append(("default_weights_backward", _weights_backward(z, s, n, b, c, turn)))
     for turn, (w, weighted) in enumerate(itertools.product(DTYPES, (True, False))):
         cases.append(("probe_draw", _probe_draw(w, weighted, turn)))
+        cases.append(("probe_add", _probe_add(w, weighted, turn)))
     for turn, (o, c, line) in enumerate(itertools.product(DTYPES, (True, False), (False, True))):
         cases.append(("probe_exclude", _probe_exclude(o, c, line, turn)))
     cases += [("fit_update", _fit_update(d, turn)) for turn, d in enumerate(DTYPES)]
     cases += [("probe_zero", _probe_zero(d, turn)) for turn, d in enumerate(DTYPES)]
+    cases += [("probe_coordinates", _probe_coordinates(d, turn)) for turn, d in enumerate(DTYPES)]
     return cases
 
 

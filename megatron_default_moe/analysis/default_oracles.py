@@ -107,7 +107,7 @@ class _TokenDefaultTerm(torch.autograd.Function):
         return grad_TH, grad_w_TE, None, None, None, None
 
 
-def _token_term(v_TEH, y_TH, weights_TE, defaults_EH, mode, grad_sink=None, after=None, s_T1=None):
+def _token_term(v_TEH, y_TH, weights_TE, defaults_EH, mode, grad_sink=None, after=None, coordinates=None):
     """``add_default_term`` with ``V_TEH`` for the layer's whole default (a ``shared-1`` line too)."""
     return _TokenDefaultTerm.apply(y_TH, weights_TE, v_TEH, mode == "forward", grad_sink, after)
 

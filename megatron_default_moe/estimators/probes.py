@@ -29,14 +29,8 @@ import logging
 
 import torch
 
-from megatron_default_moe.ops.probes import (  # noqa: F401
-    PROBE_DRAWS,
-    PROBE_PROB,
-    draw_probes,
-    probe_exclude,
-    probe_seed,
-    probe_zero,
-)
+from megatron_default_moe.ops.probe_draw import PROBE_DRAWS, PROBE_PROB, add_probes, probe_seed  # noqa: F401
+from megatron_default_moe.ops.probes import probe_exclude, probe_zero
 from megatron_default_moe.ops.strata import TokenLayout, max_strata, probe_strata, stratum_size
 from megatron_default_moe.estimators.base import Estimator
 from megatron_default_moe.estimators.routed_rows import counts_on
@@ -49,29 +43,6 @@ def auto_probe_budget(num_experts: int, token_sets: int) -> int:
     """The budget per rank of ``--moe-default-probes auto``: ``ceil(16 E / token sets)``, about 16
     probes per expert and micro-batch once the stage's ranks are summed (at least 1)."""
     return max(1, -(-PROBE_SAMPLES_PER_EXPERT * int(num_experts) // max(int(token_sets), 1)))
-
-
-class _WithProbeProbs(torch.autograd.Function):
-    """``probs_TE`` with the probes' probs written in. The gradient passes through unchanged: at a
-    probe pair it is the expert's, 0 (its output row's gradient is zeroed), and Megatron's router
-    reads only its selected pairs' gradient (a scatter's backward), so no ``[T, E]`` pass is spent
-    on zeroing it."""
-
-    @staticmethod
-    def forward(ctx, probs_TE, tokens_B, experts_B, probs_B):
-        return probs_TE.index_put((tokens_B, experts_B), probs_B.to(probs_TE.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_TE):
-        return grad_TE, None, None, None
-
-
-def add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B, true_B):
-    """What the dispatcher gets: the probe pairs routed with their negative probs (constants: the
-    router's gradient at those pairs stays the stock one, zero). ``true_B``: ``B`` ``True``s, kept
-    by the caller across micro-batches."""
-    routing_map_TE = routing_map_TE.index_put((tokens_B, experts_B), true_B)
-    return _WithProbeProbs.apply(probs_TE, tokens_B, experts_B, probs_B), routing_map_TE
 
 
 def probe_rows(probs_R: torch.Tensor, max_rows: int):
@@ -127,7 +98,7 @@ class ProbeSampler:
         self.layout, self.token_set = layout or TokenLayout(), 0 if layout is not None else int(token_set)
         self.max_rows = self.budget * self.sources  # set per shape by ``add``
         self.last_probes = None  # the last draw: (tokens_B, experts_B, probs_B) and [T, E]
-        self._strata, self._true_B = {}, None  # per shape: (strata_B4, max_rows)
+        self._strata = {}  # per shape: (strata_B4, max_rows)
 
     def strata(self, tokens_shape, device):
         """``(strata_B4, m, batch)`` for a micro-batch of ``[S, b]`` tokens, and ``max_rows`` for
@@ -137,6 +108,8 @@ class ProbeSampler:
         key = (seq, batch, m, str(device))
         if key not in self._strata:
             rows = probe_strata(self.layout, seq, batch, m)
+            covered = sum(hi - lo for _, _, lo, hi in rows)  # add_probes' kernel copies the rows by strata
+            assert covered == seq * batch, f"the probes' strata hold {covered} of {seq * batch} token rows"
             strata_B4 = torch.tensor(rows, dtype=torch.int64, device=device).view(-1, 4)
             self._strata[key] = strata_B4, self.sources * max_strata(self.layout, seq, batch, m)
         strata_B4, self.max_rows = self._strata[key]
@@ -150,12 +123,10 @@ class ProbeSampler:
         seed = probe_seed(self.seed, counter, layer_number, self.token_set)
         strata_B4, m, stride = self.strata(tokens_shape or (routing_map_TE.shape[0], 1), routing_map_TE.device)
         weights_TE = term_inputs.weights() if self.draw == "weighted" else term_inputs.chosen_TE
-        tokens_B, experts_B, probs_B = draw_probes(weights_TE, routing_map_TE, strata_B4, m, stride, seed, self.draw)
-        self.last_probes = (tokens_B, experts_B, probs_B, tuple(routing_map_TE.shape))
-        if self._true_B is None or self._true_B.shape != probs_B.shape or self._true_B.device != probs_B.device:
-            self._true_B = torch.ones_like(probs_B, dtype=torch.bool)  # once per shape, not per micro-batch
-        added = add_probes(probs_TE, routing_map_TE, tokens_B, experts_B, probs_B, self._true_B)
-        return (*added, strata_B4.shape[0])
+        probs_TE, routing_map_TE, pairs = add_probes(probs_TE, routing_map_TE, weights_TE, strata_B4, m, stride, seed,
+                                                     self.draw)  # fmt: skip
+        self.last_probes = (*pairs, tuple(routing_map_TE.shape))
+        return probs_TE, routing_map_TE, strata_B4.shape[0]
 
     @property
     def last_probes_TE(self):
@@ -167,11 +138,11 @@ class ProbeSampler:
                 in_RH=None, coordinates=None):  # fmt: skip
         """``(out_RH`` with its probe rows zeroed (autograd-aware), the probes' ``[E, H+1]``)``: the
         statistics the vectors follow (the routed rows' are not taken). With ``coordinates``
-        (``rows_B -> s_B``) and the expert input ``in_RH``: the ``shared-1`` line's ``[E+1, 2H+3]``
+        (``(rows_B, p_B) -> s_B``) and the expert input ``in_RH``: the ``shared-1`` line's ``[E+1, 2H+3]``
         (``estimators/shared_fit.py``), in the same op."""
         rows_B, p_B = probe_rows(probs_R, self.max_rows)
         counts_L = counts_on(tokens_per_expert_L, out_RH.device)[0]
-        s_B = None if coordinates is None else coordinates(rows_B)
+        s_B = None if coordinates is None else coordinates(rows_B, p_B)
         in_RH = None if s_B is None else in_RH.detach()
         return ExcludeProbeRows.apply(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows, s_B, in_RH)
 

@@ -9,8 +9,9 @@ with a renormalised router that misses much of the gradient (docs/evidence.md, "
 update), ``(a_i, b_i)`` the least-squares line of ``E_i(x)`` on ``s`` over the probe rows (unchosen
 pairs, weight ``|p|``). Per pass and layer:
 
-- ``route`` (the token's rank): ``s = x · d`` for every token (one GEMV; the term needs it);
-- expert rank: the probe rows' coordinates (their input rows, a gather and a GEMV), then the
+- ``route`` (the token's rank): the pass's ``d``; the term's ``s = x · d`` over every token is
+  formed in the router's backward op, which reads ``x`` (``functional.Coordinates``);
+- expert rank: the probe rows' coordinates (one op, ``ops.probes.probe_coordinates``), then the
   probes' one exclusion op also takes the line's statistics, and the probe tokens' input sums for
   the direction: ``[E + 1, 2H + 3]`` (``ops.probes.probe_exclude_reference``), summed over the stage
   in the layer's one all-reduce;
@@ -28,9 +29,10 @@ import logging
 import torch
 
 from megatron_default_moe.estimators.probes import ProbeMean
-from megatron_default_moe.functional import mm_fp32
+from megatron_default_moe.functional import Coordinates
 from megatron_default_moe.ops import ema as fused
 from megatron_default_moe.ops.fit import fit_tables, initial_direction_H, unit
+from megatron_default_moe.ops.probes import probe_coordinates
 
 FITS = ("constant", "shared-1")
 TABLES = ("default_vectors", "default_fit")  # zero both and the term vanishes (TopK)
@@ -41,12 +43,6 @@ def fit_beta(beta: float, hidden: int, probes_per_expert: float) -> float:
     """``β_fit`` when not given: a window ``1 / (1 - β_fit)`` of about ``16 H`` probes per expert,
     so each slope's ``H`` values rest on many more samples than values (never below ``β``)."""
     return max(float(beta), 1.0 - probes_per_expert / (SLOPE_SAMPLES_PER_DIM * hidden))
-
-
-def coordinates_T1(x_TH: torch.Tensor, d_H: torch.Tensor) -> torch.Tensor:
-    """``s = x · d`` per row, fp32 ``[T, 1]`` (detached; ``d`` cast to ``x``'s dtype)."""
-    x_TH = x_TH.detach().reshape(-1, x_TH.shape[-1])
-    return mm_fp32(x_TH, d_H.to(x_TH.dtype)[:, None])
 
 
 class SharedLineFit(ProbeMean):
@@ -70,15 +66,13 @@ class SharedLineFit(ProbeMean):
         layer.register_buffer("default_fit", torch.zeros(experts, 2 * hidden + 3, dtype=torch.float32, device=device))
         layer.register_buffer("default_direction", self.initial_direction.clone())
         layer.register_buffer("default_direction_unit", self.initial_direction.clone(), persistent=False)
-        self._x = self._s = self._d_x = self._next_d = None
+        self._x = self._d_x = self._next_d = None
 
     def see_input(self, layer, x_TH, takes_stats: bool) -> None:
-        """``route``: remember ``x``; a pass that takes statistics also takes the tokens'
-        coordinates on the current direction (the term of the same pass uses them)."""
-        self._x, self._s = x_TH, None
-        if takes_stats:
-            self._d_x = self.direction_as(layer, x_TH.dtype)
-            self._s = coordinates_T1(x_TH, self._d_x)
+        """``route``: remember ``x``; a pass that takes statistics fixes its direction for both
+        sides (the probe rows' coordinates, and the term's ``s``)."""
+        self._x = x_TH
+        self._d_x = self.direction_as(layer, x_TH.dtype) if takes_stats else None
 
     def direction_as(self, layer, dtype):
         """``d`` in the activations' dtype, for both sides of a pass: the last update's table row
@@ -87,16 +81,16 @@ class SharedLineFit(ProbeMean):
         d_H = layer.default_direction_unit
         if self._next_d is not None and self._next_d[0] == (d_H._version, dtype):
             return self._next_d[1]
-        return d_H.to(dtype)
+        return d_H.to(dtype, copy=True)  # never the buffer itself: this pass's update moves it before s is formed
 
     def _remember_direction(self, layer, table_KH):
         self._next_d = (layer.default_direction_unit._version, table_KH.dtype), table_KH[-1]
 
     def coordinates(self, in_RH):
-        """``rows_B -> s_B``: the expert-input rows' coordinates on this pass's direction (set by
+        """``(rows_B, p_B) -> s_B``: the probe rows' coordinates on this pass's direction (set by
         ``see_input``: only passes that take statistics call this), for ``ProbeSampler.exclude``."""
         d_H = self._d_x
-        return lambda rows_B: coordinates_T1(in_RH.index_select(0, rows_B), d_H)[:, 0]
+        return lambda rows_B, p_B: probe_coordinates(in_RH.detach(), rows_B, p_B, d_H.to(in_RH.dtype))
 
     def take_stats(self, layer, out_RH, probs_R, tokens_per_expert, in_RH, counter: int):
         return self._exclude(layer, out_RH, probs_R, tokens_per_expert, in_RH=in_RH,
@@ -118,12 +112,14 @@ class SharedLineFit(ProbeMean):
         return table_KH[:-1], layer.default_direction_unit.clone()
 
     def term_args(self, snapshot):
-        """``([A; B], {s_T1})`` of ``functional.add_default_term`` for this pass (a recomputed
-        pass takes its coordinates on the direction its first pass used)."""
+        """``([A; B], {coordinates})`` of ``functional.add_default_term`` for this pass: ``x`` and
+        ``d`` (``s`` is formed where it is read; a recomputed pass takes the direction its first
+        pass used)."""
         table_KH, d_H = snapshot
-        s_T1 = self._s if self._s is not None else coordinates_T1(self._x, d_H)
-        self._x = self._s = None
-        return table_KH, dict(s_T1=s_T1)
+        x_TH = self._x.detach()
+        d_x = self._d_x if self._d_x is not None else d_H.to(x_TH.dtype)
+        self._x = self._d_x = None
+        return table_KH, dict(coordinates=Coordinates(x_TH.reshape(-1, x_TH.shape[-1]), d_x))
 
     def loaded(self, layer) -> None:
         """After a load: ``d = q / ‖q‖``."""

@@ -17,7 +17,7 @@ reference as the fallback when the kernel cannot run there (``fallback.py``):
   them, and their logits gradient (scores recomputed) added to Megatron's own logits gradient;
 - ``probe_draw`` / ``probe_exclude`` / ``probe_zero``: the probes' draw, the exclusion of their
   rows (with ``shared-1``, the line's statistics too) and the zeroing of those rows' gradient,
-  defined with the probes (``ops/probes.py``) and registered here with the others;
+  defined with the probes (``ops/probe_draw.py``, ``ops/probes.py``) and registered here with the others;
 - ``fit_update``: the ``shared-1`` fit's EMA, lines and power step (``ops/fit.py``).
 
 Rows are sampled ``offset, offset + stride, ...`` (``C`` of them); ``stride = 1`` takes all.
@@ -32,9 +32,10 @@ import torch
 from megatron_default_moe.ops import fallback as fallback
 from megatron_default_moe import functional as F
 from megatron_default_moe.ops.fit import fit_update, fit_update_reference
+from megatron_default_moe.ops.probe_draw import probe_add, probe_add_reference, probe_draw, probe_draw_reference
 from megatron_default_moe.ops.probes import (
-    probe_draw,
-    probe_draw_reference,
+    probe_coordinates,
+    probe_coordinates_reference,
     probe_exclude,
     probe_exclude_reference,
     probe_zero,
@@ -173,13 +174,18 @@ def default_weights_backward_reference(
     eps: float,
     base_TE: Optional[torch.Tensor] = None,
     s_T1: Optional[torch.Tensor] = None,
+    x_TH: Optional[torch.Tensor] = None,
+    d_H: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``dL/dlogits`` of ``default_weights`` (in the logits' dtype): ``dL/df = g · c/sg(N)`` where
     the prob is 0, then the score function's backward (scores recomputed, nothing extra saved),
     plus ``base_TE`` (the logits' other gradient: Megatron's routing) in the same pass. With the
     ``shared-1`` coordinates ``s_T1`` (fp32 ``[T, 1]``), ``grad_TE`` is the term's ``[T, 2E]``
     ``[g_A | g_B]`` (in any float dtype) and ``g = g_A + s ⊙ g_B`` is formed here in fp32, not in
-    a pass of its own."""
+    a pass of its own; or from its factors ``x_TH`` and ``d_H`` (same dtype), ``s = x · d`` formed
+    here too (the router's input, which Megatron's router GEMM keeps for its backward anyway)."""
+    if x_TH is not None:
+        s_T1 = F.mm_fp32(x_TH, d_H[:, None])
     if s_T1 is not None:
         experts = logits_TE.shape[1]
         grad_TE = torch.addcmul(grad_TE[:, :experts].float(), s_T1.float(), grad_TE[:, experts:].float())
@@ -205,7 +211,7 @@ default_weights_backward = torch.library.custom_op(
 
 @default_weights_backward.register_fake
 def _(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps, base_TE=None,
-      s_T1=None):  # fmt: skip
+      s_T1=None, x_TH=None, d_H=None):  # fmt: skip
     return torch.empty_like(logits_TE)
 
 
@@ -229,7 +235,9 @@ OPS = {  # name: (op, its torch reference)
     "ema_update": (ema_update, ema_update_reference),
     "default_weights": (default_weights, default_weights_reference),
     "default_weights_backward": (default_weights_backward, default_weights_backward_reference),
-    "probe_draw": (probe_draw, probe_draw_reference),  # the probes' ops live with them (ops/probes.py)
+    "probe_draw": (probe_draw, probe_draw_reference),  # the probes' ops: ops/probe_draw.py, ops/probes.py
+    "probe_add": (probe_add, probe_add_reference),
+    "probe_coordinates": (probe_coordinates, probe_coordinates_reference),
     "probe_exclude": (probe_exclude, probe_exclude_reference),
     "probe_zero": (probe_zero, probe_zero_reference),
     "fit_update": (fit_update, fit_update_reference),  # the shared-1 fit's update (ops/fit.py)

@@ -25,7 +25,7 @@ the next pass's coordinates read it without a cast of their own (``[A; B; d]``, 
 import torch
 
 from megatron_default_moe import functional as F
-from megatron_default_moe.ops.probes import probe_seed, uniform_keys
+from megatron_default_moe.ops.probe_draw import probe_seed, uniform_keys
 
 RIDGE = 1e-3  # relative ridge of the slope, as the oracle's fit (``oracle_fits``)
 

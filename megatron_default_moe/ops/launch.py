@@ -104,15 +104,18 @@ def default_weights_launches(logits_TE, probs_TE, selected_TE, score_function, r
 
 
 def default_weights_backward_launches(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise,
-                                      all_experts, scale, eps, base_TE=None, s_T1=None):  # fmt: skip
+                                      all_experts, scale, eps, base_TE=None, s_T1=None, x_TH=None, d_H=None):  # fmt: skip
+    """One program per token; with ``x_TH`` it forms its ``s = x · d`` first (a loop over ``H``)."""
     T, E = logits_TE.shape
     dz = torch.empty(T, E, dtype=logits_TE.dtype, device=logits_TE.device)
     base = dz if base_TE is None else base_TE.contiguous()
-    s = dz if s_T1 is None else s_T1.float().contiguous()  # unread without HAS_S
-    args = (grad_TE.contiguous(), s, logits_TE.contiguous(), probs_TE.contiguous(), selected_TE.contiguous(), base,
-            dz, E, scale, eps)  # fmt: skip
+    s = dz if s_T1 is None else s_T1.float().contiguous()  # unread without HAS_S (or with X_DOT)
+    x, d = (dz, dz) if x_TH is None else (x_TH.contiguous(), d_H.contiguous())  # unread without X_DOT
+    args = (grad_TE.contiguous(), s, x, d, logits_TE.contiguous(), probs_TE.contiguous(), selected_TE.contiguous(),
+            base, dz, E, x.shape[1], scale, eps)  # fmt: skip
     flags = dict(SCORE=SCORES[score_function], RENORM=renormalise, ALL=all_experts, HAS_BASE=base_TE is not None,
-                 HAS_S=s_T1 is not None, BLOCK_E=triton.next_power_of_2(E))  # fmt: skip
+                 HAS_S=s_T1 is not None or x_TH is not None, X_DOT=x_TH is not None,
+                 BLOCK_E=triton.next_power_of_2(E), BLOCK_K=BLOCK_H)  # fmt: skip
     return dz, [Launch(K._weights_bwd_kernel, (T,), args, flags)] if T else []
 
 
@@ -135,6 +138,30 @@ def probe_draw_launches(weights_TE, routing_map_TE, strata_B4, m, stride, seed, 
     return (tokens, experts, probs), [Launch(KP._probe_draw_kernel, grid, args, flags)] if budget else []
 
 
+ADD_BLOCK_M = 16  # probe_add: a stratum's token rows per program
+
+
+def probe_add_launches(probs_TE, routing_map_TE, weights_TE, strata_B4, m, stride, seed, weighted):
+    """One program per (stratum, ``ADD_BLOCK_M`` of its ``m`` positions): each draws its stratum's
+    pair (the few ``E``-wide reads again per block of positions) and copies its rows."""
+    T, E = probs_TE.shape
+    dev, budget = probs_TE.device, strata_B4.shape[0]
+    probs, routed = torch.empty_like(probs_TE, memory_format=torch.contiguous_format), torch.empty(
+        T, E, dtype=torch.bool, device=dev)  # fmt: skip
+    tokens = torch.empty(budget, dtype=torch.int64, device=dev)
+    experts = torch.empty(budget, dtype=torch.int64, device=dev)
+    probs_B = torch.empty(budget, dtype=torch.float32, device=dev)
+    routed_in = routing_map_TE.contiguous().view(torch.uint8)
+    w = weights_TE.contiguous()
+    w = w.view(torch.uint8) if w.dtype == torch.bool else w  # uniform draws: the blocked pairs
+    pieces = tuple((seed >> s) & 0xFFFF for s in (0, 16, 32, 48))  # always int32: one compiled kernel
+    args = (probs_TE.contiguous(), routed_in, w, strata_B4.contiguous(), probs, routed.view(torch.uint8), tokens,
+            experts, probs_B, E, m, stride, *pieces)  # fmt: skip
+    flags = dict(WEIGHTED=weighted, BLOCK_M=ADD_BLOCK_M, BLOCK_E=max(2, triton.next_power_of_2(E)))
+    grid = (budget, triton.cdiv(m, ADD_BLOCK_M))
+    return (probs, routed, tokens, experts, probs_B), [Launch(KP._probe_add_kernel, grid, args, flags)] if budget else []
+
+
 EXCLUDE_BLOCK_B = 16  # probe_exclude: candidate rows per step (a tl.dot needs 16)
 
 
@@ -155,6 +182,20 @@ def probe_exclude_launches(out_RH, rows_B, p_B, counts_L, first, num_experts, co
     block_h = min(64, max(16, (1024 if line else 2048) // block_l))
     flags = dict(COUNT_ROWS=count_rows, LINE=line, BLOCK_B=EXCLUDE_BLOCK_B, BLOCK_L=block_l, BLOCK_H=block_h)
     return stats, [Launch(KP._probe_exclude_kernel, (triton.cdiv(H, block_h),), args, flags)] if L else []
+
+
+COORD_BLOCK_B, COORD_BLOCK_H = 16, 128  # probe_coordinates: candidate rows per program, columns per step
+
+
+def probe_coordinates_launches(in_RH, rows_B, p_B, d_H):
+    """One program per block of candidate rows, each over all ``H`` of its probe rows."""
+    B, H = rows_B.numel(), in_RH.shape[1]
+    if in_RH.stride(1) != 1:
+        in_RH = in_RH.contiguous()
+    s = torch.empty(B, dtype=torch.float32, device=in_RH.device)
+    args = (in_RH, in_RH.stride(0), rows_B.contiguous(), p_B.contiguous(), d_H.contiguous(), s, H, B)
+    flags = dict(BLOCK_B=COORD_BLOCK_B, BLOCK_H=COORD_BLOCK_H)
+    return s, [Launch(KP._probe_coordinates_kernel, (triton.cdiv(B, COORD_BLOCK_B),), args, flags)] if B else []
 
 
 ZERO_BLOCK_B, ZERO_BLOCK_H = 16, 256  # probe_zero: a [rows, H] tile per program
@@ -186,7 +227,8 @@ def fit_update_launches(vectors_EH, fit_EC, q_H, d_H, stats, beta, beta_fit, ski
 LAUNCHES = dict(expert_stats=expert_stats_launches, ema_update=ema_update_launches, fit_update=fit_update_launches,
                 default_weights=default_weights_launches,
                 default_weights_backward=default_weights_backward_launches,
-                probe_draw=probe_draw_launches, probe_exclude=probe_exclude_launches,
+                probe_draw=probe_draw_launches, probe_add=probe_add_launches, probe_coordinates=probe_coordinates_launches,
+                probe_exclude=probe_exclude_launches,
                 probe_zero=probe_zero_launches)  # fmt: skip
 
 
@@ -208,6 +250,8 @@ ema_update_ = launcher("ema_update")
 default_weights = launcher("default_weights")
 default_weights_backward = launcher("default_weights_backward")
 probe_draw = launcher("probe_draw")
+probe_add = launcher("probe_add")
+probe_coordinates = launcher("probe_coordinates")
 probe_exclude = launcher("probe_exclude")
 probe_zero = launcher("probe_zero")
 fit_update = launcher("fit_update")

@@ -6,7 +6,7 @@ The probes' draw is keyed by global token position, not by rank: the global micr
 keys hashed from its global id. A rank draws for the strata that meet its tokens; where a stratum's
 token lies on another rank (a stratum cut by a sequence-parallel or context-parallel boundary), it
 runs a filler (an uncounted pair, as for padding). So every layout over the same global batch,
-a one-rank run included, draws the same pairs (``ops/probes.py``). Pure integers: no Megatron.
+a one-rank run included, draws the same pairs (``ops/probe_draw.py``). Pure integers: no Megatron.
 
 Megatron's cut, as ``pretrain_gpt.py`` feeds a layer: data-parallel rank ``d`` holds samples
 ``[d·b, (d+1)·b)`` (``MegatronPretrainingSampler``); context parallelism splits the sequence into

@@ -159,9 +159,10 @@ def _weights_fwd_kernel(z_ptr, p_ptr, sel_ptr, w_ptr, E, scale, eps, SCORE: tl.c
 
 
 @triton.jit
-def _weights_bwd_kernel(g_ptr, s_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E, scale, eps, SCORE: tl.constexpr,
-                        RENORM: tl.constexpr, ALL: tl.constexpr, HAS_BASE: tl.constexpr, HAS_S: tl.constexpr,
-                        BLOCK_E: tl.constexpr):  # fmt: skip
+def _weights_bwd_kernel(g_ptr, s_ptr, x_ptr, d_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E, H, scale, eps,
+                        SCORE: tl.constexpr, RENORM: tl.constexpr, ALL: tl.constexpr, HAS_BASE: tl.constexpr,
+                        HAS_S: tl.constexpr, X_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_K: tl.constexpr):  # fmt: skip
     offs = tl.arange(0, BLOCK_E)
     m = offs < E
     t = tl.program_id(0).to(tl.int64)
@@ -169,9 +170,19 @@ def _weights_bwd_kernel(g_ptr, s_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E
     z = tl.load(z_ptr + idx, mask=m, other=0.0).to(tl.float32)
     f = _scores(z, m, SCORE)
     if HAS_S:  # the shared-1 term's [T, 2E] gradient: g = g_A + s * g_B
+        if X_DOT:  # s = x_t · d, from the token's input row (fp32 products and sum)
+            k = tl.arange(0, BLOCK_K)
+            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                mk = k0 + k < H
+                x = tl.load(x_ptr + t * H + k0 + k, mask=mk, other=0.0).to(tl.float32)
+                acc += x * tl.load(d_ptr + k0 + k, mask=mk, other=0.0).to(tl.float32)
+            s = tl.sum(acc, axis=0)
+        else:
+            s = tl.load(s_ptr + t)
         g_row = g_ptr + t * 2 * E
         g_a = tl.load(g_row + offs, mask=m, other=0.0).to(tl.float32)
-        g = g_a + tl.load(s_ptr + t) * tl.load(g_row + E + offs, mask=m, other=0.0).to(tl.float32)
+        g = g_a + s * tl.load(g_row + E + offs, mask=m, other=0.0).to(tl.float32)
     else:
         g = tl.load(g_ptr + idx, mask=m, other=0.0).to(tl.float32)
     df = g * _coefficient(f, m, p_ptr, sel_ptr, idx, scale, eps, RENORM, ALL)

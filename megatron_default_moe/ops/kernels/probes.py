@@ -1,4 +1,4 @@
-"""Triton kernels of the probes' ops (``ops/probes.py``): the draw, the exclusion of the probe rows
+"""Triton kernels of the probes' ops (``ops/probe_draw.py``, ``ops/probes.py``): the draw, the exclusion of the probe rows
 with their statistics, and the zeroing of those rows' gradient. Each computes exactly its
 reference (same formulas, fp32 arithmetic); only summation orders may differ. Launched by
 ``ops/launch.py``; tested like ``ops/kernels/ema.py``.
@@ -10,7 +10,7 @@ import triton.language as tl
 
 @triton.jit
 def _fmix32(h):
-    """MurmurHash3's finaliser on uint32 lanes (wrapping products); ``ops.probes._fmix32``."""
+    """MurmurHash3's finaliser on uint32 lanes (wrapping products); ``ops.probe_draw._fmix32``."""
     h = h ^ (h >> 16)
     h = h * 0x85EBCA6B
     h = h ^ (h >> 13)
@@ -20,26 +20,20 @@ def _fmix32(h):
 
 @triton.jit
 def _hashed_keys(x, seed_lo, seed_hi):
-    """``ops.probes.hashed_keys`` of non-negative int64 lanes: uint32."""
+    """``ops.probe_draw.hashed_keys`` of non-negative int64 lanes: uint32."""
     h = _fmix32((x & 0xFFFFFFFF).to(tl.uint32) ^ seed_lo)
     return _fmix32(h ^ (x >> 32).to(tl.uint32) ^ seed_hi)
 
 
-@triton.jit(do_not_specialize=["m", "stride", "k0", "k1", "k2", "k3"])
-def _probe_draw_kernel(w_ptr, routed_ptr, strata_ptr, tokens_ptr, experts_ptr, probs_ptr, E, B, m, stride, k0, k1,
-                       k2, k3, WEIGHTED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
-    """``BLOCK_B`` strata per program, one token row of ``E`` each: the stratum's token, its key,
-    the eligible experts' cumulative shares, the pick; see ``ops.probes.probe_draw_reference``.
-    The seed comes as four 16-bit pieces ``k0..k3`` (low first) and the per-call integers are not
-    specialised: every seed and stratum size runs the same compiled kernel."""
-    j = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mj = j < B
+@triton.jit
+def _draw(j, mj, w_ptr, routed_ptr, strata_ptr, E, m, stride, seed_lo, seed_hi, WEIGHTED: tl.constexpr,
+          BLOCK_E: tl.constexpr):  # fmt: skip
+    """Strata ``j`` (lanes, ``mj`` valid), one token row of ``E`` each: ``(token, expert, prob)``
+    of each stratum's pair; see ``ops.probe_draw.probe_draw_reference``."""
     sid = tl.load(strata_ptr + 4 * j, mask=mj, other=0)
     base = tl.load(strata_ptr + 4 * j + 1, mask=mj, other=0)
     lo = tl.load(strata_ptr + 4 * j + 2, mask=mj, other=0)
     hi = tl.load(strata_ptr + 4 * j + 3, mask=mj, other=1)
-    seed_lo = (k1.to(tl.uint32) << 16) | k0.to(tl.uint32)
-    seed_hi = (k3.to(tl.uint32) << 16) | k2.to(tl.uint32)
     off = (_hashed_keys(2 * sid, seed_lo, seed_hi).to(tl.int64) * m) >> 32
     mine = (off >= lo) & (off < hi)
     t = base + tl.minimum(tl.maximum(off, lo), hi - 1) * stride
@@ -67,10 +61,81 @@ def _probe_draw_kernel(w_ptr, routed_ptr, strata_ptr, tokens_ptr, experts_ptr, p
     if WEIGHTED:
         weight = tl.sum(w, axis=1)
     else:
-        weight = tl.full([BLOCK_B], 1.0, tl.float32)
+        weight = tl.full(j.shape, 1.0, tl.float32)
+    return t, expert, tl.where(eligible, -weight, 0.0)
+
+
+@triton.jit
+def _seed(k0, k1, k2, k3):
+    """The 63-bit seed from its four 16-bit pieces (low first) as two uint32 halves."""
+    return (k1.to(tl.uint32) << 16) | k0.to(tl.uint32), (k3.to(tl.uint32) << 16) | k2.to(tl.uint32)
+
+
+@triton.jit(do_not_specialize=["m", "stride", "k0", "k1", "k2", "k3"])
+def _probe_draw_kernel(w_ptr, routed_ptr, strata_ptr, tokens_ptr, experts_ptr, probs_ptr, E, B, m, stride, k0, k1,
+                       k2, k3, WEIGHTED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+    """``BLOCK_B`` strata per program (``_draw``). The seed comes as four 16-bit pieces ``k0..k3``
+    (low first) and the per-call integers are not specialised: every seed and stratum size runs
+    the same compiled kernel."""
+    j = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mj = j < B
+    seed_lo, seed_hi = _seed(k0, k1, k2, k3)
+    t, expert, prob = _draw(j, mj, w_ptr, routed_ptr, strata_ptr, E, m, stride, seed_lo, seed_hi, WEIGHTED, BLOCK_E)
     tl.store(tokens_ptr + j, t, mask=mj)
     tl.store(experts_ptr + j, expert, mask=mj)
-    tl.store(probs_ptr + j, tl.where(eligible, -weight, 0.0), mask=mj)
+    tl.store(probs_ptr + j, prob, mask=mj)
+
+
+@triton.jit(do_not_specialize=["m", "stride", "k0", "k1", "k2", "k3"])
+def _probe_add_kernel(probs_ptr, routed_ptr, w_ptr, strata_ptr, probs_out, routed_out, tokens_ptr, experts_ptr,
+                      pb_ptr, E, m, stride, k0, k1, k2, k3, WEIGHTED: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_E: tl.constexpr):  # fmt: skip
+    """Program (stratum ``j``, its positions ``BLOCK_M`` at a time): the stratum's pair drawn
+    (``_draw``, on two identical lanes), its token rows of the probs and routing map copied with
+    that pair set; see ``ops.probe_draw.probe_add_reference``. Every token row is one stratum's
+    (``ops/strata.py``), so the copies are whole."""
+    j = tl.program_id(0)
+    lanes = j + tl.zeros([2], dtype=tl.int32)
+    seed_lo, seed_hi = _seed(k0, k1, k2, k3)
+    t2, e2, p2 = _draw(lanes, lanes >= 0, w_ptr, routed_ptr, strata_ptr, E, m, stride, seed_lo, seed_hi, WEIGHTED,
+                       BLOCK_E)  # fmt: skip
+    first = tl.program_id(1) == 0
+    lane0 = tl.arange(0, 2) == 0
+    tl.store(tokens_ptr + lanes, t2, mask=lane0 & first)
+    tl.store(experts_ptr + lanes, e2, mask=lane0 & first)
+    tl.store(pb_ptr + lanes, p2, mask=lane0 & first)
+    t, ex, p = tl.max(t2, axis=0), tl.max(e2, axis=0), tl.max(p2, axis=0)
+    base = tl.load(strata_ptr + 4 * j + 1)
+    lo = tl.load(strata_ptr + 4 * j + 2)
+    hi = tl.load(strata_ptr + 4 * j + 3)
+    off = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = base + off.to(tl.int64) * stride
+    e = tl.arange(0, BLOCK_E)
+    msk = ((off >= lo) & (off < hi))[:, None] & (e < E)[None, :]
+    idx = rows[:, None] * E + e[None, :]
+    hit = (rows[:, None] == t) & (e[None, :] == ex)
+    probs = tl.load(probs_ptr + idx, mask=msk, other=0.0)
+    tl.store(probs_out + idx, tl.where(hit, p.to(probs.dtype, fp_downcast_rounding="rtne"), probs), mask=msk)
+    routed = tl.load(routed_ptr + idx, mask=msk, other=0)
+    tl.store(routed_out + idx, tl.where(hit, 1, routed).to(routed.dtype), mask=msk)
+
+
+@triton.jit
+def _probe_coordinates_kernel(in_ptr, ld, rows_ptr, p_ptr, d_ptr, s_ptr, H, B, BLOCK_B: tl.constexpr,
+                              BLOCK_H: tl.constexpr):  # fmt: skip
+    """Program (candidate rows ``b``): each probe row's ``x · d`` in fp32 over ``H`` (only the probe
+    rows are read), 0 for the others; see ``ops.probes.probe_coordinates_reference``."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mb = b < B
+    row = tl.load(rows_ptr + b, mask=mb, other=0).to(tl.int64)
+    probe = (tl.load(p_ptr + b, mask=mb, other=0.0).to(tl.float32) < 0.0) & mb
+    k = tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        mk = k0 + k < H
+        x = tl.load(in_ptr + row[:, None] * ld + (k0 + k)[None, :], mask=probe[:, None] & mk[None, :], other=0.0)
+        acc += x.to(tl.float32) * tl.load(d_ptr + k0 + k, mask=mk, other=0.0).to(tl.float32)[None, :]
+    tl.store(s_ptr + b, tl.sum(acc, axis=1), mask=mb)
 
 
 @triton.jit

@@ -321,26 +321,36 @@ def test_triton_kernels_match_references_in_the_interpreter():
     interpret(TRITON_CHECK, checked=76, timeout=1800)
 
 
-PROBE_DRAW_CHECK = textwrap.dedent("""
+DRAW_PRELUDE = """
 import torch
 from megatron_default_moe.ops import probe_draw as D
 from megatron_default_moe.ops import launch as TL
 from megatron_default_moe.ops.strata import TokenLayout, probe_strata
+LAYOUTS = [((64, 1), 8, 1, TokenLayout()), ((30, 10), 16, 8, TokenLayout(1, 1, 2, 1, 2)),
+           ((25, 2), 160, 1, TokenLayout(3, 0, 1, 0, 1))]  # each check adds a context-parallel case
+
+
+def draw_inputs(T, E, seed, weighted, wdtype=torch.float32):
+    \"\"\"``(weights, routing map, generator)``: uniform draws take the blocked pairs; every 7th
+    token is padding (no eligible pair: a filler).\"\"\"
+    gen = torch.Generator().manual_seed(seed % 1000 + T)
+    w = torch.rand(T, E, generator=gen)
+    routed = torch.rand(T, E, generator=gen) < 0.3
+    w[routed] = 0
+    w[::7] = 0
+    w = w.to(wdtype)
+    return (w if weighted else w == 0), routed, gen
+"""
+
+PROBE_DRAW_CHECK = DRAW_PRELUDE + textwrap.dedent("""
 checked = 0
-for (S, B), E, m, layout in (((64, 1), 8, 1, TokenLayout()), ((30, 10), 16, 8, TokenLayout(1, 1, 2, 1, 2)),
-                             ((25, 2), 160, 1, TokenLayout(3, 0, 1, 0, 1)), ((12, 3), 3, 4, TokenLayout(0, 1, 3))):
+for (S, B), E, m, layout in LAYOUTS + [((12, 3), 3, 4, TokenLayout(0, 1, 3))]:
     strata = torch.tensor(probe_strata(layout, S, B, m)).view(-1, 4)
     T = S * B
     for weighted in (False, True):
         for wdtype in (torch.float32, torch.bfloat16):
             for seed in (0, 7, 2**63 - 5, 123456789012345):
-                gen = torch.Generator().manual_seed(seed % 1000 + T)
-                w = torch.rand(T, E, generator=gen)
-                routed = torch.rand(T, E, generator=gen) < 0.3
-                w[routed] = 0
-                w[::7] = 0  # padding tokens: no eligible pair
-                w = w.to(wdtype)
-                w = w if weighted else w == 0  # uniform draws take the blocked pairs
+                w, routed, _ = draw_inputs(T, E, seed, weighted, wdtype)
                 ref = D.probe_draw_reference(w, routed, strata, m, B, seed, weighted)
                 got = TL.probe_draw(w, routed, strata, m, B, seed, weighted)
                 assert torch.equal(got[0], ref[0]), (T, E, seed)
@@ -356,23 +366,13 @@ print("CHECKED", checked)
 """)
 
 
-PROBE_ADD_CHECK = textwrap.dedent("""
-import torch
-from megatron_default_moe.ops import probe_draw as D
-from megatron_default_moe.ops import launch as TL
-from megatron_default_moe.ops.strata import TokenLayout, probe_strata
+PROBE_ADD_CHECK = DRAW_PRELUDE + textwrap.dedent("""
 checked = 0
-for (S, B), E, m, layout in (((64, 1), 8, 1, TokenLayout()), ((30, 10), 16, 8, TokenLayout(1, 1, 2, 1, 2)),
-                             ((25, 2), 160, 1, TokenLayout(3, 0, 1, 0, 1)), ((12, 3), 3, 20, TokenLayout(0, 1, 3))):
+for (S, B), E, m, layout in LAYOUTS + [((12, 3), 3, 20, TokenLayout(0, 1, 3))]:  # strata longer than a block
     strata = torch.tensor(probe_strata(layout, S, B, m)).view(-1, 4)
     T = S * B
     for weighted, pdtype, seed in ((False, torch.float32, 7), (True, torch.bfloat16, 2**63 - 5)):
-        gen = torch.Generator().manual_seed(seed % 1000 + T)
-        w = torch.rand(T, E, generator=gen)
-        routed = torch.rand(T, E, generator=gen) < 0.3
-        w[routed] = 0
-        w[::7] = 0  # padding tokens: fillers
-        w = w if weighted else w == 0
+        w, routed, gen = draw_inputs(T, E, seed, weighted)
         probs = torch.where(routed, torch.rand(T, E, generator=gen), 0.0).to(pdtype)
         got = TL.probe_add(probs, routed, w, strata, m, B, seed, weighted)
         draw = TL.probe_draw(w, routed, strata, m, B, seed, weighted)

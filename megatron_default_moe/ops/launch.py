@@ -120,46 +120,42 @@ def default_weights_backward_launches(grad_TE, logits_TE, probs_TE, selected_TE,
 
 
 PROBE_BLOCK_B = 16  # probes per program of probe_draw
+ADD_BLOCK_M = 16  # probe_add: a stratum's token rows per program
+
+
+def _draw_inputs(weights_TE, routing_map_TE, strata_B4, seed):
+    """The draw's outputs ``(tokens, experts, probs)`` of ``B`` pairs, and its inputs as both
+    kernels read them: bool maps as bytes, the seed as four 16-bit pieces (always int32: one
+    compiled kernel whatever the seed)."""
+    dev, budget = weights_TE.device, strata_B4.shape[0]
+    pairs = tuple(torch.empty(budget, dtype=d, device=dev) for d in (torch.int64, torch.int64, torch.float32))
+    w = weights_TE.contiguous()
+    w = w.view(torch.uint8) if w.dtype == torch.bool else w  # uniform draws: the blocked pairs
+    pieces = tuple((seed >> s) & 0xFFFF for s in (0, 16, 32, 48))
+    return pairs, (w, routing_map_TE.contiguous().view(torch.uint8), strata_B4.contiguous()), pieces
 
 
 def probe_draw_launches(weights_TE, routing_map_TE, strata_B4, m, stride, seed, weighted):
-    T, E = weights_TE.shape
-    dev, budget = weights_TE.device, strata_B4.shape[0]
-    tokens = torch.empty(budget, dtype=torch.int64, device=dev)
-    experts = torch.empty(budget, dtype=torch.int64, device=dev)
-    probs = torch.empty(budget, dtype=torch.float32, device=dev)
-    routed = routing_map_TE.contiguous().view(torch.uint8)
-    w = weights_TE.contiguous()
-    w = w.view(torch.uint8) if w.dtype == torch.bool else w  # uniform draws: the blocked pairs
-    pieces = tuple((seed >> s) & 0xFFFF for s in (0, 16, 32, 48))  # always int32: one compiled kernel
-    args = (w, routed, strata_B4.contiguous(), tokens, experts, probs, E, budget, m, stride, *pieces)
+    E, budget = weights_TE.shape[1], strata_B4.shape[0]
+    pairs, (w, routed, strata), pieces = _draw_inputs(weights_TE, routing_map_TE, strata_B4, seed)
+    args = (w, routed, strata, *pairs, E, budget, m, stride, *pieces)
     flags = dict(WEIGHTED=weighted, BLOCK_B=PROBE_BLOCK_B, BLOCK_E=max(2, triton.next_power_of_2(E)))
     grid = (triton.cdiv(budget, PROBE_BLOCK_B),)
-    return (tokens, experts, probs), [Launch(KP._probe_draw_kernel, grid, args, flags)] if budget else []
-
-
-ADD_BLOCK_M = 16  # probe_add: a stratum's token rows per program
+    return pairs, [Launch(KP._probe_draw_kernel, grid, args, flags)] if budget else []
 
 
 def probe_add_launches(probs_TE, routing_map_TE, weights_TE, strata_B4, m, stride, seed, weighted):
     """One program per (stratum, ``ADD_BLOCK_M`` of its ``m`` positions): each draws its stratum's
     pair (the few ``E``-wide reads again per block of positions) and copies its rows."""
-    T, E = probs_TE.shape
-    dev, budget = probs_TE.device, strata_B4.shape[0]
-    probs, routed = torch.empty_like(probs_TE, memory_format=torch.contiguous_format), torch.empty(
-        T, E, dtype=torch.bool, device=dev)  # fmt: skip
-    tokens = torch.empty(budget, dtype=torch.int64, device=dev)
-    experts = torch.empty(budget, dtype=torch.int64, device=dev)
-    probs_B = torch.empty(budget, dtype=torch.float32, device=dev)
-    routed_in = routing_map_TE.contiguous().view(torch.uint8)
-    w = weights_TE.contiguous()
-    w = w.view(torch.uint8) if w.dtype == torch.bool else w  # uniform draws: the blocked pairs
-    pieces = tuple((seed >> s) & 0xFFFF for s in (0, 16, 32, 48))  # always int32: one compiled kernel
-    args = (probs_TE.contiguous(), routed_in, w, strata_B4.contiguous(), probs, routed.view(torch.uint8), tokens,
-            experts, probs_B, E, m, stride, *pieces)  # fmt: skip
+    E, budget = probs_TE.shape[1], strata_B4.shape[0]
+    pairs, (w, routed_in, strata), pieces = _draw_inputs(weights_TE, routing_map_TE, strata_B4, seed)
+    probs = torch.empty_like(probs_TE, memory_format=torch.contiguous_format)
+    routed = torch.empty(probs_TE.shape, dtype=torch.bool, device=probs_TE.device)
+    args = (probs_TE.contiguous(), routed_in, w, strata, probs, routed.view(torch.uint8), *pairs, E, m, stride,
+            *pieces)  # fmt: skip
     flags = dict(WEIGHTED=weighted, BLOCK_M=ADD_BLOCK_M, BLOCK_E=max(2, triton.next_power_of_2(E)))
     grid = (budget, triton.cdiv(m, ADD_BLOCK_M))
-    return (probs, routed, tokens, experts, probs_B), [Launch(KP._probe_add_kernel, grid, args, flags)] if budget else []
+    return (probs, routed, *pairs), [Launch(KP._probe_add_kernel, grid, args, flags)] if budget else []
 
 
 EXCLUDE_BLOCK_B = 16  # probe_exclude: candidate rows per step (a tl.dot needs 16)

@@ -18,7 +18,9 @@ A CPU cannot time what a GPU pays: there the expert matmuls dwarf every extra me
    candidate rows they read and zero (and, with ``--fit shared-1``, read of the expert input, as
    ``probe_coordinates``),
    ``probe_draw`` the rows of its strata's tokens, ``probe_add`` those of the weights), matmul FLOPs
-   (``2 M N K`` for mm / addmm / bmm / baddbmm / mv / dot / _grouped_mm), and one kernel per call.
+   (``2 M N K`` for mm / addmm / bmm / baddbmm / mv / dot / _grouped_mm, and ``default_weights_backward``'s
+   ``dL/dy @ tableᵀ``; where its table is too large for the kernel, a second kernel and its ``[T, K]``
+   written and read), and one kernel per call.
    View and metadata ops (``FREE_OPS`` and every op whose schema says it is a view) cost 0 bytes
    and 0 kernels; allocations (``empty*``) cost no kernel. Elementwise FLOPs are left out (those
    ops are memory-bound). Ops that make a GPU wait for the host (``nonzero``, ``.item()``, boolean
@@ -217,6 +219,31 @@ def _traceback_frames(node):
     return frames
 
 
+def _fp32(x):
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def run_op(func, args, kwargs):
+    """Run one op for a count. A CPU without bf16 units runs a bf16 matmul about 100x slower than
+    in fp32 (0.4 against 48 GFLOP/s on a core here: the DeepSeek-V3 count took hours), and a count
+    needs the ops' shapes, not their last bits: CPU matmuls are computed from fp32 copies and cast
+    back, and counted as the one bf16 kernel (bytes, FLOPs) they are on a GPU. So is CUDA's
+    bf16 x bf16 -> fp32 ``mm.dtype``, which has no CPU kernel."""
+    if func is torch.ops.aten.mm.dtype and args[0].device.type == "cpu":
+        return torch.mm(args[0].float(), args[1].float())
+    low = [t for t in _tensors(list(args)) if t.dtype in (torch.bfloat16, torch.float16)]
+    if func.overloadpacket.__name__ not in MATMULS or not low or low[0].device.type != "cpu" or "out" in kwargs:
+        return func(*args, **kwargs)
+    return func(*[_fp32(a) for a in args], **{k: _fp32(v) for k, v in kwargs.items()}).to(low[0].dtype)
+
+
+class Fp32CpuMatmuls(TorchDispatchMode):
+    """The warm-up's matmuls as the count runs them (``run_op``), recording nothing."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return run_op(func, args, kwargs or {})
+
+
 class CostMode(TorchDispatchMode):
     """Record every aten op of a forward + backward: name, phase, region, bytes, FLOPs, kernels."""
 
@@ -249,12 +276,7 @@ class CostMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.aten.mm.dtype and args[0].device.type == "cpu":
-            # CUDA's one-kernel bf16 x bf16 -> fp32 matmul has no CPU kernel: computed here via
-            # fp32 copies, counted as the single kernel (and bytes) it is on a GPU.
-            out = torch.mm(args[0].float(), args[1].float())
-        else:
-            out = func(*args, **kwargs)
+        out = run_op(func, args, kwargs)
         name = func.overloadpacket.__name__
         node = torch._C._current_autograd_node()
         phase = "bwd" if node is not None else "fwd"
@@ -293,6 +315,17 @@ class CostMode(TorchDispatchMode):
             big = [named["weights_TE"]] + ([named["routing_map_TE"]] if name == "probe_draw" else [])
             reads = [t for t in reads if not any(t is b for b in big)]
             rows = sum(tensor_bytes(t) for t in big) * named["strata_B4"].shape[0] // max(big[0].shape[0], 1)
+        flops = matmul_flops(name, args, outs[0]) if outs else 0
+        kernels = 1
+        table = named.get("table_KH") if name == "default_weights_backward" else None
+        if table is not None:  # the term's dL/dw = dL/dy @ tableᵀ inside the op: its FLOPs, and for a
+            # table too large for the kernel (``table_in_kernel``) a GEMM's [T, K] written and read back
+            from megatron_default_moe.ops.launch import table_in_kernel
+
+            (T, E), (K, H) = named["logits_TE"].shape, table.shape
+            flops = 2 * T * K * H
+            if not table_in_kernel(E, K):
+                kernels, rows = 2, T * K * (2 if named["grad"].dtype == torch.bfloat16 else 4)
         if name in INDEXED_WRITES:  # only the indexed rows of the destination: the source's size
             source = named["source"]
             reads = [t for t in reads if t is not named["self"]] + ([source] if name == "index_add_" else [])
@@ -301,8 +334,7 @@ class CostMode(TorchDispatchMode):
             op=name, phase=phase, region=region, ours=ours, where=where,
             bytes_read=sum(tensor_bytes(t) for t in reads) + rows + rows_in,
             bytes_written=sum(tensor_bytes(t) for t in written) + (0 if name in ("probe_draw", "probe_add") else rows),
-            flops=matmul_flops(name, args, outs[0]) if outs else 0,
-            kernels=1, sync=is_sync(func, args, kwargs),
+            flops=flops, kernels=kernels, sync=is_sync(func, args, kwargs),
         ))  # fmt: skip
         return out
 
@@ -436,7 +468,8 @@ def step(layer, x, g):
 
 def count_step(layer, x, g):
     """One recorded forward + backward (after one unrecorded warm-up); returns the ``CostMode``."""
-    step(layer, x, g)
+    with Fp32CpuMatmuls():
+        step(layer, x, g)
     layer.zero_grad(set_to_none=True)
     x.grad = None
     mode = CostMode()

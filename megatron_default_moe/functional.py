@@ -172,11 +172,10 @@ class _DefaultTerm(torch.autograd.Function):
     backward passes ``dL/dy`` through and forms ``dL/dw = dL/dy @ Êᵀ`` (fp32), nothing to ``Ê``.
     With slopes ``B`` and coordinates ``s = x · d`` (``shared_fit``) the vectors are ``Ê + s_t B``,
     and the table is ``[Ê; B]`` (``2E`` rows): forward ``[w | s·w] @ [Ê; B]``, backward ``dL/dw =
-    g_Ê + s·g_B`` from one ``dL/dy @ [Ê; B]ᵀ`` (``dL/dy`` read once; a ``grad_sink`` gets ``[g_Ê |
-    g_B]``, bf16 when ``dL/dy`` is, and the coordinates, and forms ``s`` and the sum in fp32 in the
-    pass it makes anyway). ``dL/dw`` is ``w``'s gradient, or is handed to ``grad_sink`` (the layer:
-    it then reaches the logits in the router's own backward pass, ``router.DefaultLogitGradient``);
-    ``after`` is an input only so that pass runs after this one."""
+    g_Ê + s·g_B``. ``dL/dw`` is ``w``'s gradient, or ``grad_sink`` (the layer) is handed ``dL/dy``,
+    the table and the coordinates and forms it all in one op (``router.DefaultLogitGradient``: in
+    the router's own backward pass, beside Megatron's logits gradient); ``after`` is an input only
+    so that pass runs after this one."""
 
     @staticmethod
     def forward(ctx, y_TH, weights_TE, table_KH, add_to_forward, grad_sink, after, coordinates):
@@ -195,26 +194,21 @@ class _DefaultTerm(torch.autograd.Function):
     def backward(ctx, grad_TH):
         table_KH, *line = ctx.saved_tensors
         coordinates = Coordinates(*line) if ctx.line else None
-        grad_w_TE, none = None, (None,) * 6
-        if ctx.grad_sink is not None and coordinates is not None:
-            # [g_A | g_B] in bf16 in bf16 training (as Megatron's own probs gradient; an fp32
-            # [T, 2E] would outlive the experts' backward at twice [T, E]'s memory), else fp32 (fp16
-            # would overflow under loss scaling before fp32 does); the sink forms g_A + s g_B in
-            # fp32 in the pass it makes anyway
-            bf16 = grad_TH.dtype == torch.bfloat16
-            ctx.grad_sink(grad_TH @ table_KH.t() if bf16 else mm_fp32(grad_TH, table_KH.t()), coordinates)
-            return grad_TH, *none
-        if ctx.grad_sink is not None or ctx.needs_input_grad[1]:
-            grad_w_TE = mm_fp32(grad_TH, table_KH.t())
+        none = (None,) * 6
         if ctx.grad_sink is not None:
-            ctx.grad_sink(grad_w_TE)
+            # dL/dy is read there, once: it is the tensor autograd holds for the residual branch
+            # until the MoE branch's gradient joins it (Megatron's bias-dropout-add hands both the
+            # same one, at --hidden-dropout 0), so keeping it until the router's backward costs no memory
+            ctx.grad_sink(grad_TH, table_KH, coordinates)
             return grad_TH, *none
-        if grad_w_TE is not None:
+        grad_w_TE = None
+        if ctx.needs_input_grad[1]:
+            grad_w_TE = mm_fp32(grad_TH, table_KH.t())
             if coordinates is not None:
                 experts, s_T1 = grad_w_TE.shape[1] // 2, coordinates.formed().s_T1
                 grad_w_TE = torch.addcmul(grad_w_TE[:, :experts], s_T1, grad_w_TE[:, experts:])
             grad_w_TE = grad_w_TE.to(ctx.weights_dtype)
-        return grad_TH, grad_w_TE, None, None, None, None, None
+        return grad_TH, grad_w_TE, *none[1:]
 
 
 def add_default_term(y_TH, weights_TE, defaults_EH, mode: str, grad_sink=None, after=None,

@@ -67,7 +67,7 @@ class DefaultTermInputs:
     def __init__(self, logits_TE: torch.Tensor):
         self.logits_TE = logits_TE.detach()
         self.chosen_TE = self.selected_TE = self.options = None
-        self.grad_w_TE = self.coordinates = None  # dL/dw (or [g_A | g_B] and s's factors), from the term's backward
+        self.term_grad = self.coordinates = None  # the term's (dL/dy, its version, table), or dL/dw; s's factors
         self.track = False  # also measure the extra gradient's size (logged steps)
         self.extra_grad_ratio = None
 
@@ -77,25 +77,31 @@ class DefaultTermInputs:
         with torch.no_grad():
             return fused.default_weights(self.logits_TE, self.chosen_TE, self.selected_TE, *self.options, dtype)
 
-    def receive_grad(self, grad_w_TE: torch.Tensor, coordinates: F.Coordinates = None):
-        """``dL/dw``; with the ``shared-1`` coordinates, the term's ``[g_A | g_B]`` (``dL/dw = g_A +
-        s ⊙ g_B``, ``s = x · d`` if not formed yet: both formed in ``logits_grad``'s one op)."""
-        self.grad_w_TE, self.coordinates = grad_w_TE, coordinates
+    def receive_grad(self, grad: torch.Tensor, table_KH: torch.Tensor = None, coordinates: F.Coordinates = None):
+        """The term's ``dL/dy`` ``[T, H]`` and its table (``dL/dw = dL/dy @ tableᵀ``; with the
+        ``shared-1`` coordinates, ``[A; B]`` and ``dL/dw = g_A + s ⊙ g_B``, ``s = x · d`` if not formed
+        yet), all formed in ``logits_grad``'s one op; or ``dL/dw`` itself (``table_KH`` None)."""
+        self.term_grad = (grad, grad._version, table_KH)
+        self.coordinates = coordinates
 
     def logits_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """Megatron's logits gradient ``grad`` plus the default term's (one op)."""
-        (grad_w_TE, coordinates), self.grad_w_TE, self.coordinates = (self.grad_w_TE, self.coordinates), None, None
-        if grad_w_TE is None:
+        (term, coordinates), self.term_grad, self.coordinates = (self.term_grad, self.coordinates), None, None
+        if term is None:
             return grad
+        term_grad, version, table_KH = term
+        if term_grad._version != version:
+            raise RuntimeError("Default MoE: the layer output's gradient was modified in place between the default "
+                               "term's backward and the router's, which reads it")  # fmt: skip
         grad_TE = grad.reshape(self.logits_TE.shape)
-        args = (grad_w_TE, self.logits_TE, self.chosen_TE, self.selected_TE, *self.options)
-        line = ()
+        args = (term_grad, self.logits_TE, self.chosen_TE, self.selected_TE, *self.options)
+        line = dict(table_KH=table_KH)
         if coordinates is not None:
             x_TH, d_H, s_T1 = coordinates
-            line = (s_T1,) if s_T1 is not None else (None, x_TH, d_H)
+            line.update(dict(s_T1=s_T1) if s_T1 is not None else dict(x_TH=x_TH, d_H=d_H))
         if not self.track:
-            return fused.default_weights_backward(*args, grad_TE, *line).view(grad.shape)
-        extra_TE = fused.default_weights_backward(*args, None, *line)
+            return fused.default_weights_backward(*args, grad_TE, **line).view(grad.shape)
+        extra_TE = fused.default_weights_backward(*args, None, **line)
         # a device scalar: no host sync in the backward; analysis/metrics.py reads it at log time
         self.extra_grad_ratio = extra_TE.float().norm() / grad_TE.float().norm().clamp_min(1e-30)
         return (grad_TE + extra_TE).view(grad.shape)

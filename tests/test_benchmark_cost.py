@@ -230,6 +230,8 @@ def test_probes_rows_and_traffic(tmp_path):
     assert not [o for o in ours if o["op"] == "index_select"]
     assert len([o for o in ours if o["phase"] == "fwd" and o["op"] == "mm"]) == 1
     assert not [o for o in ours if o["phase"] == "bwd" and o["op"] == "zeros"]  # no gradient materialised
+    # the term's dL/dw = dL/dy @ [A; B]ᵀ is formed inside the weights' backward: no matmul of its own
+    assert not [o for o in ours if o["phase"] == "bwd" and o["op"] in ("mm", "mm_fp32", "addmm")]
 
 
 def test_probe_budget_rule(bench):

@@ -545,3 +545,17 @@ def test_normaliser_all_divides_by_every_experts_score(family):
 def test_bad_normaliser_names_the_flag():
     with pytest.raises(ValueError, match="--moe-default-normaliser"):
         DefaultMoEConfig(normaliser="none")
+
+
+def test_the_term_gradient_changed_in_place_before_the_router_reads_it_raises():
+    """The router's backward reads the layer output's gradient the term's backward handed it (the
+    term's ``dL/dw`` is formed there); if something wrote into it in between, the step fails loudly
+    instead of using the changed values."""
+    from megatron_default_moe.router import DefaultTermInputs
+
+    inputs = DefaultTermInputs(torch.randn(6, 4))
+    grad_TH, table_KH = torch.randn(6, 8), torch.randn(4, 8)
+    inputs.receive_grad(grad_TH, table_KH)
+    grad_TH.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        inputs.logits_grad(torch.zeros(6, 4))

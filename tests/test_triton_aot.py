@@ -8,9 +8,9 @@ attributes come from Triton's own binder, the code ``kernel[grid](...)`` runs be
 what is compiled here is what the launchers launch.
 
 Cases, for each of sm_80, sm_90 and sm_100: the full cross product of every constexpr combination
-(``UNIFORM``, ``COUNT_ROWS``, ``SCORE`` 0/1/2, ``RENORM``, ``ALL``, ``HAS_BASE``, ``HAS_S``, ``X_DOT``) with every dtype
-(bf16, fp16, fp32) of the expert output / the probs / the router logits / the written weights / the
-snapshot; the other inputs' dtypes (probs or routing map beside the logits, ``BLOCK_L``) and the
+(``UNIFORM``, ``COUNT_ROWS``, ``SCORE`` 0/1/2, ``RENORM``, ``ALL``, ``HAS_BASE``, ``HAS_S``, ``X_DOT``)
+with every dtype (bf16, fp16, fp32) of the expert output / the probs / the router logits / the
+written weights / the snapshot, and ``TABLE`` (``IEEE``) with every dtype of the term's ``dL/dy``; the other inputs' dtypes (probs or routing map beside the logits, ``BLOCK_L``) and the
 integer specialisations (1, multiples of 16, others) take turns over the cases. Identical
 specialisations compile once: 1197 (399 per architecture), in two worker processes (before
 ``HAS_S``, 666 of them took 62 s wall, 70 s of CPU in the workers, on an otherwise idle 2-core
@@ -58,15 +58,23 @@ def _weights(logits_dtype, out_dtype, score, renorm_all, turn):
     return (logits, _chosen(logits, turn), sel, score, *renorm_all, 2.5, 1e-20, out)
 
 
-def _weights_backward(logits_dtype, score, renorm_all, has_base, line, turn):
-    """``line``: None, ``s`` (``HAS_S``: s given) or ``x`` (``X_DOT``: s = x·d formed in the kernel)."""
+def _weights_backward(logits_dtype, score, renorm_all, has_base, line, turn, dy_dtype=None):
+    """``line``: None, ``s`` (``HAS_S``: s given) or ``x`` (``X_DOT``: s = x·d formed in the kernel);
+    with ``dy_dtype`` (``TABLE``) the grad is the term's ``dL/dy`` in that dtype and a table is
+    given (``[E, H]`` without a line, ``[2E, H]`` with one)."""
     logits = torch.zeros(16, (8, 128, 160)[turn % 3], dtype=logits_dtype)
     sel = torch.zeros(logits.shape, dtype=torch.bool)
     base = torch.zeros_like(logits) if has_base else None
     grad = torch.zeros(16, 2 * logits.shape[1]) if line else torch.zeros(logits.shape)
+    hidden = (2048, 1000)[turn % 2]
+    table = None
+    if dy_dtype is not None:
+        grad = torch.zeros(16, hidden, dtype=dy_dtype)
+        table = torch.zeros((2 if line else 1) * logits.shape[1], hidden, dtype=dy_dtype)
     s = torch.zeros(16, 1) if line == "s" else None
-    xd = (torch.zeros(16, (2048, 1000)[turn % 2], dtype=DTYPES[turn % 3]),) if line == "x" else ()
-    xd += (torch.zeros(xd[0].shape[1], dtype=xd[0].dtype),) if xd else ()
+    xd = (torch.zeros(16, hidden, dtype=dy_dtype or DTYPES[turn % 3]),) if line == "x" else ()
+    xd += (torch.zeros(hidden, dtype=xd[0].dtype),) if xd else ()
+    xd += (None,) * (2 - len(xd)) + (table,) if table is not None else ()
     return (grad, logits, _chosen(logits, turn), sel, score, *renorm_all, 1.0, 0.0, base, s, *xd)
 
 
@@ -123,6 +131,9 @@ def full_cases():
     lines = (None, "s", "x")
     for turn, (z, s, n, b, c) in enumerate(itertools.product(DTYPES, SCORE_FUNCTIONS, NORMALISERS, flags, lines)):
         cases.append(("default_weights_backward", _weights_backward(z, s, n, b, c, turn)))
+    for turn, (y, s, b, c) in enumerate(itertools.product(DTYPES, SCORE_FUNCTIONS, flags, lines)):  # TABLE
+        z, n = DTYPES[turn % 3], NORMALISERS[turn % 4]
+        cases.append(("default_weights_backward", _weights_backward(z, s, n, b, c, turn, dy_dtype=y)))
     for turn, (w, weighted) in enumerate(itertools.product(DTYPES, (True, False))):
         cases.append(("probe_draw", _probe_draw(w, weighted, turn)))
         cases.append(("probe_add", _probe_add(w, weighted, turn)))
@@ -150,8 +161,10 @@ def specialisation(launch, capability):
     backend, binder = _binder(fn, capability)
     bound, spec, options = binder(*launch.args, **launch.constexprs)
     options, signature, constexprs, attrs = fn._pack_args(backend, launch.constexprs, bound, spec, options)
-    key = repr((fn.__name__, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs.items())))
-    return key, fn, signature, constexprs, attrs
+    constexprs = {k: v for k, v in constexprs.items() if k != "num_warps"}  # a launch option, kept in attrs' stead
+    key = repr((fn.__name__, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs.items()),
+                options.num_warps))  # fmt: skip
+    return key, fn, signature, constexprs, (attrs, options.num_warps)
 
 
 KERNEL_FILES = ("ema.py", "probes.py", "fit.py")  # in megatron_default_moe/ops/kernels/
@@ -183,10 +196,10 @@ def compile_one(job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name, signature, constexprs, attrs, capability = job
+    name, signature, constexprs, (attrs, num_warps), capability = job
     start = time.process_time()
     kernel = triton.compile(ASTSource(getattr(_kernels_module(_kernel_file(name)), name), signature, constexprs, attrs),
-                            target=GPUTarget("cuda", capability, 32))  # fmt: skip
+                            target=GPUTarget("cuda", capability, 32), options=dict(num_warps=num_warps))  # fmt: skip
     return len(kernel.asm["cubin"]), time.process_time() - start
 
 

@@ -163,7 +163,7 @@ def _(logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts
 
 
 def default_weights_backward_reference(
-    grad_TE: torch.Tensor,
+    grad: torch.Tensor,
     logits_TE: torch.Tensor,
     probs_TE: torch.Tensor,
     selected_TE: torch.Tensor,
@@ -176,14 +176,20 @@ def default_weights_backward_reference(
     s_T1: Optional[torch.Tensor] = None,
     x_TH: Optional[torch.Tensor] = None,
     d_H: Optional[torch.Tensor] = None,
+    table_KH: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``dL/dlogits`` of ``default_weights`` (in the logits' dtype): ``dL/df = g · c/sg(N)`` where
-    the prob is 0, then the score function's backward (scores recomputed, nothing extra saved),
-    plus ``base_TE`` (the logits' other gradient: Megatron's routing) in the same pass. With the
-    ``shared-1`` coordinates ``s_T1`` (fp32 ``[T, 1]``), ``grad_TE`` is the term's ``[T, 2E]``
-    ``[g_A | g_B]`` (in any float dtype) and ``g = g_A + s ⊙ g_B`` is formed here in fp32, not in
-    a pass of its own; or from its factors ``x_TH`` and ``d_H`` (same dtype), ``s = x · d`` formed
-    here too (the router's input, which Megatron's router GEMM keeps for its backward anyway)."""
+    """``dL/dlogits`` of ``default_weights`` (in the logits' dtype) from ``grad = dL/dw``: ``dL/df =
+    g · c/sg(N)`` where the prob is 0, then the score function's backward (scores recomputed,
+    nothing extra saved), plus ``base_TE`` (the logits' other gradient: Megatron's routing) in the
+    same pass. With ``table_KH`` (``[K, H]``, K = E or 2E) ``grad`` is the default term's ``dL/dy``
+    ``[T, H]`` and ``dL/dw = dL/dy @ tableᵀ`` is formed here in fp32 (the term's backward needs no
+    pass of its own, and no ``[T, K]`` is written and read back). With the ``shared-1`` coordinates
+    ``s_T1`` (fp32 ``[T, 1]``) ``dL/dw`` is the term's ``[T, 2E]`` ``[g_A | g_B]`` (any float dtype)
+    and ``g = g_A + s ⊙ g_B`` is formed here in fp32; or ``s = x · d`` from its factors ``x_TH``,
+    ``d_H`` (the router's input, which Megatron's router GEMM keeps for its backward anyway)."""
+    grad_TE = grad
+    if table_KH is not None:
+        grad_TE = F.mm_fp32(grad.reshape(-1, table_KH.shape[1]), table_KH.to(grad.dtype).t())
     if x_TH is not None:
         s_T1 = F.mm_fp32(x_TH, d_H[:, None])
     if s_T1 is not None:
@@ -210,8 +216,8 @@ default_weights_backward = torch.library.custom_op(
 
 
 @default_weights_backward.register_fake
-def _(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps, base_TE=None,
-      s_T1=None, x_TH=None, d_H=None):  # fmt: skip
+def _(grad, logits_TE, probs_TE, selected_TE, score_function, renormalise, all_experts, scale, eps, base_TE=None,
+      s_T1=None, x_TH=None, d_H=None, table_KH=None):  # fmt: skip
     return torch.empty_like(logits_TE)
 
 

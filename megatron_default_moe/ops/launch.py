@@ -1,22 +1,28 @@
-"""Launches of the Triton kernels (``ops/kernels/ema.py``, ``ops/kernels/probes.py``,
-``ops/kernels/fit.py``): each op's launcher builds its
-``Launch``es in one function, which ``tests/test_triton_aot.py`` compiles for every GPU target, so
-the compiled signatures are the launched ones.
+"""Launches of the Triton kernels (``ops/kernels/ema.py``, ``ops/kernels/fit.py``; the probes'
+are built in ``ops/probe_launch.py``): each op's launcher builds its ``Launch``es in one
+function, which ``tests/test_triton_aot.py`` compiles for every GPU target, so the compiled
+signatures are the launched ones.
 
 The kernels assume row-major rows (row stride ``H``, ``H + 1``, column stride 1): read-only inputs
 are made contiguous here (a no-op for Megatron's tensors), a buffer the op writes in place must
 already be (``LayoutError`` otherwise: a copy would leave the caller's buffer unchanged).
 """
 
-from typing import NamedTuple
-
 import torch
 import triton
 
+from megatron_default_moe.functional import mm_fp32
+from megatron_default_moe.ops.fit import RIDGE as FIT_RIDGE
 from megatron_default_moe.ops.kernels import ema as K
 from megatron_default_moe.ops.kernels import fit as KF
-from megatron_default_moe.ops.kernels import probes as KP
-from megatron_default_moe.ops.fit import RIDGE as FIT_RIDGE
+from megatron_default_moe.ops.launching import INTERPRETER, Launch, LayoutError, in_place, run  # noqa: F401
+from megatron_default_moe.ops.probe_launch import (
+    probe_add_launches,
+    probe_coordinates_launches,
+    probe_draw_launches,
+    probe_exclude_launches,
+    probe_zero_launches,
+)
 
 BLOCK_H = 512  # 1-D passes over a row of H
 STATS_BLOCK_R, STATS_BLOCK_H = 32, 128  # expert_stats stage 1: a [rows, H] tile per step
@@ -24,29 +30,6 @@ STATS_REDUCE_BLOCK_H = 32  # stage 2: columns per program (a hot expert's segmen
 STATS_PROGRAMS = 1024  # stage 1's target grid: ~8 waves of 132 SMs, whatever the shape
 STATS_MIN_CHUNK = 64  # rows per program at least: stage 2 reads 1 fp32 row per chunk of rows
 SCORES = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
-
-
-class LayoutError(ValueError):
-    """An in-place buffer not laid out as the kernel writes it."""
-
-
-class Launch(NamedTuple):
-    kernel: object
-    grid: tuple
-    args: tuple
-    constexprs: dict
-
-
-def run(launches):
-    for k in launches:
-        k.kernel[k.grid](*k.args, **k.constexprs)
-
-
-def _in_place(name, t):
-    if not t.is_contiguous():
-        raise LayoutError(f"Default MoE: {name} is written in place by a Triton kernel and must be contiguous, "
-                          f"got shape {tuple(t.shape)} strides {t.stride()}")  # fmt: skip
-    return t
 
 
 def stats_chunk(cols: int, hidden: int) -> int:
@@ -86,8 +69,8 @@ def expert_stats_launches(out_CH, p_R, counts_L, offset, stride, first, num_expe
 
 def ema_update_launches(defaults_EH, stats_EH1, beta, skips_E, snapshot_dtype):
     E, H = defaults_EH.shape
-    _in_place("defaults_EH", defaults_EH)
-    _in_place("skips_E", skips_E)
+    in_place("defaults_EH", defaults_EH)
+    in_place("skips_E", skips_E)
     snapshot = torch.empty(E, H, dtype=snapshot_dtype, device=defaults_EH.device)
     updated = torch.empty(E, dtype=torch.bool, device=defaults_EH.device)
     args = (defaults_EH, stats_EH1.contiguous(), snapshot, updated, skips_E, H, 1.0 - beta)
@@ -103,115 +86,55 @@ def default_weights_launches(logits_TE, probs_TE, selected_TE, score_function, r
     return w, [Launch(K._weights_fwd_kernel, (T,), args, flags)] if T else []
 
 
-def default_weights_backward_launches(grad_TE, logits_TE, probs_TE, selected_TE, score_function, renormalise,
-                                      all_experts, scale, eps, base_TE=None, s_T1=None, x_TH=None, d_H=None):  # fmt: skip
-    """One program per token; with ``x_TH`` it forms its ``s = x · d`` first (a loop over ``H``)."""
+ACCUMULATORS = 16384  # fp32 [BLOCK_T, BLOCK_E] accumulators of the weights' backward: 64 registers a thread
+WEIGHTS_BWD_WARPS = 8
+
+
+def weights_backward_blocks(E: int, lines: int = 1):
+    """``(BLOCK_E, BLOCK_T)`` of ``_weights_bwd_kernel``, with ``lines`` accumulators (2: ``[A; B]``)."""
+    block_e = max(16, triton.next_power_of_2(E))  # a tl.dot tile is 16 wide at least
+    return block_e, max(16, min(64, ACCUMULATORS // (block_e * lines)))
+
+
+def table_in_kernel(E: int, K: int) -> bool:
+    """Whether ``default_weights_backward`` forms ``dL/dw = dL/dy @ tableᵀ`` in its kernel: each
+    block of tokens reads the whole ``[K, H]`` table (from L2), worth it while those reads stay
+    within 4 x ``dL/dy``'s own (``K <= 4 BLOCK_T``: Qwen3-30B-A3B's ``[A; B]``, 256 x 2048).
+    Past that (DeepSeek-V3's 512 x 7168) a GEMM writes ``[T, K]`` and the kernel reads it."""
+    return K <= 4 * weights_backward_blocks(E, max(1, K // E))[1]
+
+
+def default_weights_backward_launches(grad, logits_TE, probs_TE, selected_TE, score_function, renormalise,
+                                      all_experts, scale, eps, base_TE=None, s_T1=None, x_TH=None, d_H=None,
+                                      table_KH=None):  # fmt: skip
+    """One program per block of tokens; with ``table_KH`` each forms its ``dL/dw`` from ``dL/dy``
+    (a loop over ``H``), or a GEMM does it first for a large table; with ``x_TH`` its ``s = x · d``."""
     T, E = logits_TE.shape
     dz = torch.empty(T, E, dtype=logits_TE.dtype, device=logits_TE.device)
+    g = grad.reshape(T, -1).contiguous()
+    if table_KH is not None and not table_in_kernel(E, table_KH.shape[0]):
+        table = table_KH.to(g.dtype)
+        g, table_KH = g @ table.t() if g.dtype == torch.bfloat16 else mm_fp32(g, table.t()), None  # as the old term
+    table = dz if table_KH is None else table_KH.to(g.dtype).contiguous()  # unread without TABLE
     base = dz if base_TE is None else base_TE.contiguous()
     s = dz if s_T1 is None else s_T1.float().contiguous()  # unread without HAS_S (or with X_DOT)
     x, d = (dz, dz) if x_TH is None else (x_TH.contiguous(), d_H.contiguous())  # unread without X_DOT
-    args = (grad_TE.contiguous(), s, x, d, logits_TE.contiguous(), probs_TE.contiguous(), selected_TE.contiguous(),
-            base, dz, E, x.shape[1], scale, eps)  # fmt: skip
+    line = s_T1 is not None or x_TH is not None
+    block_e, block_t = weights_backward_blocks(E, 1 + line)
+    args = (g, table, s, x, d, logits_TE.contiguous(), probs_TE.contiguous(), selected_TE.contiguous(), base, dz, T,
+            E, g.shape[1] if table_KH is not None else x.shape[1], scale, eps)  # fmt: skip
     flags = dict(SCORE=SCORES[score_function], RENORM=renormalise, ALL=all_experts, HAS_BASE=base_TE is not None,
-                 HAS_S=s_T1 is not None or x_TH is not None, X_DOT=x_TH is not None,
-                 BLOCK_E=triton.next_power_of_2(E), BLOCK_K=BLOCK_H)  # fmt: skip
-    return dz, [Launch(K._weights_bwd_kernel, (T,), args, flags)] if T else []
-
-
-PROBE_BLOCK_B = 16  # probes per program of probe_draw
-ADD_BLOCK_M = 16  # probe_add: a stratum's token rows per program
-
-
-def _draw_inputs(weights_TE, routing_map_TE, strata_B4, seed):
-    """The draw's outputs ``(tokens, experts, probs)`` of ``B`` pairs, and its inputs as both
-    kernels read them: bool maps as bytes, the seed as four 16-bit pieces (always int32: one
-    compiled kernel whatever the seed)."""
-    dev, budget = weights_TE.device, strata_B4.shape[0]
-    pairs = tuple(torch.empty(budget, dtype=d, device=dev) for d in (torch.int64, torch.int64, torch.float32))
-    w = weights_TE.contiguous()
-    w = w.view(torch.uint8) if w.dtype == torch.bool else w  # uniform draws: the blocked pairs
-    pieces = tuple((seed >> s) & 0xFFFF for s in (0, 16, 32, 48))
-    return pairs, (w, routing_map_TE.contiguous().view(torch.uint8), strata_B4.contiguous()), pieces
-
-
-def probe_draw_launches(weights_TE, routing_map_TE, strata_B4, m, stride, seed, weighted):
-    E, budget = weights_TE.shape[1], strata_B4.shape[0]
-    pairs, (w, routed, strata), pieces = _draw_inputs(weights_TE, routing_map_TE, strata_B4, seed)
-    args = (w, routed, strata, *pairs, E, budget, m, stride, *pieces)
-    flags = dict(WEIGHTED=weighted, BLOCK_B=PROBE_BLOCK_B, BLOCK_E=max(2, triton.next_power_of_2(E)))
-    grid = (triton.cdiv(budget, PROBE_BLOCK_B),)
-    return pairs, [Launch(KP._probe_draw_kernel, grid, args, flags)] if budget else []
-
-
-def probe_add_launches(probs_TE, routing_map_TE, weights_TE, strata_B4, m, stride, seed, weighted):
-    """One program per (stratum, ``ADD_BLOCK_M`` of its ``m`` positions): each draws its stratum's
-    pair (the few ``E``-wide reads again per block of positions) and copies its rows."""
-    E, budget = probs_TE.shape[1], strata_B4.shape[0]
-    pairs, (w, routed_in, strata), pieces = _draw_inputs(weights_TE, routing_map_TE, strata_B4, seed)
-    probs = torch.empty_like(probs_TE, memory_format=torch.contiguous_format)
-    routed = torch.empty(probs_TE.shape, dtype=torch.bool, device=probs_TE.device)
-    args = (probs_TE.contiguous(), routed_in, w, strata, probs, routed.view(torch.uint8), *pairs, E, m, stride,
-            *pieces)  # fmt: skip
-    flags = dict(WEIGHTED=weighted, BLOCK_M=ADD_BLOCK_M, BLOCK_E=max(2, triton.next_power_of_2(E)))
-    grid = (budget, triton.cdiv(m, ADD_BLOCK_M))
-    return (probs, routed, *pairs), [Launch(KP._probe_add_kernel, grid, args, flags)] if budget else []
-
-
-EXCLUDE_BLOCK_B = 16  # probe_exclude: candidate rows per step (a tl.dot needs 16)
-
-
-def probe_exclude_launches(out_RH, rows_B, p_B, counts_L, first, num_experts, count_rows, s_B=None, in_RH=None):
-    """One program per block of columns, each over all ``B`` candidate rows (a few hundred to a few
-    thousand): no atomics, a fixed order. The non-local stats rows are zeros."""
-    R, H = out_RH.shape
-    _in_place("out_RH", out_RH)
-    B, L = rows_B.numel(), counts_L.numel()
-    line = s_B is not None
-    width = 2 * H + 3 if line else H + 1
-    stats = torch.zeros(num_experts + line, width, dtype=torch.float32, device=out_RH.device)
-    s_arg, in_arg = (s_B.float().contiguous(), in_RH.contiguous()) if line else (p_B, out_RH)  # unread without LINE
-    args = (out_RH, H, rows_B.contiguous(), p_B.contiguous(), counts_L.to(torch.long).contiguous(), stats, s_arg,
-            in_arg, in_arg.shape[1], H, B, L, first, num_experts, width)  # fmt: skip
-    block_l = max(16, triton.next_power_of_2(L))
-    # the [L, h] fp32 accumulators (two, four with the line) stay in registers
-    block_h = min(64, max(16, (1024 if line else 2048) // block_l))
-    flags = dict(COUNT_ROWS=count_rows, LINE=line, BLOCK_B=EXCLUDE_BLOCK_B, BLOCK_L=block_l, BLOCK_H=block_h)
-    return stats, [Launch(KP._probe_exclude_kernel, (triton.cdiv(H, block_h),), args, flags)] if L else []
-
-
-COORD_BLOCK_B, COORD_BLOCK_H = 16, 128  # probe_coordinates: candidate rows per program, columns per step
-
-
-def probe_coordinates_launches(in_RH, rows_B, p_B, d_H):
-    """One program per block of candidate rows, each over all ``H`` of its probe rows."""
-    B, H = rows_B.numel(), in_RH.shape[1]
-    if in_RH.stride(1) != 1:
-        in_RH = in_RH.contiguous()
-    s = torch.empty(B, dtype=torch.float32, device=in_RH.device)
-    args = (in_RH, in_RH.stride(0), rows_B.contiguous(), p_B.contiguous(), d_H.contiguous(), s, H, B)
-    flags = dict(BLOCK_B=COORD_BLOCK_B, BLOCK_H=COORD_BLOCK_H)
-    return s, [Launch(KP._probe_coordinates_kernel, (triton.cdiv(B, COORD_BLOCK_B),), args, flags)] if B else []
-
-
-ZERO_BLOCK_B, ZERO_BLOCK_H = 16, 256  # probe_zero: a [rows, H] tile per program
-
-
-def probe_zero_launches(x_RH, rows_B, p_B):
-    """One program per (block of candidate rows, block of columns); only probe rows are written."""
-    _in_place("x_RH", x_RH)
-    B, H = rows_B.numel(), x_RH.shape[1]
-    args = (x_RH, H, rows_B.contiguous(), p_B.contiguous(), H, B)
-    grid = (triton.cdiv(B, ZERO_BLOCK_B), triton.cdiv(H, ZERO_BLOCK_H))
-    flags = dict(BLOCK_B=ZERO_BLOCK_B, BLOCK_H=ZERO_BLOCK_H)
-    return None, [Launch(KP._probe_zero_kernel, grid, args, flags)] if B and H else []
+                 TABLE=table_KH is not None, HAS_S=line, X_DOT=x_TH is not None, IEEE=g.dtype == torch.float32,
+                 WIDEN=INTERPRETER and g.dtype == torch.bfloat16, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=64,
+                 num_warps=WEIGHTS_BWD_WARPS)  # fmt: skip
+    return dz, [Launch(K._weights_bwd_kernel, (triton.cdiv(T, block_t),), args, flags)] if T else []
 
 
 def fit_update_launches(vectors_EH, fit_EC, q_H, d_H, stats, beta, beta_fit, skips_E, table_dtype):
     """One program per expert (its EMA and line) and one for the direction's power step."""
     E, H = vectors_EH.shape
     for name, t in (("vectors_EH", vectors_EH), ("fit_EC", fit_EC), ("q_H", q_H), ("d_H", d_H), ("skips_E", skips_E)):
-        _in_place(name, t)
+        in_place(name, t)
     table = torch.empty(2 * E + 1, H, dtype=table_dtype, device=vectors_EH.device)
     d_used = torch.empty(H, dtype=torch.float32, device=vectors_EH.device)
     updated = torch.empty(E, dtype=torch.bool, device=vectors_EH.device)

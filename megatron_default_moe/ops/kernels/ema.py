@@ -119,10 +119,11 @@ def _ema_kernel(defaults_ptr, stats_ptr, snapshot_ptr, updated_ptr, skips_ptr, H
 
 @triton.jit
 def _scores(z, m, SCORE: tl.constexpr):
-    """Megatron's unbiased score ``f`` of one token's logits (fp32); see ``functional.router_scores_TE``."""
+    """Megatron's unbiased score ``f`` of the tokens' logits along the last axis (one row, or a
+    block of rows; fp32); see ``functional.router_scores_TE``."""
     if SCORE == 0:  # softmax
-        e = tl.where(m, tl.exp(z - tl.max(tl.where(m, z, float("-inf")), axis=0)), 0.0)
-        return e / tl.sum(e, axis=0)
+        e = tl.where(m, tl.exp(z - tl.max(tl.where(m, z, float("-inf")), axis=-1, keep_dims=True)), 0.0)
+        return e / tl.sum(e, axis=-1, keep_dims=True)
     if SCORE == 1:  # sigmoid
         return tl.sigmoid(z)
     x = tl.exp(z)
@@ -133,15 +134,15 @@ def _scores(z, m, SCORE: tl.constexpr):
 
 @triton.jit
 def _coefficient(f, m, p_ptr, sel_ptr, idx, scale, eps, RENORM: tl.constexpr, ALL: tl.constexpr):
-    """``c / N`` where the prob is 0, else 0 (``N`` detached)."""
+    """``c / N`` where the prob is 0, else 0 (``N`` detached, per row)."""
     p = tl.load(p_ptr + idx, mask=m, other=1.0)
     c = scale
     if RENORM:
         if ALL:
-            n = tl.sum(tl.where(m, f, 0.0), axis=0) + eps
+            n = tl.sum(tl.where(m, f, 0.0), axis=-1, keep_dims=True) + eps
         else:
             sel = tl.load(sel_ptr + idx, mask=m, other=0)
-            n = tl.sum(tl.where(m & (sel != 0), f, 0.0), axis=0) + eps
+            n = tl.sum(tl.where(m & (sel != 0), f, 0.0), axis=-1, keep_dims=True) + eps
         c = scale / n
     return tl.where(p != 0.0, 0.0, c)
 
@@ -159,35 +160,66 @@ def _weights_fwd_kernel(z_ptr, p_ptr, sel_ptr, w_ptr, E, scale, eps, SCORE: tl.c
 
 
 @triton.jit
-def _weights_bwd_kernel(g_ptr, s_ptr, x_ptr, d_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, E, H, scale, eps,
-                        SCORE: tl.constexpr, RENORM: tl.constexpr, ALL: tl.constexpr, HAS_BASE: tl.constexpr,
-                        HAS_S: tl.constexpr, X_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+def _dot(a, b, acc, IEEE: tl.constexpr, WIDEN: tl.constexpr):
+    """``acc + a @ b``: tensor cores in ``a``'s 16-bit dtype, IEEE fp32 for fp32 (as the reference);
+    ``WIDEN`` (the Triton interpreter only, whose bf16 ``tl.dot`` is wrong) widens the tiles to
+    fp32 first: the same result, products of 16-bit values being exact in fp32."""
+    if WIDEN:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _weights_bwd_kernel(g_ptr, table_ptr, s_ptr, x_ptr, d_ptr, z_ptr, p_ptr, sel_ptr, base_ptr, dz_ptr, T, E, H,
+                        scale, eps, SCORE: tl.constexpr, RENORM: tl.constexpr, ALL: tl.constexpr,
+                        HAS_BASE: tl.constexpr, TABLE: tl.constexpr, HAS_S: tl.constexpr, X_DOT: tl.constexpr,
+                        IEEE: tl.constexpr, WIDEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                         BLOCK_K: tl.constexpr):  # fmt: skip
-    offs = tl.arange(0, BLOCK_E)
-    m = offs < E
-    t = tl.program_id(0).to(tl.int64)
-    idx = t * E + offs
-    z = tl.load(z_ptr + idx, mask=m, other=0.0).to(tl.float32)
-    f = _scores(z, m, SCORE)
-    if HAS_S:  # the shared-1 term's [T, 2E] gradient: g = g_A + s * g_B
-        if X_DOT:  # s = x_t · d, from the token's input row (fp32 products and sum)
-            k = tl.arange(0, BLOCK_K)
-            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                mk = k0 + k < H
-                x = tl.load(x_ptr + t * H + k0 + k, mask=mk, other=0.0).to(tl.float32)
-                acc += x * tl.load(d_ptr + k0 + k, mask=mk, other=0.0).to(tl.float32)
-            s = tl.sum(acc, axis=0)
-        else:
-            s = tl.load(s_ptr + t)
-        g_row = g_ptr + t * 2 * E
-        g_a = tl.load(g_row + offs, mask=m, other=0.0).to(tl.float32)
-        g = g_a + s * tl.load(g_row + E + offs, mask=m, other=0.0).to(tl.float32)
+    """Program (``BLOCK_T`` tokens): their ``dL/dw`` ``g``, read (``[T, E]``, or ``[g_A | g_B]``
+    ``[T, 2E]`` with ``HAS_S``), or with ``TABLE`` formed here from the term's ``dL/dy`` ``[T, H]``
+    and its table ``[K, H]`` (``K = E``, or ``2E`` for ``[A; B]``: ``tl.dot`` over ``H``, fp32
+    accumulators); ``g = g_A + s g_B`` (``s`` given, or ``x · d`` formed here with ``X_DOT``); then
+    the weights' backward to the logits, plus Megatron's own (``HAS_BASE``)."""
+    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    mt = t < T
+    e = tl.arange(0, BLOCK_E)
+    m = mt[:, None] & (e < E)[None, :]
+    idx = t[:, None] * E + e[None, :]
+    k = tl.arange(0, BLOCK_K)
+    if TABLE:
+        g = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        g_b = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            mk = k0 + k < H
+            dy = tl.load(g_ptr + t[:, None] * H + (k0 + k)[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+            rows = table_ptr + e[None, :].to(tl.int64) * H + (k0 + k)[:, None]  # [K, H] read as columns
+            mr = mk[:, None] & (e < E)[None, :]
+            g = _dot(dy, tl.load(rows, mask=mr, other=0.0), g, IEEE, WIDEN)
+            if HAS_S:
+                g_b = _dot(dy, tl.load(rows + E * H, mask=mr, other=0.0), g_b, IEEE, WIDEN)
+    elif HAS_S:
+        g = tl.load(g_ptr + t[:, None] * 2 * E + e[None, :], mask=m, other=0.0).to(tl.float32)
+        g_b = tl.load(g_ptr + t[:, None] * 2 * E + E + e[None, :], mask=m, other=0.0).to(tl.float32)
     else:
         g = tl.load(g_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    if HAS_S:  # the shared-1 term: g = g_A + s * g_B
+        if X_DOT:  # s = x_t · d from the token's input row (fp32 products and sum)
+            acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                mk = k0 + k < H
+                x = tl.load(x_ptr + t[:, None] * H + (k0 + k)[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+                acc += x.to(tl.float32) * tl.load(d_ptr + k0 + k, mask=mk, other=0.0).to(tl.float32)[None, :]
+            s = tl.sum(acc, axis=1)
+        else:
+            s = tl.load(s_ptr + t, mask=mt, other=0.0)
+        g += s[:, None] * g_b
+    z = tl.load(z_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    f = _scores(z, m, SCORE)
     df = g * _coefficient(f, m, p_ptr, sel_ptr, idx, scale, eps, RENORM, ALL)
     if SCORE == 0:
-        dz = f * (df - tl.sum(tl.where(m, f * df, 0.0), axis=0))
+        dz = f * (df - tl.sum(tl.where(m, f * df, 0.0), axis=1, keep_dims=True))
     elif SCORE == 1:
         dz = df * (1.0 - f) * f
     else:

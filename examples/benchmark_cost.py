@@ -19,8 +19,8 @@ A CPU cannot time what a GPU pays: there the expert matmuls dwarf every extra me
    ``probe_coordinates``),
    ``probe_draw`` the rows of its strata's tokens, ``probe_add`` those of the weights), matmul FLOPs
    (``2 M N K`` for mm / addmm / bmm / baddbmm / mv / dot / _grouped_mm, and ``default_weights_backward``'s
-   ``dL/dy @ tableᵀ``; where its table is too large for the kernel, a second kernel and its ``[T, K]``
-   written and read), and one kernel per call.
+   ``dL/dy @ tableᵀ``; where its table is too large for the kernel at the target shape, a GEMM of
+   its own: ``split_term``), and one kernel per call.
    View and metadata ops (``FREE_OPS`` and every op whose schema says it is a view) cost 0 bytes
    and 0 kernels; allocations (``empty*``) cost no kernel. Elementwise FLOPs are left out (those
    ops are memory-bound). Ops that make a GPU wait for the host (``nonzero``, ``.item()``, boolean
@@ -316,16 +316,12 @@ class CostMode(TorchDispatchMode):
             reads = [t for t in reads if not any(t is b for b in big)]
             rows = sum(tensor_bytes(t) for t in big) * named["strata_B4"].shape[0] // max(big[0].shape[0], 1)
         flops = matmul_flops(name, args, outs[0]) if outs else 0
-        kernels = 1
         table = named.get("table_KH") if name == "default_weights_backward" else None
-        if table is not None:  # the term's dL/dw = dL/dy @ tableᵀ inside the op: its FLOPs, and for a
-            # table too large for the kernel (``table_in_kernel``) a GEMM's [T, K] written and read back
-            from megatron_default_moe.ops.launch import table_in_kernel
-
+        term = None
+        if table is not None:  # the term's dL/dw = dL/dy @ tableᵀ inside the op: its FLOPs (the
+            # GEMM route of a large table is decided at the target shape: ``split_term``)
             (T, E), (K, H) = named["logits_TE"].shape, table.shape
-            flops = 2 * T * K * H
-            if not table_in_kernel(E, K):
-                kernels, rows = 2, T * K * (2 if named["grad"].dtype == torch.bfloat16 else 4)
+            flops, term = 2 * T * K * H, (K // E, H, named["grad"].element_size())
         if name in INDEXED_WRITES:  # only the indexed rows of the destination: the source's size
             source = named["source"]
             reads = [t for t in reads if t is not named["self"]] + ([source] if name == "index_add_" else [])
@@ -334,7 +330,7 @@ class CostMode(TorchDispatchMode):
             op=name, phase=phase, region=region, ours=ours, where=where,
             bytes_read=sum(tensor_bytes(t) for t in reads) + rows + rows_in,
             bytes_written=sum(tensor_bytes(t) for t in written) + (0 if name in ("probe_draw", "probe_add") else rows),
-            flops=flops, kernels=kernels, sync=is_sync(func, args, kwargs),
+            flops=flops, kernels=1, sync=is_sync(func, args, kwargs), term=term,
         ))  # fmt: skip
         return out
 
@@ -506,6 +502,7 @@ def keyed(mode: CostMode, local_experts: int, experts_impl: str):
             acc[f] += r[f]
         acc["syncs"] += int(r["sync"])
         acc["calls"] += 1
+        acc["term"] = r["term"]
     for key, acc in out.items():
         if key[1] == "experts" and experts_impl == "grouped":
             acc["kernels"] = math.ceil(acc["calls"] / local_experts)
@@ -544,7 +541,27 @@ def fit(points, target, local_experts=None, experts_impl="grouped"):
             val["kernels"] = round(val["kernels"])
         val["ours"] = next(k[key]["ours"] for _, k in points if key in k)
         result[key] = val
+        term = next(k[key].get("term") for _, k in points if key in k)
+        if term is not None:
+            result.update(split_term(key, val, term, T, E))
     return result, mismatched
+
+
+def split_term(key, val, term, T, E):
+    """``default_weights_backward`` with the term's table, at the target ``(T, E)``: one kernel
+    (as counted) where ``ops.launch.table_in_kernel`` takes it, else two, as on CUDA: a GEMM
+    (``dL/dy``, the table, ``[T, K]`` written; the FLOPs) and the kernel (the rest, ``[T, K]`` read)."""
+    from megatron_default_moe.ops.launch import table_in_kernel
+
+    lines, H, size = term
+    K = lines * E
+    if table_in_kernel(E, K):
+        return {}
+    out = T * K * (2 if size == 2 else 4)  # bf16 in bf16 training, else fp32 (``mm_fp32``)
+    inputs = (T + K) * H * size
+    gemm = dict(val, bytes_read=inputs, bytes_written=out, kernels=1)
+    val.update(bytes_read=max(0.0, val["bytes_read"] - inputs) + out, flops=0)
+    return {key[:2] + ("mm", key[3] + " (its GEMM)") + key[4:]: gemm}
 
 
 def bilinear(v, ts, es, T, E):

@@ -114,6 +114,30 @@ def test_fit_scales_expert_weights_to_local_experts(bench):
     assert out["kernels"] == pytest.approx(2)  # the loop runs over the 2 local experts
 
 
+def test_the_terms_backward_is_one_kernel_or_a_gemm_and_a_kernel_at_the_target(bench):
+    """``default_weights_backward`` with the term's table: its ``2 T K H`` FLOPs counted; at the
+    target shape one kernel where the launcher forms ``dL/dw`` in it, else a GEMM of its own
+    (``dL/dy`` and the table read, ``[T, K]`` written, the FLOPs) and the kernel reading ``[T, K]``."""
+    T, E, H = 64, 12, 40
+    dy, table = torch.randn(T, H, dtype=torch.bfloat16), torch.randn(2 * E, H, dtype=torch.bfloat16)
+    z, x, d = torch.randn(T, E), torch.randn(T, H, dtype=torch.bfloat16), torch.randn(H, dtype=torch.bfloat16)
+    sel = torch.zeros(T, E, dtype=torch.bool)
+    from megatron_default_moe.ops import ema as fused
+
+    (op,) = count(bench, lambda: fused.default_weights_backward(dy, z, sel, sel, "softmax", True, False, 1.0, 0.0,
+                                                                 None, None, x, d, table)).ops  # fmt: skip
+    assert op["flops"] == 2 * T * 2 * E * H and op["term"] == (2, H, 2) and op["kernels"] == 1
+    val = dict(bytes_read=10**9, bytes_written=T * 256 * 4, flops=2 * T * 512 * 7168, kernels=1, syncs=0, ours=True)
+    key = ("bwd", "layer", "default_weights_backward", "router.py:1 routing", 0)
+    assert bench.split_term(key, dict(val), (2, 7168, 2), 1024, 128) == {}  # [A; B] 256 x 7168: in the kernel
+    kernel = dict(val)
+    (gemm_key, gemm), = bench.split_term(key, kernel, (2, 7168, 2), 1024, 256).items()  # 512 rows: a GEMM
+    assert gemm_key[2] == "mm" and gemm["flops"] == val["flops"] and kernel["flops"] == 0
+    assert gemm["bytes_read"] == (1024 + 512) * 7168 * 2 and gemm["bytes_written"] == 1024 * 512 * 2
+    assert kernel["bytes_read"] == val["bytes_read"] - gemm["bytes_read"] + 1024 * 512 * 2
+    assert kernel["kernels"] == gemm["kernels"] == 1
+
+
 def test_roofline_time(bench):
     gpu = bench.GPUS["h100"]
     mem_bound = dict(bytes_read=3.35e9, bytes_written=0, flops=1e9, kernels=2)

@@ -787,7 +787,7 @@ def probes_and_fit_of(args, spec, ep):
 
 def probe_budget_of(args, spec, ep, probes):
     """Probes per GPU and micro-batch: ``--probes N``, or the rule of ``--moe-default-probes auto``:
-    ``16 E / (EP · DP)`` (the statistics are summed over the stage, so each expert gets about 16
+    ``8 E / (EP · DP)`` (the statistics are summed over the stage, so each expert gets about 8
     samples a micro-batch)."""
     if probes in ("rule", "auto"):
         from megatron_default_moe.estimators.probes import auto_probe_budget
@@ -1032,7 +1032,7 @@ def parse_args(argv=None):
                         "shape's router (shared-1 for sigmoid routers with probes, else constant)")
     p.add_argument("--probes", default="default",
                    help="Default MoE's --moe-default-probes per GPU and micro-batch at --target-tokens: N, 'rule' "
-                        "(16 E / (EP DP), as --moe-default-probes auto: about 16 samples per expert "
+                        "(8 E / (EP DP), as --moe-default-probes auto: about 8 samples per expert "
                         "and micro-batch over the stage), or 'default': the package's for the shape's router "
                         "(the rule for sigmoid routers at --stats-stride 1, else 0)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size of the stage, for --probes rule")

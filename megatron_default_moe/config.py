@@ -36,7 +36,7 @@ class DefaultMoEConfig:
             the default vectors only (``estimators/probes.py``); the vectors then average the experts'
             outputs on tokens that did *not* choose them, where the default term uses them, and the
             routed rows' statistics are not taken (``stats_stride`` and ``ema_weighting`` then do
-            not apply: rejected unless 1 and ``uniform``). 0: off. ``auto``: about 16 per expert
+            not apply: rejected unless 1 and ``uniform``). 0: off. ``auto``: about 8 per expert
             over the stage, off where probes cannot run (``resolved_probes``). None (default): the
             router family's default: ``auto`` for every renormalised or sigmoid router, 0 (the
             paper's routed-row EMA) for the paper's pre-softmax router (``probed_by_default``).

@@ -263,7 +263,7 @@ def test_probe_budget_rule(bench):
 
     spec = bench.SHAPES["qwen3-30b-a3b"]
     args = argparse.Namespace(dp=1, tokens=256, target_tokens=16384)
-    assert bench.probe_budget_of(args, spec, 8, "rule") == 16 * 128 // 8
+    assert bench.probe_budget_of(args, spec, 8, "rule") == 8 * 128 // 8
     assert bench.probe_budget_of(argparse.Namespace(**dict(vars(args), dp=4)), spec, 8, "rule") == 64
     with pytest.raises(SystemExit, match="scales to 4.6875 probes"):
         bench.probe_budget_of(args, spec, 8, "300")
@@ -277,8 +277,8 @@ def test_probes_and_fit_default_to_the_packages_for_each_router(bench):
 
     args = argparse.Namespace(probes="default", fit="default", dp=1, tokens=256, target_tokens=16384,
                               stats_strides=[1])  # fmt: skip
-    assert bench.probes_and_fit_of(args, bench.SHAPES["deepseek-v3"], 64) == (16 * 256 // 64, "shared-1")
-    assert bench.probes_and_fit_of(args, bench.SHAPES["qwen3-30b-a3b"], 8) == (16 * 128 // 8, "shared-1")
+    assert bench.probes_and_fit_of(args, bench.SHAPES["deepseek-v3"], 64) == (8 * 256 // 64, "shared-1")
+    assert bench.probes_and_fit_of(args, bench.SHAPES["qwen3-30b-a3b"], 8) == (8 * 128 // 8, "shared-1")
     assert bench.probes_and_fit_of(args, bench.SHAPES["paper-8c1"], 1) == (0, "constant")
     strided = argparse.Namespace(**dict(vars(args), stats_strides=[4]))
     assert bench.probes_and_fit_of(strided, bench.SHAPES["deepseek-v3"], 64) == (0, "constant")

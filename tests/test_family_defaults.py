@@ -29,10 +29,10 @@ def test_renormalised_and_sigmoid_routers_default_to_probes_and_the_fit(router, 
     with caplog.at_level(logging.INFO, logger="megatron_default_moe.estimators.probes"):
         layer = layer_of(router)
     experts = layer.config.num_moe_experts
-    assert layer.probes is not None and layer.probes.budget == 16 * experts
+    assert layer.probes is not None and layer.probes.budget == 8 * experts
     assert isinstance(layer.estimator, SharedLineFit) and layer.fit is layer.estimator
     assert layer.mode == "backward-only"
-    assert f"--moe-default-probes unset, auto for {family} routers -> {16 * experts}" in caplog.text
+    assert f"--moe-default-probes unset, auto for {family} routers -> {8 * experts}" in caplog.text
 
 
 def test_the_papers_router_keeps_the_papers_method():

@@ -336,20 +336,20 @@ def test_recompute_and_step_mode_with_probes(update):
 
 
 def test_auto_budget_follows_the_rule_and_is_off_where_probes_do_not_help_or_hold():
-    """``--moe-default-probes auto``: ``ceil(16 E / token sets)`` per rank for every router family;
+    """``--moe-default-probes auto``: ``ceil(8 E / token sets)`` per rank for every router family;
     off (no sampler, no error) where probes cannot run; the flag parses ``auto`` and rejects other
     words by name."""
     import argparse
 
     from megatron_default_moe.megatron_lm.arguments import add_default_moe_args, default_moe_config_from_args
 
-    assert P.auto_probe_budget(128, 8) == 256 and P.auto_probe_budget(256, 64 * 16) == 4
+    assert P.auto_probe_budget(128, 8) == 128 and P.auto_probe_budget(256, 64 * 16) == 2
     assert P.auto_probe_budget(8, 1000) == 1
     auto = DefaultMoEConfig(probes="auto")
     for router in ("mixtral", "deepseek_v3", "paper"):
         config = moe_config(**ROUTERS[router])
         layer = DefaultMoELayer(config, moe_submodules(config.num_moe_experts), dm_config=auto)
-        assert layer.probes is not None and layer.probes.budget == 16 * config.num_moe_experts, router
+        assert layer.probes is not None and layer.probes.budget == 8 * config.num_moe_experts, router
     capped = moe_config(**ROUTERS["mixtral"], moe_expert_capacity_factor=1.0)
     budget, why = auto.resolved_probes(capped)
     assert budget == 0 and "--moe-expert-capacity-factor" in why

@@ -12,7 +12,7 @@ Cases, for each of sm_80, sm_90 and sm_100: the full cross product of every cons
 with every dtype (bf16, fp16, fp32) of the expert output / the probs / the router logits / the
 written weights / the snapshot, and ``TABLE`` (``IEEE``) with every dtype of the term's ``dL/dy``; the other inputs' dtypes (probs or routing map beside the logits, ``BLOCK_L``) and the
 integer specialisations (1, multiples of 16, others) take turns over the cases. Identical
-specialisations compile once: 1197 (399 per architecture), in two worker processes (before
+specialisations compile once: 1341 (447 per architecture), in two worker processes (before
 ``HAS_S``, 666 of them took 62 s wall, 70 s of CPU in the workers, on an otherwise idle 2-core
 machine).
 """

@@ -36,12 +36,13 @@ from megatron_default_moe.estimators.base import Estimator
 from megatron_default_moe.estimators.routed_rows import counts_on
 
 
-PROBE_SAMPLES_PER_EXPERT = 16  # per expert and micro-batch over the stage: ``--moe-default-probes auto``
+PROBE_SAMPLES_PER_EXPERT = 8  # per expert and micro-batch over the stage: ``--moe-default-probes auto``
 
 
 def auto_probe_budget(num_experts: int, token_sets: int) -> int:
-    """The budget per rank of ``--moe-default-probes auto``: ``ceil(16 E / token sets)``, about 16
-    probes per expert and micro-batch once the stage's ranks are summed (at least 1)."""
+    """The budget per rank of ``--moe-default-probes auto``: ``ceil(8 E / token sets)``, about 8
+    probes per expert and micro-batch once the stage's ranks are summed (at least 1). 16 were as
+    close to the dense router gradient, at twice the probe rows (docs/evidence.md)."""
     return max(1, -(-PROBE_SAMPLES_PER_EXPERT * int(num_experts) // max(int(token_sets), 1)))
 
 

@@ -102,7 +102,7 @@ _FLAGS = (
             help="Unchosen (token, expert) pairs each rank sends to the experts per micro-batch for the "
             "default vectors only (excluded from output, losses and gradients): the vectors then average "
             "each expert's output on tokens that did not choose it, where they are used. 0: off; "
-            "'auto': ceil(16 x experts / token sets in the stage), off (logged) where probes cannot run. "
+            "'auto': ceil(8 x experts / token sets in the stage), off (logged) where probes cannot run. "
             "Default: 'auto' for renormalised and sigmoid routers, 0 (the routed rows' EMA, the paper's "
             "method) for softmax with --moe-router-pre-softmax.",
         ),

@@ -29,7 +29,7 @@ import sys
 import torch
 
 S, B, H, E = 8, 2, 16, 4
-GLOBAL_S, GLOBAL_B = 16, 8  # the global batch of the draws: 128 tokens, strata of 2 (auto: 16 x 4 experts)
+GLOBAL_S, GLOBAL_B = 16, 8  # the global batch of the draws: 128 tokens, strata of 4 (auto: 8 x 4 experts)
 SAVE_LAYOUT = ("ep2", dict(expert_model_parallel_size=2))
 LOAD_LAYOUTS = {
     "ep4": dict(expert_model_parallel_size=4),

@@ -719,7 +719,8 @@ def measure_points(spec, args, device, local):
         es = [E]
     else:
         es = reduced_experts(spec)
-    ts = [args.tokens, 2 * args.tokens]
+    tokens = tokens_of(args, args.probe_budget)
+    ts = [tokens, 2 * tokens]
     variants = ["topk"] + [f"default:{stride}" for stride in args.stats_strides]  # TopK once for every stride
     notes, points = [], {v: [] for v in variants}
     peaks = {v: {} for v in variants}
@@ -795,11 +796,20 @@ def probe_budget_of(args, spec, ep, probes):
         budget = auto_probe_budget(spec["experts"], ep * args.dp)
     else:
         budget = int(probes)
-    if budget and (budget * args.tokens % args.target_tokens or budget * args.tokens < args.target_tokens):
+    tokens = tokens_of(args, budget)
+    if budget and (budget * tokens % args.target_tokens or budget * tokens < args.target_tokens):
         raise SystemExit(f"--probes {budget} at --target-tokens {args.target_tokens}: measured at --tokens "
-                         f"{args.tokens}, the budget scales to {budget * args.tokens / args.target_tokens:g} probes; "
+                         f"{tokens}, the budget scales to {budget * tokens / args.target_tokens:g} probes; "
                          "it must be a whole number >= 1 (pick a budget that is a multiple of target / tokens)")
     return budget
+
+
+def tokens_of(args, budget):
+    """``T`` of the counts: ``--tokens``, or 256, raised where the probe budget would scale below one
+    probe (``target / budget`` tokens: DeepSeek-V3's 32 per GPU are counted at 512 and 1024)."""
+    if args.tokens:
+        return args.tokens
+    return max(256, args.target_tokens // budget) if budget else 256
 
 
 def set_probe_budget(layer, budget):
@@ -1008,7 +1018,8 @@ def parse_args(argv=None):
     p.add_argument("--ffn", type=int, default=2816, help="custom shape")
     p.add_argument("--topk", type=int, default=1, help="custom shape")
     p.add_argument("--glu", action="store_true", help="custom shape: SwiGLU experts")
-    p.add_argument("--tokens", type=int, default=256, help="T: counted at T and 2T tokens")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="T: counted at T and 2T tokens (default 256, or more where the probes need it)")
     p.add_argument("--target-tokens", type=int, default=16384, help="tokens per micro-batch to extrapolate to")
     p.add_argument("--max-expert-gb", type=float, default=3.0,
                    help="CPU budget for expert weights + gradients; above it, measure fewer experts and fit in E")

@@ -264,7 +264,7 @@ def test_probe_budget_rule(bench):
     spec = bench.SHAPES["qwen3-30b-a3b"]
     args = argparse.Namespace(dp=1, tokens=256, target_tokens=16384)
     assert bench.probe_budget_of(args, spec, 8, "rule") == 8 * 128 // 8
-    assert bench.probe_budget_of(argparse.Namespace(**dict(vars(args), dp=4)), spec, 8, "rule") == 64
+    assert bench.probe_budget_of(argparse.Namespace(**dict(vars(args), dp=2)), spec, 8, "rule") == 64
     with pytest.raises(SystemExit, match="scales to 4.6875 probes"):
         bench.probe_budget_of(args, spec, 8, "300")
 
@@ -275,9 +275,10 @@ def test_probes_and_fit_default_to_the_packages_for_each_router(bench):
     routed rows; a stride other than 1 turns the default off; explicit flags win."""
     import argparse
 
-    args = argparse.Namespace(probes="default", fit="default", dp=1, tokens=256, target_tokens=16384,
+    args = argparse.Namespace(probes="default", fit="default", dp=1, tokens=None, target_tokens=16384,
                               stats_strides=[1])  # fmt: skip
     assert bench.probes_and_fit_of(args, bench.SHAPES["deepseek-v3"], 64) == (8 * 256 // 64, "shared-1")
+    assert bench.tokens_of(args, 8 * 256 // 64) == 512 and bench.tokens_of(args, 128) == 256  # >= 1 probe at T
     assert bench.probes_and_fit_of(args, bench.SHAPES["qwen3-30b-a3b"], 8) == (8 * 128 // 8, "shared-1")
     assert bench.probes_and_fit_of(args, bench.SHAPES["paper-8c1"], 1) == (0, "constant")
     strided = argparse.Namespace(**dict(vars(args), stats_strides=[4]))
@@ -286,7 +287,7 @@ def test_probes_and_fit_default_to_the_packages_for_each_router(bench):
     given = argparse.Namespace(**dict(vars(args), probes="0"))
     assert bench.probes_and_fit_of(given, bench.SHAPES["qwen3-30b-a3b"], 8) == (0, "constant")
     given = argparse.Namespace(**dict(vars(args), fit="constant"))
-    assert bench.probes_and_fit_of(given, bench.SHAPES["qwen3-30b-a3b"], 8) == (256, "constant")
+    assert bench.probes_and_fit_of(given, bench.SHAPES["qwen3-30b-a3b"], 8) == (128, "constant")
     with pytest.raises(SystemExit, match="--fit shared-1"):
         bench.probes_and_fit_of(argparse.Namespace(**dict(vars(args), fit="shared-1")), bench.SHAPES["paper-8c1"], 1)
 
